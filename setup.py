@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="timemachine",
+    version="0.1.0",
+    description="A distributed, fault-tolerant scheduler database on Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["timemachine", "timemachine.*"]) + ["twisted.plugins"],
+    package_data={"twisted.plugins": ["timemachine_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=23.10",
+        "klein>=23.5",
+        "treq>=23.11",
+        "txredisapi>=1.4.10",
+        "protobuf>=5.26",
+        "sqlalchemy>=2.0",
+        "zope.interface>=6.0",
+        "xxhash>=3.4",
+        "crc32c>=2.4",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={
+        "test": [
+            "grpcio-tools>=1.62",
+            "ruff>=0.6",
+        ],
+    },
+)

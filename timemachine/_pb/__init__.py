@@ -1,0 +1,1 @@
+"""Modules generated from proto/ by ``python -m timemachine._pb.generate``; do not edit."""
