@@ -1,0 +1,406 @@
+"""Real collaborators for tests and benchmarks: a Redis server, an HTTP receiver.
+
+DESIGN.md asks for real parts rather than mocks: `RedisServer` runs the ``redis-server``
+binary on a free port of 127.0.0.1 (never the system Redis on 6379), `HTTPReceiver`
+is a twisted.web server that records what it receives and answers from a script.
+
+Typical use in a trial test::
+
+    def setUp(self):
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.stop)
+        self.receiver = HTTPReceiver(reactor)
+        self.receiver.start()
+        self.addCleanup(self.receiver.stop)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.protocols.policies import WrappingFactory
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now.
+
+    Another process may take it before the caller binds it; callers that start a
+    server on it retry with a new port when that happens (see `RedisServer.start`).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- Redis ---------------------------------------------------------------------------
+
+
+class RedisReplyError(Exception):
+    """An error reply (``-ERR ...``) read by `RespClient`."""
+
+
+class RespClient:
+    """A minimal blocking Redis client, to check from a test what landed in a server.
+
+    Blocking the reactor for a local round trip is harmless in a test; call it only
+    after the deliveries under test have fired.
+    """
+
+    def __init__(self, port: int, timeout: float = 5.0):
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self._file = self._sock.makefile("rb")
+
+    def call(self, *args: str | bytes | int):
+        """Send one command; return its reply (bytes, int, str, None or a list)."""
+        self.send(*args)
+        return self.read_reply()
+
+    def send(self, *args: str | bytes | int) -> None:
+        """Send one command without reading its reply."""
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self._sock.sendall(b"".join(parts))
+
+    def read_reply(self):
+        """Read one reply (e.g. a message pushed to a SUBSCRIBE connection).
+
+        Raises `RedisReplyError` for an error reply.
+        """
+        line = self._file.readline()
+        if not line:
+            raise ConnectionError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RedisReplyError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else self._file.read(size + 2)[:-2]
+        if kind == b"*":
+            size = int(rest)
+            return None if size < 0 else [self.read_reply() for _ in range(size)]
+        raise ValueError(f"not a RESP reply: {line!r}")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._file.close()
+        self._sock.close()
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free port of 127.0.0.1, without persistence.
+
+    ``extra_args`` are appended to the command line, e.g. ``["--requirepass", "pw"]``.
+    `start` blocks until the server answers; `stop` ends it, signalling only its PID.
+    """
+
+    def __init__(self, extra_args: list[str] | tuple[str, ...] = ()):
+        self._extra_args = list(extra_args)
+        self._process: subprocess.Popen | None = None
+        self._dir: str | None = None
+        self._paused = False
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server and wait until it answers PING."""
+        self._dir = tempfile.mkdtemp(prefix="tm-redis-")
+        for _ in range(3):  # the free port may be taken before redis binds it
+            self.port = free_port()
+            with open(os.path.join(self._dir, "redis.log"), "ab") as log:
+                self._process = subprocess.Popen(
+                    [
+                        REDIS_SERVER,
+                        "--port",
+                        str(self.port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        self._dir,
+                        *self._extra_args,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            if self._wait_until_answering(timeout):
+                return
+            self._end_process()
+        raise RuntimeError(f"redis-server did not start; see {self._dir}/redis.log")
+
+    def _wait_until_answering(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                return False
+            try:
+                client = RespClient(self.port, timeout=1.0)
+            except OSError:
+                time.sleep(0.01)
+                continue
+            try:
+                client.call("PING")
+                return True
+            except RedisReplyError:  # e.g. NOAUTH: it answers, so it is up
+                return True
+            except OSError:
+                time.sleep(0.01)
+            finally:
+                client.close()
+        return False
+
+    def client(self) -> RespClient:
+        """A new blocking client connected to this server (close it when done)."""
+        return RespClient(self.port)
+
+    def call(self, *args: str | bytes | int):
+        """Run one command on a fresh connection and return the reply."""
+        client = self.client()
+        try:
+            return client.call(*args)
+        finally:
+            client.close()
+
+    def pause(self) -> None:
+        """SIGSTOP the server: it still accepts connections (the kernel does) but
+        answers nothing, like a stuck server."""
+        self._process.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        self._process.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 5 s) and remove its directory."""
+        if self._process is not None:
+            self._end_process()
+            self._process = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _end_process(self) -> None:
+        # Popen signals its own PID only, never a process group or a name.
+        if self._process.poll() is None:
+            if self._paused:
+                self.resume()
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+
+# ---- HTTP ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What `HTTPReceiver` answers to one request.
+
+    ``hold=True`` leaves the request unanswered until `HTTPReceiver.release`; a held
+    request never released is a receiver that never answers.
+    """
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    hold: bool = False
+
+
+HOLD = Reply(hold=True)
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One request as `HTTPReceiver` saw it.
+
+    ``headers`` maps lower-cased names to the first value; ``at`` is
+    ``reactor.seconds()`` on arrival; ``peer_port`` is the client's port, which tells
+    connections apart.
+    """
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+    peer_port: int
+
+
+class _Recorder(Resource):
+    isLeaf = True
+
+    def __init__(self, receiver: HTTPReceiver):
+        super().__init__()
+        self._receiver = receiver
+
+    def render(self, request):
+        return self._receiver._received(request)
+
+
+class _ConnectionTracker(WrappingFactory):
+    """Counts the connections accepted and tells when all of them are closed."""
+
+    def __init__(self, wrapped):
+        super().__init__(wrapped)
+        self.accepted = 0
+        self._all_closed: list[defer.Deferred] = []
+
+    def registerProtocol(self, p):
+        self.accepted += 1
+        super().registerProtocol(p)
+
+    def unregisterProtocol(self, p):
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiters, self._all_closed = self._all_closed, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def close_all(self) -> defer.Deferred:
+        """Abort every open connection; fire once they are all gone."""
+        if not self.protocols:
+            return defer.succeed(None)
+        closed = defer.Deferred()
+        self._all_closed.append(closed)
+        for p in list(self.protocols):
+            p.transport.abortConnection()
+        return closed
+
+
+class _QuietSite(Site):
+    def log(self, request):
+        pass  # the recorder keeps what tests need; access logs only add noise
+
+
+class HTTPReceiver:
+    """A webhook receiver on 127.0.0.1 that records requests and answers from a script.
+
+    By default every request gets ``200`` with an empty body; `script` queues the
+    answers for one path, e.g. ``receiver.script("/hook", [500, 200])`` answers 500,
+    then 200, then the default again.
+    """
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self._scripts: dict[str, list[Reply]] = {}
+        self._waiters: list[tuple[int, defer.Deferred]] = []
+        self._tracker = _ConnectionTracker(_QuietSite(_Recorder(self)))
+        self._port = None
+        self.requests: list[ReceivedRequest] = []
+        self.held: list = []  # twisted.web requests waiting for `release`
+
+    def start(self) -> None:
+        """Listen on a free port of 127.0.0.1."""
+        self._port = self._reactor.listenTCP(0, self._tracker, interface="127.0.0.1")
+
+    @property
+    def port(self) -> int:
+        """The port listened on."""
+        return self._port.getHost().port
+
+    @property
+    def connections(self) -> int:
+        """How many TCP connections were accepted so far."""
+        return self._tracker.accepted
+
+    def url(self, path: str = "/") -> str:
+        """The URL of ``path`` on this receiver."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def script(self, path: str, replies: list[int | Reply]) -> None:
+        """Queue the answers to the next requests for ``path`` (an int is a status)."""
+        queue = self._scripts.setdefault(path, [])
+        queue.extend(Reply(r) if isinstance(r, int) else r for r in replies)
+
+    def wait_for(self, count: int) -> defer.Deferred:
+        """Fire with `requests` once at least ``count`` requests have arrived."""
+        if len(self.requests) >= count:
+            return defer.succeed(self.requests)
+        waiter = defer.Deferred()
+        self._waiters.append((count, waiter))
+        return waiter
+
+    def release(self, reply: Reply | int = 200) -> None:
+        """Answer the oldest held request with ``reply``."""
+        request = self.held.pop(0)
+        self._answer(request, Reply(reply) if isinstance(reply, int) else reply)
+
+    def stop(self) -> defer.Deferred:
+        """Stop listening and abort open connections (held requests included)."""
+        self.held = []
+        stopped = defer.maybeDeferred(self._port.stopListening)
+        return defer.gatherResults([stopped, self._tracker.close_all()])
+
+    def _received(self, request):
+        path = request.path.decode()
+        self.requests.append(
+            ReceivedRequest(
+                method=request.method.decode(),
+                path=path,
+                headers={
+                    name.decode().lower(): values[0].decode()
+                    for name, values in request.requestHeaders.getAllRawHeaders()
+                },
+                body=request.content.read(),
+                at=self._reactor.seconds(),
+                peer_port=request.getClientAddress().port,
+            )
+        )
+        queue = self._scripts.get(path)
+        reply = queue.pop(0) if queue else Reply()
+        if reply.hold:
+            self.held.append(request)
+            # The client may give up first: such a request can no longer be answered.
+            request.notifyFinish().addErrback(lambda _: self._forget_held(request))
+        else:
+            self._answer(request, reply)
+
+        # Last, so that a waiter sees the request answered or held.
+        ready = [w for w in self._waiters if len(self.requests) >= w[0]]
+        self._waiters = [w for w in self._waiters if w not in ready]
+        for _, waiter in ready:
+            waiter.callback(self.requests)
+        return NOT_DONE_YET
+
+    def _forget_held(self, request) -> None:
+        if request in self.held:
+            self.held.remove(request)
+
+    @staticmethod
+    def _answer(request, reply: Reply) -> None:
+        request.setResponseCode(reply.status)
+        for name, value in reply.headers.items():
+            request.setHeader(name, value)
+        request.write(reply.body)
+        request.finish()
