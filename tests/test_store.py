@@ -267,6 +267,7 @@ class VnodeStoreTests(_StoreTestCase):
         self.assertEqual([j.id for j in due], ["t10", "other-coll", "t20"])
         self.assertEqual([j.id for j in (yield store.due(31, 2))], ["t10", "other-coll"])
         self.assertEqual((yield store.due(10, 100)), [])
+        self.assertEqual([j.id for j in (yield store.due(31, 100, from_ms=20))], ["t20", "t30"])
         # A retry moves the job in the order.
         yield store.apply([(4, outcome(OutcomeKind.RETRY, "t10", 1, at_ms=35))])
         self.assertEqual(
@@ -288,7 +289,7 @@ class VnodeStoreTests(_StoreTestCase):
             plan = " | ".join(row[-1] for row in con.execute("EXPLAIN QUERY PLAN " + sql))
         finally:
             con.close()
-        self.assertIn("USING INDEX ix_jobs_status_due (status=? AND due_ms<?)", plan)
+        self.assertIn("USING INDEX ix_jobs_status_due (status=? AND due_ms>? AND due_ms<?)", plan)
         self.assertNotIn("TEMP B-TREE", plan)
 
     @inlineCallbacks

@@ -55,6 +55,7 @@ class _Shard:
     store: object
     log: object
     loaded_until_ms: int = 0
+    reload_all: bool = True
     active: bool = True
     jobs: dict[tuple[str, str], Job] = field(default_factory=dict)
 
@@ -125,15 +126,25 @@ class Executor:
 
     @defer.inlineCallbacks
     def _load(self, state: _Shard):
+        """Load the shard's jobs that entered the window since the last load.
+
+        The whole window is read on the first load and after an outcome could not be
+        recorded (that job is still scheduled, below what was loaded). Otherwise only
+        the slice between the last load's end and the new one is read, so a refresh
+        costs what enters the window, not the whole window again.
+        """
         until = self.now_ms() + self._window_ms
-        jobs = yield state.store.due(until, self._load_limit)
+        from_ms = 0 if state.reload_all else state.loaded_until_ms
+        state.reload_all = False
+        # Claimed before the read: applies that land while it runs are held by
+        # `_place` even if the read does not see them (both paths check versions).
+        state.loaded_until_ms = max(state.loaded_until_ms, until)
+        jobs = yield state.store.due(until, self._load_limit, from_ms)
         if not state.active:
             return
         if len(jobs) == self._load_limit:
-            # Only part of the window fit: what lies beyond the last loaded job is
-            # left to the next refresh, so don't claim the whole window as loaded.
-            until = jobs[-1].due_ms
-        state.loaded_until_ms = until
+            # Only part of the window fit: the next refresh goes on from the last job.
+            state.loaded_until_ms = jobs[-1].due_ms
         for job in jobs:
             current = state.jobs.get(job.key)
             if current is not None and (current.version, current.due_ms) >= (
@@ -258,7 +269,7 @@ class Executor:
         d = delivered.addCallback(self._outcome, route, job, attempt)
         d.addCallback(state.log.propose)
         d.addCallback(self._recorded, route)
-        d.addErrback(self._not_recorded, job)
+        d.addErrback(self._not_recorded, state, job)
         # Registered before the last callback, which removes it: the chain may already
         # have run to its end here, or finish much later.
         self._firing[firing_key] = d
@@ -295,9 +306,10 @@ class Executor:
         else:
             self._metrics.delivery_retries.inc()
 
-    def _not_recorded(self, failure, job: Job):
+    def _not_recorded(self, failure, state: _Shard, job: Job):
         # The job stays scheduled in the store: the next refresh of a leader loads it
         # and fires it again with the same Idempotency-Key, so nothing is lost.
+        state.reload_all = True
         self.log.failure(
             "outcome of {key} v{version} was not recorded",
             failure,

@@ -83,8 +83,9 @@ class IJobStore(Interface):
     def get(collection, job_id):
         """Fire with the `Job`, or None."""
 
-    def due(before_ms, limit):
-        """Fire with up to ``limit`` scheduled jobs with due_ms < before_ms, earliest first."""
+    def due(before_ms, limit, from_ms=0):
+        """Fire with up to ``limit`` scheduled jobs with from_ms <= due_ms < before_ms,
+        earliest first."""
 
     def list_jobs(collection, status, limit, cursor):
         """Fire with ``(jobs, next_cursor)``: jobs of a collection ordered by id.

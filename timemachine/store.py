@@ -172,11 +172,12 @@ def _status_value(status) -> str | None:
         ) from None
 
 
-def due_query(before_ms: int, limit: int):
+def due_query(before_ms: int, limit: int, from_ms: int = 0):
     """The statement behind `VnodeStore.due` (exposed so a test can EXPLAIN it)."""
     return (
         select(*_JOB_COLUMNS)
         .where(jobs_table.c.status == JobStatus.SCHEDULED.value)
+        .where(jobs_table.c.due_ms >= from_ms)
         .where(jobs_table.c.due_ms < before_ms)
         .order_by(jobs_table.c.due_ms)
         .limit(limit)
@@ -513,9 +514,10 @@ class VnodeStore(_SQLiteStore):
         """Fire with the `Job` stored under ``(collection, job_id)``, or None."""
         return self._run(self._thd_get, collection, job_id)
 
-    def due(self, before_ms, limit):
-        """Fire with up to ``limit`` scheduled jobs with due_ms < before_ms, earliest first."""
-        return self._run(self._thd_due, before_ms, limit)
+    def due(self, before_ms, limit, from_ms=0):
+        """Fire with up to ``limit`` scheduled jobs with from_ms <= due_ms < before_ms,
+        earliest first."""
+        return self._run(self._thd_due, before_ms, limit, from_ms)
 
     def list_jobs(self, collection, status=None, limit=100, cursor=None):
         """Fire with ``(jobs, next_cursor)``: jobs of ``collection`` ordered by id.
@@ -635,9 +637,10 @@ class VnodeStore(_SQLiteStore):
             ).first()
         return None if row is None else _job_from_row(row)
 
-    def _thd_due(self, before_ms, limit):
+    def _thd_due(self, before_ms, limit, from_ms):
         with self._thd_engine().connect() as conn:
-            return [_job_from_row(row) for row in conn.execute(due_query(before_ms, limit))]
+            query = due_query(before_ms, limit, from_ms)
+            return [_job_from_row(row) for row in conn.execute(query)]
 
     def _thd_list_jobs(self, collection, status, limit, cursor):
         query = select(*_JOB_COLUMNS).where(jobs_table.c.collection == collection)
