@@ -148,15 +148,20 @@ class LocalShardLog:
             for d in idle:
                 d.callback(None)
 
+    def drain(self):
+        """Fire once every proposal made so far is applied and answered."""
+        if not self._answers and not self._applying:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._idle.append(waiter)
+        return waiter
+
     @defer.inlineCallbacks
     def close(self):
         """Refuse new proposals, wait for those in progress, close the WAL and store."""
         if not self._open:
             return
         self._open = False
-        if self._answers or self._applying:
-            waiter = defer.Deferred()
-            self._idle.append(waiter)
-            yield waiter
+        yield self.drain()
         yield self._wal.close()
         yield self._store.close()

@@ -1,0 +1,206 @@
+"""A whole node in this process, end to end: REST in, deliveries out, restarts.
+
+Real everything: the node listens on 127.0.0.1, jobs are created over HTTP with treq,
+and delivered to a real HTTP receiver or a real redis-server started by the test.
+"""
+
+import json
+
+from treq.client import HTTPClient
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from tests.support import HTTPReceiver, RedisServer, free_port
+from timemachine.service import Node
+
+
+class NodeTestCase(unittest.TestCase):
+    """Starts a node on a fresh data dir; `restart` keeps the data dir."""
+
+    shards = 4
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.data_dir = self.mktemp()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = HTTPClient(Agent(reactor, pool=pool))
+        self.receiver = HTTPReceiver(reactor)
+        self.receiver.start()
+        self.addCleanup(self.receiver.stop)
+        self.node = None
+        yield self.start_node()
+        self.addCleanup(self.stop_node)
+
+    @defer.inlineCallbacks
+    def start_node(self):
+        self.node = Node(
+            reactor,
+            "node1",
+            self.data_dir,
+            shards=self.shards,
+            http_endpoint="tcp:0:interface=127.0.0.1",
+            executor_options={"refresh_ms": 200},
+        )
+        yield self.node.startService()
+        self.base = f"http://127.0.0.1:{self.node.port.getHost().port}"
+
+    @defer.inlineCallbacks
+    def stop_node(self):
+        if self.node is not None and self.node.running:
+            yield self.node.stopService()
+
+    @defer.inlineCallbacks
+    def restart(self):
+        yield self.stop_node()
+        yield self.start_node()
+
+    def now_ms(self):
+        return int(reactor.seconds() * 1000)
+
+    @defer.inlineCallbacks
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        response = yield self.http.request(method, self.base + path, data=data)
+        content = yield response.content()
+        return response.code, json.loads(content) if content else None
+
+    @defer.inlineCallbacks
+    def route(self, route_id="hook", **fields):
+        body = {"id": route_id, "type": "http", "webhook_url": self.receiver.url(f"/{route_id}")}
+        body.update(fields)
+        code, answer = yield self.call("POST", "/route", body)
+        self.assertEqual(code, 200, answer)
+
+    @defer.inlineCallbacks
+    def job(self, collection, job_id, trigger_ms, route="hook", meta=None):
+        body = {"id": job_id, "trigger_ms": trigger_ms, "route": route, "meta": meta}
+        code, answer = yield self.call("POST", f"/job/{collection}", body)
+        self.assertEqual(code, 200, answer)
+        return answer
+
+    @defer.inlineCallbacks
+    def wait_for_status(self, collection, job_id, status, rounds=500):
+        """Poll the job over REST until it reaches ``status`` (bounded)."""
+        for _ in range(rounds):
+            code, job = yield self.call("GET", f"/job/{collection}/{job_id}")
+            if code == 200 and job["status"] == status:
+                return job
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.fail(f"{collection}/{job_id} never reached {status}: {job}")
+
+
+class FiringTests(NodeTestCase):
+    @defer.inlineCallbacks
+    def test_every_job_arrives_once_never_early_with_its_headers(self):
+        yield self.route()
+        start = self.now_ms() + 300
+        triggers = {f"job-{i}": start + (i * 7) % 500 for i in range(200)}
+        batch = [
+            {"id": job_id, "trigger_ms": t, "route": "hook", "meta": {"n": job_id}}
+            for job_id, t in triggers.items()
+        ]
+        code, answer = yield self.call("POST", "/job/orders", batch)
+        self.assertEqual(code, 200)
+        self.assertEqual({r["status"] for r in answer["results"]}, {"ok"})
+        requests = yield self.receiver.wait_for(len(triggers))
+        yield task.deferLater(reactor, 0.3, lambda: None)  # room for any duplicate
+        ids = [r.headers["x-timemachine-job-id"] for r in self.receiver.requests]
+        self.assertEqual(sorted(ids), sorted(triggers))
+        for request in requests:
+            job_id = request.headers["x-timemachine-job-id"]
+            self.assertGreaterEqual(request.at * 1000, triggers[job_id], "fired early")
+            self.assertEqual(request.method, "POST")
+            self.assertEqual(request.headers["content-type"], "application/json")
+            self.assertEqual(request.headers["x-timemachine-collection"], "orders")
+            self.assertEqual(request.headers["x-timemachine-trigger-ms"], str(triggers[job_id]))
+            self.assertEqual(request.headers["x-timemachine-attempt"], "1")
+            self.assertTrue(request.headers["idempotency-key"].startswith(f"orders/{job_id}/"))
+            self.assertEqual(json.loads(request.body), {"n": job_id})
+        job = yield self.wait_for_status("orders", "job-0", "fired")
+        self.assertEqual(job["attempts"], 1)
+        self.assertIsNotNone(job["fired_at_ms"])
+
+    @defer.inlineCallbacks
+    def test_acknowledged_jobs_survive_a_restart_and_fired_ones_do_not_repeat(self):
+        yield self.route()
+        now = self.now_ms()
+        yield self.job("c", "before", now)
+        yield self.receiver.wait_for(1)
+        yield self.wait_for_status("c", "before", "fired")
+        yield self.job("c", "after", now + 1500)
+        yield self.restart()
+        code, job = yield self.call("GET", "/job/c/after")
+        self.assertEqual((code, job["status"]), (200, "scheduled"))
+        yield self.receiver.wait_for(2)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        ids = [r.headers["x-timemachine-job-id"] for r in self.receiver.requests]
+        self.assertEqual(ids, ["before", "after"])
+
+    @defer.inlineCallbacks
+    def test_retry_after_a_500_uses_the_same_idempotency_key(self):
+        yield self.route(backoff_ms=20)
+        self.receiver.script("/hook", [500, 200])
+        yield self.job("c", "flaky", self.now_ms())
+        requests = yield self.receiver.wait_for(2)
+        first, second = requests[:2]
+        self.assertEqual(first.headers["idempotency-key"], second.headers["idempotency-key"])
+        self.assertEqual(
+            (first.headers["x-timemachine-attempt"], second.headers["x-timemachine-attempt"]),
+            ("1", "2"),
+        )
+        job = yield self.wait_for_status("c", "flaky", "fired")
+        self.assertEqual(job["attempts"], 2)
+
+    @defer.inlineCallbacks
+    def test_a_400_leaves_the_job_failed_with_its_error(self):
+        yield self.route()
+        self.receiver.script("/hook", [400])
+        yield self.job("c", "rejected", self.now_ms())
+        job = yield self.wait_for_status("c", "rejected", "failed")
+        self.assertIn("400", job["last_error"])
+        code, page = yield self.call("GET", "/job/c?status=failed")
+        self.assertEqual(code, 200)
+        self.assertEqual([j["id"] for j in page["jobs"]], ["rejected"])
+        self.assertEqual(len(self.receiver.requests), 1)
+
+    @defer.inlineCallbacks
+    def test_unreachable_redis_is_retried_then_failed(self):
+        yield self.route(
+            "events", type="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0",
+            key="tm:events", max_attempts=3, backoff_ms=10, timeout_ms=500,
+        )
+        yield self.job("c", "lost", self.now_ms(), route="events")
+        job = yield self.wait_for_status("c", "lost", "failed")
+        self.assertEqual(job["attempts"], 3)
+        self.assertTrue(job["last_error"])
+
+    @defer.inlineCallbacks
+    def test_redis_stream_delivery(self):
+        redis = RedisServer()
+        redis.start()
+        self.addCleanup(redis.stop)
+        yield self.route("events", type="redis", redis_url=redis.url, key="tm:events")
+        yield self.job("c", "to-stream", self.now_ms(), route="events", meta={"a": 1})
+        yield self.wait_for_status("c", "to-stream", "fired")
+        entries = redis.call("XRANGE", "tm:events", "-", "+")
+        self.assertEqual(len(entries), 1)
+        fields = entries[0][1]
+        pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+        self.assertEqual(pairs[b"id"], b"to-stream")
+        self.assertEqual(json.loads(pairs[b"meta"]), {"a": 1})
+
+    @defer.inlineCallbacks
+    def test_reactor_stays_responsive_while_a_large_batch_is_written(self):
+        yield self.route()
+        far = self.now_ms() + 3_600_000
+        batch = [{"id": f"big-{i}", "trigger_ms": far, "route": "hook"} for i in range(5000)]
+        order = []
+        posted = self.call("POST", "/job/big", batch)
+        posted.addCallback(lambda answer: order.append("batch") or answer)
+        code, _ = yield self.call("GET", "/health")
+        order.append("health")
+        batch_code, _ = yield posted
+        self.assertEqual((code, batch_code), (200, 200))
+        # The batch is written and applied in threads: the reactor answers in between.
+        self.assertEqual(order, ["health", "batch"])

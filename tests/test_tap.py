@@ -1,0 +1,55 @@
+"""``twistd timemachine`` options and service construction (no reactor run)."""
+
+from twisted.application.service import IService
+from twisted.python import usage
+from twisted.trial import unittest
+
+from timemachine.service import Node
+from timemachine.tap import Options, makeService
+
+
+def parse(*argv):
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(unittest.TestCase):
+    def test_defaults_are_those_of_the_contract(self):
+        options = parse()
+        self.assertEqual(options["node-id"], "node1")
+        self.assertEqual(options["data-dir"], "./timemachine-data/node1")
+        self.assertEqual(options["http"], "tcp:8001:interface=127.0.0.1")
+        self.assertEqual(options["peer"], "tcp:8101:interface=127.0.0.1")
+        self.assertEqual(options["advertise"], "127.0.0.1:8101")
+        self.assertEqual(options["shards"], 8)
+        self.assertFalse(options["no-bootstrap"])
+
+    def test_every_option_is_listed_in_help(self):
+        text = str(Options())
+        for name in ("--node-id", "--data-dir", "--http", "--peer", "--advertise", "--join",
+                     "--shards", "--no-bootstrap"):
+            self.assertIn(name, text)
+
+    def test_data_dir_follows_node_id(self):
+        self.assertEqual(parse("--node-id", "node2")["data-dir"], "./timemachine-data/node2")
+
+    def test_bad_values_are_usage_errors(self):
+        for argv in (
+            ["--node-id", "bad id"],
+            ["--shards", "0"],
+            ["--shards", "many"],
+            ["--http", "8001"],
+            ["--advertise", "nowhere"],
+            ["--join", "127.0.0.1:8001"],
+        ):
+            self.assertRaises((usage.UsageError, ValueError), parse, *argv)
+
+    def test_make_service_builds_a_node_without_opening_anything(self):
+        options = parse("--node-id", "n7", "--data-dir", self.mktemp(), "--shards", "3",
+                        "--no-bootstrap")
+        node = makeService(options)
+        self.assertTrue(IService.providedBy(node))
+        self.assertIsInstance(node, Node)
+        self.assertEqual((node.node_id, node.initial_shards, node.bootstrap), ("n7", 3, False))
+        self.assertIsNone(node.port)

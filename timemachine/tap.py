@@ -1,0 +1,81 @@
+"""``twistd timemachine``: command-line options and the node service (API.md)."""
+
+from __future__ import annotations
+
+import re
+
+from twisted.python import usage
+
+from timemachine.model import ID_ALPHABET
+from timemachine.ring import DEFAULT_SHARDS
+
+_HOST_PORT = re.compile(r"\A[^\s:]+:\d{1,5}\Z")
+
+
+def _port_of(endpoint: str) -> int | None:
+    match = re.match(r"\Atcp:(\d+)", endpoint)
+    return int(match.group(1)) if match else None
+
+
+class Options(usage.Options):
+    """Options of a node; every one of API.md's table."""
+
+    synopsis = "[options]"
+    longdesc = "Run one timeMachine node: a durable scheduler that fires jobs on time."
+
+    optFlags = [
+        ["no-bootstrap", None, "Start empty and wait for /cluster/join or /cluster/configure."],
+    ]
+    optParameters = [
+        ["node-id", None, "node1", "Unique, stable name of the node."],
+        ["data-dir", None, None, "WAL segments, shard stores, Raft state "
+         "[default: ./timemachine-data/<node-id>]."],
+        ["http", None, "tcp:8001:interface=127.0.0.1", "REST endpoint (Twisted endpoint string)."],
+        ["peer", None, "tcp:8101:interface=127.0.0.1", "Peer protocol endpoint "
+         "(compat: HTTP port = peer port - 100)."],
+        ["advertise", None, None, "Address other nodes use to reach this one "
+         "[default: host:port of --peer]."],
+        ["join", None, None, "HTTP address of any member; the node asks to join on start."],
+        ["shards", None, DEFAULT_SHARDS, "Shard count of the cluster this node bootstraps.", int],
+    ]
+
+    def postOptions(self):
+        node_id = self["node-id"]
+        if not node_id or len(node_id) > 128 or not ID_ALPHABET.match(node_id):
+            raise usage.UsageError("--node-id: 1-128 characters of A-Z a-z 0-9 . _ : @ -")
+        if self["data-dir"] is None:
+            self["data-dir"] = f"./timemachine-data/{node_id}"
+        if not 1 <= self["shards"] <= 4096:
+            raise usage.UsageError("--shards must be between 1 and 4096")
+        for name in ("http", "peer"):
+            if _port_of(self[name]) is None and not self[name].startswith("unix:"):
+                raise usage.UsageError(f"--{name} must be a tcp: or unix: endpoint string")
+        if self["advertise"] is None:
+            host = re.search(r"interface=([^:]+)", self["peer"])
+            self["advertise"] = f"{host.group(1) if host else '127.0.0.1'}:{_port_of(self['peer'])}"
+        elif not _HOST_PORT.match(self["advertise"]):
+            raise usage.UsageError("--advertise must be host:port")
+        if self["join"] is not None:
+            if not _HOST_PORT.match(self["join"]):
+                raise usage.UsageError("--join must be host:port of a member's HTTP endpoint")
+            raise usage.UsageError(
+                "--join: this build runs one-node clusters only; "
+                "multi-node membership is not available yet"
+            )
+
+
+def makeService(options):
+    """The node as a twistd service (nothing is opened until it starts)."""
+    from twisted.internet import reactor
+
+    from timemachine.service import Node
+
+    return Node(
+        reactor,
+        node_id=options["node-id"],
+        data_dir=options["data-dir"],
+        shards=options["shards"],
+        http_endpoint=options["http"],
+        bootstrap=not options["no-bootstrap"],
+        advertise=options["advertise"],
+    )

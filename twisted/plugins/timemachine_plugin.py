@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+timemachine = ServiceMaker(
+    "timeMachine",
+    "timemachine.tap",
+    "A distributed, fault-tolerant scheduler database.",
+    "timemachine",
+)
