@@ -1,13 +1,16 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="timemachine",
     version="0.1.0",
     description="A distributed, fault-tolerant scheduler database on Twisted",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["timemachine", "timemachine.*"]) + ["twisted.plugins"],
+    # twisted/plugins has no __init__.py on purpose: Twisted finds plugins there.
+    packages=[*find_packages(include=["timemachine", "timemachine.*"]), "twisted.plugins"],
     package_data={"twisted.plugins": ["timemachine_plugin.py"]},
     install_requires=[
         "twisted[tls]>=23.10",
