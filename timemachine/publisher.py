@@ -24,12 +24,13 @@ import treq
 import txredisapi
 from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from timemachine.interfaces import IPublisher
@@ -99,7 +100,8 @@ class Publisher:
         # Deliveries are stateless: a receiver's cookies must not ride along with the
         # next job, nor pile up in memory.
         no_cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-        self._http = treq.client.HTTPClient(Agent(reactor, pool=self._pool), no_cookies)
+        agent = Agent.usingEndpointFactory(reactor, _NoDelayEndpoints(reactor), pool=self._pool)
+        self._http = treq.client.HTTPClient(agent, no_cookies)
         self._redis: dict[str, _RedisLink] = {}
         self._limits: dict[str, defer.DeferredSemaphore] = {}
         self._in_flight = 0
@@ -193,7 +195,7 @@ class Publisher:
         }
         request = self._http.post(
             route.webhook_url,
-            data=job.meta.encode("utf-8"),
+            data=_BytesProducer(job.meta.encode("utf-8")),
             headers=headers,
             allow_redirects=False,
             unbuffered=True,
@@ -296,6 +298,63 @@ class _BodyPrefix(Protocol):
             self._finished.callback(b"".join(self._parts))
         else:
             self._finished.errback(reason)
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A request body written in one go, in the same reactor turn as the headers.
+
+    treq's default producer for bytes hands the body to a cooperator that writes it a
+    turn later: headers and body then leave as two segments, and Nagle's algorithm
+    holds the second until the receiver's delayed ACK of the first, ~40 ms later.
+    """
+
+    def __init__(self, body: bytes):
+        self.body = body
+        self.length = len(body) if body is not None else UNKNOWN_LENGTH
+
+    def startProducing(self, consumer):
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class _NoDelayEndpoint:
+    """A TCP client endpoint whose connections send small writes at once (TCP_NODELAY):
+    a delivery is one small request, and waiting to coalesce it only adds latency."""
+
+    def __init__(self, endpoint):
+        self._endpoint = endpoint
+
+    def connect(self, factory):
+        def no_delay(protocol):
+            protocol.transport.setTcpNoDelay(True)
+            return protocol
+
+        return self._endpoint.connect(factory).addCallback(no_delay)
+
+
+@implementer(IAgentEndpointFactory)
+class _NoDelayEndpoints:
+    """The endpoints of the publisher's `Agent` (plain HTTP and HTTPS alike)."""
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self._tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri):
+        endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        return _NoDelayEndpoint(endpoint)
 
 
 def _read_prefix(response, limit: int) -> defer.Deferred:
