@@ -205,6 +205,8 @@ class HealthTests(APITestCase):
         self.assertTrue(content_type.startswith(b"text/plain; version=0.0.4"), content_type)
         self.assertIn(b"timemachine_jobs_created", answer.raw)
         self.assertIn(b"timemachine_jobs_created_total 1.0", answer.raw)
+        # The route and the job; the GET being answered is not counted yet.
+        self.assertIn(b'timemachine_http_requests_total{code="200",method="POST"} 2.0', answer.raw)
 
     @defer.inlineCallbacks
     def test_unexpected_error_is_500_and_logged(self):

@@ -97,6 +97,9 @@ class LimitedRequest(server.Request):
     max_body_bytes = MAX_BODY_BYTES
     body_too_large = False
     _body_received = 0
+    # Every body here is JSON: twisted.web's parsing of form submissions (which runs
+    # the stdlib's email header parser on each POST's Content-Type) is pure cost.
+    _parsePOSTFormSubmission = False
 
     def gotLength(self, length):
         if length is not None and length > self.max_body_bytes:
@@ -118,9 +121,23 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
 
+class _Site(server.Site):
+    """Requests are counted in the metrics instead of written to an access log: a log
+    line per request costs ~10% of a create. Errors are still logged by the API."""
+
+    def __init__(self, resource, metrics, **kwargs):
+        super().__init__(resource, **kwargs)
+        self._metrics = metrics
+
+    def log(self, request):
+        self._metrics.http_requests.labels(
+            request.method.decode("ascii", "replace"), str(request.code)
+        ).inc()
+
+
 def make_site(api: TimeMachineAPI) -> server.Site:
     """The `Site` serving ``api``, with the request body limit."""
-    site = server.Site(api.resource(), requestFactory=LimitedRequest)
+    site = _Site(api.resource(), api._metrics, requestFactory=LimitedRequest)
     # Tracebacks are logged (see `TimeMachineAPI.internal_error`), never sent.
     site.displayTracebacks = False
     return site

@@ -15,6 +15,12 @@ class Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "timemachine_http_requests",
+            "REST requests answered, by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
         self.jobs_created = Counter(
             "timemachine_jobs_created", "Jobs created or replaced.", registry=self.registry
         )
