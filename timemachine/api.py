@@ -97,9 +97,6 @@ class LimitedRequest(server.Request):
     max_body_bytes = MAX_BODY_BYTES
     body_too_large = False
     _body_received = 0
-    # Every body here is JSON: twisted.web's parsing of form submissions (which runs
-    # the stdlib's email header parser on each POST's Content-Type) is pure cost.
-    _parsePOSTFormSubmission = False
 
     def gotLength(self, length):
         if length is not None and length > self.max_body_bytes:
@@ -137,7 +134,14 @@ class _Site(server.Site):
 
 def make_site(api: TimeMachineAPI) -> server.Site:
     """The `Site` serving ``api``, with the request body limit."""
-    site = _Site(api.resource(), api._metrics, requestFactory=LimitedRequest)
+    # Every body here is JSON: twisted.web's parsing of form submissions (which runs
+    # the stdlib's email header parser on each POST's Content-Type) is pure cost.
+    site = _Site(
+        api.resource(),
+        api._metrics,
+        requestFactory=LimitedRequest,
+        parsePOSTFormSubmission=False,
+    )
     # Tracebacks are logged (see `TimeMachineAPI.internal_error`), never sent.
     site.displayTracebacks = False
     return site

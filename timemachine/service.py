@@ -21,6 +21,7 @@ from timemachine.api import TimeMachineAPI, make_site
 from timemachine.coordinator import Coordinator
 from timemachine.errors import AlreadyConfigured, InvalidField
 from timemachine.executor import Executor
+from timemachine.iothread import IOThread
 from timemachine.metrics import Metrics
 from timemachine.model import Configure
 from timemachine.publisher import Publisher
@@ -69,10 +70,14 @@ class Node(service.Service):
         self.api = None
         self.port = None
         self.ready = defer.Deferred()
+        # One writer thread for every log and one thread for every store of the node:
+        # the work of all shards that queues up meanwhile crosses over in one hop.
+        self.wal_io = IOThread(reactor, "wal-writer")
+        self.store_io = IOThread(reactor, "store")
 
     def _wal(self, directory):
         return WriteAheadLog(
-            directory, self.reactor, on_fsync=self.metrics.wal_fsync.observe
+            directory, self.reactor, on_fsync=self.metrics.wal_fsync.observe, io=self.wal_io
         )
 
     def startService(self):
@@ -90,8 +95,10 @@ class Node(service.Service):
     @defer.inlineCallbacks
     def _start(self):
         os.makedirs(os.path.join(self.data_dir, "meta"), exist_ok=True)
+        for io in (self.wal_io, self.store_io):
+            io.start()
         self.cluster_store = ClusterStore(
-            os.path.join(self.data_dir, "meta", "cluster.sqlite"), self.reactor
+            os.path.join(self.data_dir, "meta", "cluster.sqlite"), self.reactor, self.store_io
         )
         self.meta_log = LocalShardLog(
             "meta", self._wal(os.path.join(self.data_dir, "meta", "wal")), self.cluster_store
@@ -138,7 +145,7 @@ class Node(service.Service):
             log = LocalShardLog(
                 f"shard {shard}",
                 self._wal(os.path.join(directory, "wal")),
-                VnodeStore(os.path.join(directory, "jobs.sqlite"), self.reactor),
+                VnodeStore(os.path.join(directory, "jobs.sqlite"), self.reactor, self.store_io),
             )
             yield log.open()
             self.shard_logs[shard] = (log, log.store)
@@ -193,13 +200,18 @@ class Node(service.Service):
     def stopService(self):
         """Stop accepting requests, let in-flight deliveries finish, close the logs."""
         super().stopService()
-        if self.port is not None:
-            yield self.port.stopListening()
-        if self.executor is not None:
-            yield self.executor.stop()
-        yield self._close_shards()
-        if self.meta_log is not None:
-            yield self.meta_log.close()
-        if self.publisher is not None:
-            yield self.publisher.close()
+        try:
+            if self.port is not None:
+                yield self.port.stopListening()
+            if self.executor is not None:
+                yield self.executor.stop()
+            yield self._close_shards()
+            if self.meta_log is not None:
+                yield self.meta_log.close()
+            if self.publisher is not None:
+                yield self.publisher.close()
+        finally:
+            # Last: the logs and stores above hand their final writes to these threads.
+            for io in (self.wal_io, self.store_io):
+                io.stop()
 

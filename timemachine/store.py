@@ -2,10 +2,10 @@
 
 `VnodeStore` holds the jobs of one shard (`IJobStore`); `ClusterStore` holds the routes
 and cluster settings of the meta group (`IClusterStore`). Both share `_SQLiteStore`: one
-SQLAlchemy Core engine used only on the store's own one-thread pool (buildbot's
-``db/pool.py`` shape). Public methods hop to that thread with `deferToThreadPool`; the
-``_thd_*`` methods are plain synchronous SQLAlchemy and turn rows into model objects
-before returning, so no `Result` ever crosses threads.
+SQLAlchemy Core engine used only on one thread (buildbot's ``db/pool.py`` shape): the
+store's own, or an `IOThread` a node shares among its stores. Public methods hop to
+that thread; the ``_thd_*`` methods are plain synchronous SQLAlchemy and turn rows
+into model objects before returning, so no `Result` ever crosses threads.
 
 Durability comes from the write-ahead log, not from SQLite: each batch of committed
 entries is one SQLite transaction that also stores ``applied_index``, and on start the
@@ -51,12 +51,11 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from timemachine.errors import InvalidField, StorageError
 from timemachine.interfaces import IClusterStore, IJobStore
+from timemachine.iothread import IOThread
 from timemachine.model import (
     Configure,
     DeleteJob,
@@ -285,10 +284,13 @@ class _SQLiteStore:
     _kind: str
     SCHEMA_VERSION = 1
 
-    def __init__(self, path: str, reactor):
+    def __init__(self, path: str, reactor, io: IOThread | None = None):
         self.path = path
         self._reactor = reactor
-        self._pool: ThreadPool | None = None
+        # The store's thread: a node shares one among its stores; alone, a store has
+        # its own. Either way one thread, so SQLite always sees the same one.
+        self._shared_io = io
+        self._io: IOThread | None = None
         self._shutdown_trigger = None
         self._engine: Engine | None = None
         self._connection: Connection | None = None
@@ -299,19 +301,22 @@ class _SQLiteStore:
 
     def open(self):
         """Create or open the file, check its schema version, load applied_index."""
-        if self._pool is not None:
+        if self._io is not None:
             return defer.fail(StorageError(f"{self.path}: store already open"))
-        self._pool = ThreadPool(1, 1, f"{type(self).__name__}({self.path})")
-        self._pool.start()
+        if self._shared_io is not None:
+            self._io = self._shared_io
+        else:
+            self._io = IOThread(self._reactor, f"{type(self).__name__}({self.path})")
+            self._io.start()
         # A safety net like buildbot's: a store left open must not keep the process
         # alive after the reactor stops (its worker thread is not a daemon).
         self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "during", "shutdown", self._stop_pool
+            "during", "shutdown", self._release_io
         )
         d = self._run(self._thd_open)
 
         def failed(failure):
-            self._stop_pool()
+            self._release_io()
             return failure
 
         d.addCallbacks(self._loaded, failed)
@@ -319,7 +324,7 @@ class _SQLiteStore:
 
     def close(self):
         """Close the database and stop the store's thread (a no-op when not open)."""
-        if self._pool is None:
+        if self._io is None:
             return defer.succeed(None)
         d = self._run(self._thd_close)
         d.addBoth(self._after_close)
@@ -350,23 +355,23 @@ class _SQLiteStore:
         return d
 
     def _run(self, f: Callable, *args):
-        if self._pool is None:
+        if self._io is None:
             return defer.fail(StorageError(f"{self.path}: store is not open"))
-        return deferToThreadPool(self._reactor, self._pool, self._thd_call, f, *args)
+        return self._io.call(self._thd_call, f, *args)
 
-    def _stop_pool(self):
+    def _release_io(self):
         if self._shutdown_trigger is not None:
             # Removing a trigger while the shutdown phase runs it is refused; ignore.
             with contextlib.suppress(ValueError, KeyError):
                 self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
+        io, self._io = self._io, None
+        if io is not None and io is not self._shared_io:
             # Joins a thread that has nothing left to do: its queue ran before us.
-            pool.stop()
+            io.stop()
 
     def _after_close(self, result):
-        self._stop_pool()
+        self._release_io()
         return result
 
     def _loaded(self, loaded: _Loaded) -> None:
@@ -756,8 +761,8 @@ class ClusterStore(_SQLiteStore):
     _set_applied_sql = _set_applied_sql(cluster_meta_table)
     _kind = "cluster"
 
-    def __init__(self, path, reactor):
-        super().__init__(path, reactor)
+    def __init__(self, path, reactor, io: IOThread | None = None):
+        super().__init__(path, reactor, io)
         self._routes: dict[str, Route] = {}
         self.config: Configure | None = None
 

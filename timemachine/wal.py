@@ -37,14 +37,13 @@ from typing import Any
 
 import crc32c
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from timemachine.errors import CorruptLog, StorageError
 from timemachine.interfaces import IWriteAheadLog, WALRecord
+from timemachine.iothread import IOThread
 
 __all__ = ["DEFAULT_SEGMENT_BYTES", "WriteAheadLog", "segment_name"]
 
@@ -407,6 +406,7 @@ class WriteAheadLog:
         reactor: Any,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         on_fsync: Callable[[float], None] | None = None,
+        io: IOThread | None = None,
     ):
         if segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be positive, not {segment_bytes}")
@@ -414,7 +414,10 @@ class WriteAheadLog:
         self._reactor = reactor
         self._on_fsync = on_fsync
         self._files = _SegmentFiles(self.directory, segment_bytes)
-        self._pool: ThreadPool | None = None
+        # The writer thread: a node shares one among its logs; alone, the log has its own.
+        self._io = io
+        self._owns_io = io is None
+        self._opened = False
         self._shutdown_trigger: Any = None
         self._ready = False  # recovered: first_index and last_index are known
 
@@ -443,24 +446,26 @@ class WriteAheadLog:
 
     def open(self) -> defer.Deferred:
         """Recover the directory in the writer thread; fires with None."""
-        if self._pool is not None:
+        if self._opened:
             raise RuntimeError("write-ahead log already opened")
-        self._pool = ThreadPool(1, 1, name=f"wal:{self.directory}")
-        self._pool.start()
+        self._opened = True
+        if self._owns_io:
+            self._io = IOThread(self._reactor, f"wal:{self.directory}")
+            self._io.start()
         # A reactor stopping without close() would leave the writer thread running and
         # drop the appends still queued; "during shutdown" waits for the Deferred.
         self._shutdown_trigger = self._reactor.addSystemEventTrigger(
             "during", "shutdown", self.close
         )
-        d = deferToThreadPool(self._reactor, self._pool, self._files.recover)
+        d = self._io.call(self._files.recover)
 
         def recovered(indexes: tuple[int | None, int]) -> None:
             self.first_index, self.last_index = indexes
             self._ready = True
 
         def failed(failure: Failure) -> Failure:
-            self._stop_pool()
-            self._pool = None  # open() may be tried again
+            self._release_io()
+            self._opened = False  # open() may be tried again
             return failure
 
         d.addCallbacks(recovered, failed)
@@ -575,7 +580,7 @@ class WriteAheadLog:
 
     def close(self) -> defer.Deferred:
         """Write the pending appends, close the files, stop the writer thread."""
-        if self._pool is None or self._closed:
+        if not self._opened or self._closed:
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
         if self._closing:
@@ -585,7 +590,7 @@ class WriteAheadLog:
         self._close_waiters.append(d)
 
         def closed(result: Failure | None) -> None:
-            self._stop_pool()
+            self._release_io()
             self._closed = True
             waiters, self._close_waiters = self._close_waiters, []
             for waiter in waiters:
@@ -632,8 +637,7 @@ class WriteAheadLog:
                 self._fail(operation, self._failure)
                 continue
             self._running = True
-            assert self._pool is not None
-            d = deferToThreadPool(self._reactor, self._pool, operation.work)
+            d = self._io.call(operation.work)
             d.addBoth(self._finished, operation)
 
     def _finished(self, result: Any, operation: _Operation) -> None:
@@ -687,11 +691,11 @@ class WriteAheadLog:
         self._generation += 1
         self._drop_floor = 0
 
-    def _stop_pool(self) -> None:
+    def _release_io(self) -> None:
         if self._shutdown_trigger is not None:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
-        if self._pool is not None and self._pool.started:
+        if self._owns_io and self._io is not None:
             # The worker is idle here (its last job has reported back), so joining
             # it returns at once.
-            self._pool.stop()
+            self._io.stop()
