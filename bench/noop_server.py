@@ -6,7 +6,8 @@ Usage::
 
 It does what the node's create endpoint (`timemachine.api.TimeMachineAPI.create_jobs`)
 does up to the point where the node hands the job to its coordinator, with the node's
-own functions: the same `Site` (`make_site`, with its body limit), the same body
+own functions: the same `Site` (`make_site`, with its body limit and request
+counting), the same body
 parsing (`read_json`), validation (`job_spec`, `check_name`) and response encoding
 (`respond`) in an ``async`` Klein handler. Then it answers ``200 {"status": "ok",
 "offset": n}`` (a batch: the per-item ``results``) without routing, logging to a
@@ -14,9 +15,7 @@ WAL, fsyncing or storing anything. The node / no-op ratio of the benchmark repor
 therefore the share of this HTTP + JSON + validation ceiling the node keeps once the
 coordinator, the write-ahead log, the fsync and the store are added.
 
-Twisted's log goes to stdout as under ``twist``/``twistd -n`` (the node's `Site` writes
-an access-log line per request there), so that cost is in both figures; ``--quiet``
-turns logging off to show what the access log alone costs.
+Twisted's log goes to stdout as under ``twist``/``twistd -n``; ``--quiet`` turns it off.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from timemachine.api import MAX_BATCH, job_spec, make_site, read_json, respond
 from timemachine.errors import InvalidField, TimeMachineError
+from timemachine.metrics import Metrics
 from timemachine.model import MAX_COLLECTION, check_name
 
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.quiet:
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    site = make_site(NoopAPI())
+    site = make_site(NoopAPI(), Metrics())
     endpoint = endpoints.serverFromString(reactor, f"tcp:{args.port}:interface=127.0.0.1")
     failed = []
 

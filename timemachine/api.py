@@ -132,13 +132,14 @@ class _Site(server.Site):
         ).inc()
 
 
-def make_site(api: TimeMachineAPI) -> server.Site:
-    """The `Site` serving ``api``, with the request body limit."""
+def make_site(api: TimeMachineAPI, metrics) -> server.Site:
+    """The `Site` serving ``api``, with the request body limit; requests are counted
+    in ``metrics`` (a `timemachine.metrics.Metrics`)."""
     # Every body here is JSON: twisted.web's parsing of form submissions (which runs
     # the stdlib's email header parser on each POST's Content-Type) is pure cost.
     site = _Site(
         api.resource(),
-        api._metrics,
+        metrics,
         requestFactory=LimitedRequest,
         parsePOSTFormSubmission=False,
     )

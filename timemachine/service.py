@@ -123,7 +123,7 @@ class Node(service.Service):
         self.api = TimeMachineAPI(self.coordinator, self, self.metrics)
         if self.http_endpoint:
             endpoint = endpoints.serverFromString(self.reactor, self.http_endpoint)
-            self.port = yield endpoint.listen(make_site(self.api))
+            self.port = yield endpoint.listen(make_site(self.api, self.metrics))
         self.log.info(
             "node {node} serving {shards} shards from {data_dir}",
             node=self.node_id,
