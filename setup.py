@@ -17,7 +17,7 @@ setup(
         "klein>=23.5",
         "treq>=23.11",
         "txredisapi>=1.4.10",
-        "protobuf>=5.26",
+        "protobuf>=7.35.1",  # the generated module checks the runtime
         "sqlalchemy>=2.0",
         "zope.interface>=6.0",
         "xxhash>=3.4",

@@ -232,6 +232,8 @@ class RedisDeliveryTests(PublisherTestCase):
                 b"1767225600000",
                 b"attempt",
                 b"2",
+                b"idempotency_key",
+                b"billing/pay-123/42",
                 b"meta",
                 META.encode("utf-8"),
             ],
@@ -248,6 +250,7 @@ class RedisDeliveryTests(PublisherTestCase):
                 "collection": "billing",
                 "trigger_ms": 1767225600000,
                 "attempt": 1,
+                "idempotency_key": "billing/pay-123/42",
                 "meta": json.loads(META),
             },
         )

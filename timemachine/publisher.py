@@ -232,11 +232,14 @@ class Publisher:
         link = self._redis.get(route.redis_url)
         if link is None:
             link = self._redis[route.redis_url] = _RedisLink(self._reactor, target)
+        # idempotency_key goes beyond API.md's fields (an addition): a command that timed
+        # out may still have run, and a consumer needs it to drop the repeat.
         fields = {
             "id": job.id,
             "collection": job.collection,
             "trigger_ms": job.trigger_ms,
             "attempt": attempt,
+            "idempotency_key": job.idempotency_key,
         }
         if route.mode == "xadd":
             command = ["XADD", route.key, "*"]
