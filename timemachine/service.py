@@ -10,6 +10,7 @@ Data directory layout::
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 
@@ -124,6 +125,11 @@ class Node(service.Service):
         if self.http_endpoint:
             endpoint = endpoints.serverFromString(self.reactor, self.http_endpoint)
             self.port = yield endpoint.listen(make_site(self.api, self.metrics))
+        # Everything allocated so far lives as long as the node: moved out of the
+        # collector's sight, a full collection no longer walks ~100k objects (~30 ms,
+        # a firing-lateness spike) to find nothing.
+        gc.collect()
+        gc.freeze()
         self.log.info(
             "node {node} serving {shards} shards from {data_dir}",
             node=self.node_id,
