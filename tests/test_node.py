@@ -19,6 +19,7 @@ class NodeTestCase(unittest.TestCase):
     """Starts a node on a fresh data dir; `restart` keeps the data dir."""
 
     shards = 4
+    bootstrap = True
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -39,6 +40,7 @@ class NodeTestCase(unittest.TestCase):
             "node1",
             self.data_dir,
             shards=self.shards,
+            bootstrap=self.bootstrap,
             http_endpoint="tcp:0:interface=127.0.0.1",
             executor_options={"refresh_ms": 200},
         )
@@ -204,3 +206,30 @@ class FiringTests(NodeTestCase):
         self.assertEqual((code, batch_code), (200, 200))
         # The batch is written and applied in threads: the reactor answers in between.
         self.assertEqual(order, ["health", "batch"])
+
+
+class NoBootstrapTests(NodeTestCase):
+    bootstrap = False
+
+    @defer.inlineCallbacks
+    def test_waits_for_configure_then_serves_and_remembers_it(self):
+        code, answer = yield self.call("GET", "/ready")
+        self.assertEqual(code, 503)
+        yield self.route()
+        code, answer = yield self.call(
+            "POST", "/job/c", {"id": "early", "trigger_ms": self.now_ms() + 60_000, "route": "hook"}
+        )
+        self.assertEqual((code, answer["code"]), (503, "E_NOT_CONFIGURED"))
+        code, answer = yield self.call("GET", "/job/c/early")
+        self.assertEqual(code, 503)
+
+        code, answer = yield self.call("POST", "/cluster/configure", {"shards": 2, "replicas": 1})
+        self.assertEqual(code, 200, answer)
+        code, _ = yield self.call("GET", "/ready")
+        self.assertEqual(code, 200)
+        yield self.job("c", "later", self.now_ms() + 60_000)
+
+        yield self.restart()
+        code, shards = yield self.call("GET", "/cluster/shards")
+        self.assertEqual(len(shards["shards"]), 2)
+        self.assertEqual(sum(s["jobs"] for s in shards["shards"]), 1)
