@@ -1,0 +1,89 @@
+"""A Raft member's hard state (term, vote, commit) on disk, replaced atomically.
+
+The vote must survive a crash exactly as it was promised: a member that forgot its
+vote could vote twice in one term. Each save writes a temporary file, fsyncs it,
+renames it over the old one and fsyncs the directory, so a crash leaves either the
+old state or the new one, never a mix. A checksum catches a file damaged otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import crc32c
+
+from timemachine.errors import CorruptLog
+from timemachine.iothread import IOThread
+from timemachine.raft.types import HardState
+
+FILE_NAME = "hardstate.json"
+
+
+def encode(state: HardState) -> bytes:
+    body = json.dumps(
+        {"term": state.term, "vote": state.vote, "commit": state.commit}, sort_keys=True
+    )
+    return json.dumps({"crc32c": crc32c.crc32c(body.encode()), "state": body}).encode()
+
+
+def decode(data: bytes, where: str) -> HardState:
+    try:
+        outer = json.loads(data)
+        body = outer["state"]
+        if crc32c.crc32c(body.encode()) != outer["crc32c"]:
+            raise ValueError("checksum mismatch")
+        fields = json.loads(body)
+        return HardState(term=fields["term"], vote=fields["vote"], commit=fields["commit"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptLog(f"{where}: unreadable hard state: {e}") from e
+
+
+def write_hard_state(directory: str, state: HardState) -> None:
+    """Replace the hard state in ``directory`` atomically and durably (blocking)."""
+    path = os.path.join(directory, FILE_NAME)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, encode(state))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_hard_state(directory: str) -> HardState:
+    """The hard state saved in ``directory``; the empty state if none was ever saved."""
+    path = os.path.join(directory, FILE_NAME)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return HardState()
+    return decode(data, path)
+
+
+class HardStateFile:
+    """The hard state of one member, saved and loaded on an `IOThread`."""
+
+    def __init__(self, directory: str, io: IOThread):
+        self.directory = directory
+        self._io = io
+
+    def load(self):
+        """Fire with the saved `HardState` (creating the directory if needed)."""
+
+        def load():
+            os.makedirs(self.directory, exist_ok=True)
+            return read_hard_state(self.directory)
+
+        return self._io.call(load)
+
+    def save(self, state: HardState):
+        """Fire once ``state`` is durable."""
+        return self._io.call(write_hard_state, self.directory, state)
