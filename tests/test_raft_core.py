@@ -1,0 +1,836 @@
+"""Tests for the sans-I/O Raft core, driving a few `RaftCore`s by hand.
+
+`Net` is a deliberately tiny harness (the seeded, fault-injecting simulation is
+`timemachine.raft.sim`): it runs each member's Ready loop against a `MemoryStorage`,
+queues the messages, and delivers them one at a time, FIFO, dropping those a partition
+or a test's filter forbids. Every message delivered is kept so tests can count them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import deque
+from collections.abc import Callable
+
+from twisted.trial import unittest
+
+from timemachine.raft.core import RaftCore
+from timemachine.raft.storage import MemoryStorage
+from timemachine.raft.types import (
+    ConfChange,
+    ConfChangeKind,
+    ConfState,
+    Entry,
+    EntryKind,
+    HardState,
+    Message,
+    MessageType,
+    ReadState,
+)
+
+MT = MessageType
+
+
+class Net:
+    """A few cores, their storages and state machines, and a FIFO network."""
+
+    def __init__(self, n: int = 3, *, seed: int = 1, storages=None, **options) -> None:
+        self.options = options
+        self.seed = seed
+        ids = list(range(1, n + 1))
+        if storages is None:
+            storages = {i: MemoryStorage(ConfState(voters=frozenset(ids))) for i in ids}
+        self.storages: dict[int, MemoryStorage] = dict(storages)
+        self.cores: dict[int, RaftCore] = {}
+        self.sm: dict[int, list[bytes]] = {}
+        self.reads: dict[int, list[ReadState]] = {}
+        self.inbox: deque[Message] = deque()
+        self.delivered: list[Message] = []
+        self.isolated: set[int] = set()
+        self.down: set[int] = set()
+        self.drop: Callable[[Message], bool] | None = None
+        for i in ids:
+            self.start(i)
+
+    # -- members --------------------------------------------------------------------------
+
+    def start(self, i: int, storage: MemoryStorage | None = None) -> RaftCore:
+        """(Re)start member ``i`` from what its storage holds; the state machine is
+        rebuilt from the snapshot and the committed entries the core hands out again."""
+        if storage is not None:
+            self.storages[i] = storage
+        st = self.storages[i]
+        rng = random.Random(self.seed * 1000 + i * 7 + len(self.delivered))
+        self.cores[i] = RaftCore(i, st, rng, **self.options)
+        snap = st.snapshot()
+        self.sm[i] = [d.encode("latin-1") for d in json.loads(snap.data)] if snap.data else []
+        self.reads[i] = []
+        self.down.discard(i)
+        return self.cores[i]
+
+    def crash(self, i: int) -> None:
+        """Stop ``i``; only its storage survives."""
+        self.down.add(i)
+        self.inbox = deque(m for m in self.inbox if m.to != i)
+
+    def snapshot(self, i: int, compact: bool = True) -> None:
+        """Member ``i`` snapshots its state machine (and compacts its log)."""
+        core, st = self.cores[i], self.storages[i]
+        data = json.dumps([d.decode("latin-1") for d in self.sm[i]]).encode()
+        st.create_snapshot(core.applied_index, core.conf, data)
+        if compact:
+            st.compact(core.applied_index)
+
+    # -- the Ready loop and the network -------------------------------------------------------
+
+    def process(self, i: int) -> None:
+        """Run member ``i``'s Ready loop: persist, send, apply, advance."""
+        core, st = self.cores[i], self.storages[i]
+        while core.has_ready():
+            rd = core.ready()
+            if rd.snapshot is not None:
+                st.apply_snapshot(rd.snapshot)
+            st.append(rd.entries)
+            if rd.hard_state is not None:
+                st.set_hard_state(rd.hard_state)
+            self.inbox.extend(rd.messages)
+            if rd.snapshot is not None:
+                data = rd.snapshot.data
+                self.sm[i] = [d.encode("latin-1") for d in json.loads(data)] if data else []
+            for e in rd.committed:
+                if e.kind == EntryKind.NORMAL and e.data:
+                    self.sm[i].append(e.data)
+            self.reads[i].extend(rd.read_states)
+            core.advance()
+
+    def blocked(self, m: Message) -> bool:
+        if m.to in self.down or m.frm in self.down or m.to not in self.cores:
+            return True
+        if (m.to in self.isolated) != (m.frm in self.isolated):
+            return True
+        if m.to in self.isolated and m.frm in self.isolated:
+            return True
+        return self.drop is not None and self.drop(m)
+
+    def step_one(self) -> Message | None:
+        """Deliver the next message (after running every Ready loop); None when idle."""
+        for i in self.cores:
+            if i not in self.down:
+                self.process(i)
+        while self.inbox:
+            m = self.inbox.popleft()
+            if self.blocked(m):
+                continue
+            self.delivered.append(m)
+            self.cores[m.to].step(m)
+            return m
+        return None
+
+    def deliver_all(self, limit: int = 100_000) -> None:
+        for _ in range(limit):
+            if self.step_one() is None:
+                return
+        raise AssertionError("network did not go quiet")
+
+    def tick(self, n: int = 1) -> None:
+        """``n`` rounds of: every live member ticks, then every message is delivered."""
+        for _ in range(n):
+            for i, c in self.cores.items():
+                if i not in self.down:
+                    c.tick()
+            self.deliver_all()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def leaders(self) -> list[int]:
+        return [i for i, c in self.cores.items() if i not in self.down and c.state == "leader"]
+
+    def leader(self) -> int | None:
+        """The live leader of the highest term, if any."""
+        best = None
+        for i in self.leaders():
+            if best is None or self.cores[i].term > self.cores[best].term:
+                best = i
+        return best
+
+    def elect(self, max_ticks: int = 200) -> int:
+        """Tick until the connected majority has a leader; returns it."""
+        for _ in range(max_ticks):
+            lead = self.leader()
+            if lead is not None and lead not in self.isolated:
+                return lead
+            self.tick()
+        raise AssertionError("no leader elected")
+
+    def count(self, type: MessageType, frm=None, to=None) -> int:
+        return sum(
+            1
+            for m in self.delivered
+            if m.type == type and (frm is None or m.frm == frm) and (to is None or m.to == to)
+        )
+
+
+def storage_with(voters, terms: list[int], hs_term: int, commit: int = 0) -> MemoryStorage:
+    """A member's storage holding entries of ``terms`` (from index 1)."""
+    st = MemoryStorage(ConfState(voters=frozenset(voters)))
+    st.append([Entry(i + 1, t, b"e%d.%d" % (i + 1, t)) for i, t in enumerate(terms)])
+    st.set_hard_state(HardState(term=hs_term, vote=None, commit=commit))
+    return st
+
+
+class ElectionTests(unittest.TestCase):
+    def test_single_member_leads_and_commits(self):
+        net = Net(1)
+        lead = net.elect()
+        self.assertEqual(lead, 1)
+        self.assertTrue(net.cores[1].propose(b"a"))
+        net.deliver_all()
+        self.assertEqual(net.sm[1], [b"a"])
+        self.assertEqual(net.cores[1].commit_index, 2)  # the no-op, then "a"
+
+    def test_three_members_elect_one_leader(self):
+        net = Net(3)
+        lead = net.elect()
+        terms = {c.term for c in net.cores.values()}
+        self.assertEqual(len(terms), 1)
+        for i, c in net.cores.items():
+            self.assertEqual(c.leader, lead)
+            self.assertEqual(c.state, "leader" if i == lead else "follower")
+        # The leader's no-op commits everywhere.
+        net.tick()
+        self.assertEqual({c.commit_index for c in net.cores.values()}, {1})
+
+    def test_election_timeout_randomized_in_range(self):
+        core = RaftCore(1, MemoryStorage(ConfState(voters=frozenset({1, 2, 3}))), random.Random(5))
+        seen = set()
+        for term in range(1, 200):
+            core.become_follower(term, None)
+            seen.add(core.randomized_election_timeout)
+        self.assertEqual(seen, set(range(10, 20)))
+
+    def test_same_seed_same_history(self):
+        def run():
+            net = Net(5, seed=9)
+            net.elect()
+            return [(m.type, m.frm, m.to, m.term) for m in net.delivered]
+
+        self.assertEqual(run(), run())
+
+    def test_reelection_after_leader_crash(self):
+        net = Net(3)
+        old = net.elect()
+        net.crash(old)
+        new = net.elect()
+        self.assertNotEqual(new, old)
+        self.assertGreater(net.cores[new].term, net.cores[old].term)
+
+    def test_illegal_transitions_refused(self):
+        core = RaftCore(1, MemoryStorage(ConfState(voters=frozenset({1, 2, 3}))), random.Random(1))
+        self.assertRaises(RuntimeError, core.become_leader)
+        core.become_pre_candidate()
+        self.assertRaises(RuntimeError, core.become_leader)
+        core.become_candidate()
+        core.become_leader()
+        self.assertRaises(RuntimeError, core.become_candidate)
+        self.assertRaises(RuntimeError, core.become_pre_candidate)
+
+    def test_learner_and_non_member_never_campaign(self):
+        st = MemoryStorage(ConfState(voters=frozenset({1}), learners=frozenset({2})))
+        core = RaftCore(2, st, random.Random(1))
+        for _ in range(100):
+            core.tick()
+        self.assertEqual(core.state, "learner")
+        self.assertFalse(core.has_ready())
+
+    def test_pre_vote_keeps_partitioned_member_from_disrupting(self):
+        net = Net(3)
+        lead = net.elect()
+        term = net.cores[lead].term
+        f = next(i for i in net.cores if i != lead)
+        net.isolated = {f}
+        net.tick(100)
+        # The cut-off member could not win a pre-vote, so its term never grew...
+        self.assertEqual(net.cores[f].term, term)
+        self.assertEqual(net.cores[f].state, "pre_candidate")
+        net.isolated = set()
+        net.tick(5)
+        # ...and rejoining it disturbs nobody.
+        self.assertEqual(net.leader(), lead)
+        self.assertEqual({c.term for c in net.cores.values()}, {term})
+        self.assertEqual(net.cores[f].leader, lead)
+
+    def test_without_pre_vote_partitioned_member_disrupts(self):
+        # The contrast: plain Raft lets a rejoining member depose a healthy leader.
+        net = Net(3, pre_vote=False, check_quorum=False)
+        lead = net.elect()
+        term = net.cores[lead].term
+        f = next(i for i in net.cores if i != lead)
+        net.isolated = {f}
+        net.tick(100)
+        self.assertGreater(net.cores[f].term, term + 3)
+        net.isolated = set()
+        net.tick(2 * net.cores[lead].election_tick)
+        self.assertGreater(net.cores[lead].term, term)
+
+    def test_check_quorum_leader_steps_down(self):
+        net = Net(3)
+        lead = net.elect()
+        net.isolated = {lead}
+        net.tick(2 * net.cores[lead].election_tick)
+        self.assertEqual(net.cores[lead].state, "follower")
+        self.assertIsNone(net.cores[lead].leader)
+
+    def test_member_in_lease_ignores_vote_requests(self):
+        net = Net(3)
+        lead = net.elect()
+        f = next(i for i in net.cores if i != lead)
+        core = net.cores[f]
+        term = core.term
+        core.step(Message(MT.VOTE, frm=99, to=f, term=term + 5, index=100, log_term=100))
+        self.assertEqual(core.term, term)
+        self.assertEqual(core.leader, lead)
+        self.assertEqual(core.msgs, [])
+
+    def test_stale_term_messages_rejected(self):
+        net = Net(3)
+        lead = net.elect()
+        f = next(i for i in net.cores if i != lead)
+        core = net.cores[f]
+        term = core.term
+        last = core.log.last_index()
+        stale = Message(
+            MT.APPEND, frm=99, to=f, term=term - 1, index=last, entries=(Entry(last + 1, 0),)
+        )
+        core.step(stale)
+        self.assertEqual(core.log.last_index(), last)
+        [resp] = core.msgs
+        self.assertEqual((resp.type, resp.term, resp.to), (MT.APPEND_RESP, term, 99))
+
+
+class ReplicationTests(unittest.TestCase):
+    def test_replicate_and_commit(self):
+        net = Net(3)
+        lead = net.elect()
+        for k in range(10):
+            self.assertTrue(net.cores[lead].propose(b"v%d" % k))
+        net.deliver_all()
+        want = [b"v%d" % k for k in range(10)]
+        for i in net.cores:
+            self.assertEqual(net.sm[i], want)
+            self.assertEqual(net.cores[i].commit_index, 11)
+
+    def test_follower_refuses_proposals(self):
+        net = Net(3)
+        lead = net.elect()
+        f = next(i for i in net.cores if i != lead)
+        self.assertFalse(net.cores[f].propose(b"x"))
+
+    def test_agreement_with_one_follower_down_and_none_without_quorum(self):
+        net = Net(3)
+        lead = net.elect()
+        f1, f2 = (i for i in net.cores if i != lead)
+        net.crash(f1)
+        net.cores[lead].propose(b"a")
+        net.deliver_all()
+        self.assertEqual(net.sm[lead], [b"a"])
+        net.crash(f2)
+        commit = net.cores[lead].commit_index
+        net.cores[lead].propose(b"b")
+        net.deliver_all()
+        self.assertEqual(net.cores[lead].commit_index, commit)
+        self.assertEqual(net.sm[lead], [b"a"])
+
+    def test_batching_and_bounded_pipeline(self):
+        net = Net(3, max_msg_entries=8, max_inflight=3)
+        lead = net.elect()
+        net.tick()
+        f = next(i for i in net.cores if i != lead)
+        held: list[Message] = []
+        net.drop = lambda m: m.to == f and m.type == MT.APPEND and not held.append(m)
+        for k in range(100):
+            net.cores[lead].propose(b"%d" % k)
+            net.deliver_all()
+        # In replicate state at most max_inflight appends are out at once.
+        with_entries = [m for m in held if m.entries]
+        self.assertEqual(len(with_entries), 3)
+        net.drop = None
+        for m in held:
+            net.cores[f].step(m)
+        net.deliver_all()
+        net.tick(2)
+        self.assertEqual(len(net.sm[f]), 100)
+        self.assertTrue(all(len(m.entries) <= 8 for m in net.delivered if m.type == MT.APPEND))
+
+    def test_restart_from_storage_keeps_log_and_commit(self):
+        net = Net(3)
+        lead = net.elect()
+        for k in range(5):
+            net.cores[lead].propose(b"%d" % k)
+        net.deliver_all()
+        net.tick()
+        for i in list(net.cores):
+            net.crash(i)
+        for i in list(net.cores):
+            net.start(i)
+        for c in net.cores.values():
+            self.assertEqual(c.commit_index, 6)
+            self.assertEqual(c.log.last_index(), 6)
+        net.deliver_all()
+        for i in net.cores:
+            self.assertEqual(net.sm[i], [b"%d" % k for k in range(5)])
+        lead = net.elect()
+        net.cores[lead].propose(b"after")
+        net.deliver_all()
+        self.assertTrue(all(net.sm[i][-1] == b"after" for i in net.cores))
+
+    def test_figure8_counts_only_current_term(self):
+        # Member 1 holds entry 2 of term 2 that member 2 also has; member 3 lacks it.
+        # Member 1 wins term 4; once 1 and 3 hold entry 2, it is on a majority, but a
+        # leader of term 4 must not commit it until an entry of term 4 is there too.
+        storages = {
+            1: storage_with({1, 2, 3}, [1, 2], hs_term=3, commit=1),
+            2: storage_with({1, 2, 3}, [1, 2], hs_term=3, commit=1),
+            3: storage_with({1, 2, 3}, [1], hs_term=3, commit=1),
+        }
+        net = Net(3, storages=storages, max_msg_entries=1)
+        net.isolated = {2}
+        # Only 1 can win: 3's log is behind, 2 is cut off.
+        for _ in range(100):
+            if net.cores[1].state == "leader":
+                break
+            for c in net.cores.values():
+                c.tick()
+            while net.cores[1].state != "leader" and net.step_one() is not None:
+                pass
+        leader = net.cores[1]
+        self.assertEqual(leader.state, "leader")
+        self.assertEqual(leader.term, 4)
+        saw_majority_old_term = False
+        while net.step_one() is not None:
+            if leader.prs[3].match == 2:
+                saw_majority_old_term = True
+                self.assertEqual(leader.commit_index, 1)
+        self.assertTrue(saw_majority_old_term)
+        self.assertEqual(leader.commit_index, 3)
+
+    def test_conflict_backtracking_in_few_round_trips(self):
+        # 1 and 3 hold 30 entries of term 3 after a common prefix; 2 holds 30 of term 2.
+        prefix = [1] * 5
+        good = prefix + [3] * 30
+        bad = prefix + [2] * 30
+        storages = {
+            1: storage_with({1, 2, 3}, good, hs_term=3, commit=5),
+            2: storage_with({1, 2, 3}, bad, hs_term=3, commit=5),
+            3: storage_with({1, 2, 3}, good, hs_term=3, commit=5),
+        }
+        net = Net(3, storages=storages)
+        net.isolated = {2}
+        lead = net.elect()
+        net.tick()
+        net.isolated = set()
+        before = len(net.delivered)
+        net.tick(1)
+        net.deliver_all()
+        appends = [m for m in net.delivered[before:] if m.type == MT.APPEND and m.to == 2]
+        rejects = [
+            m
+            for m in net.delivered[before:]
+            if m.type == MT.APPEND_RESP and m.frm == 2 and m.reject
+        ]
+        # One rejection skips the whole divergent term; the next append repairs it.
+        self.assertEqual(len(rejects), 1)
+        self.assertLessEqual(len(appends), 3)
+        self.assertEqual(
+            [e.term for e in net.cores[2].log.all_entries()],
+            [e.term for e in net.cores[lead].log.all_entries()],
+        )
+
+
+class SnapshotTests(unittest.TestCase):
+    def test_lagging_follower_gets_snapshot_in_chunks(self):
+        net = Net(3, snapshot_chunk_bytes=1000)
+        lead = net.elect()
+        f = next(i for i in net.cores if i != lead)
+        net.isolated = {f}
+        for k in range(50):
+            net.cores[lead].propose(b"%03d" % k * 40)
+        net.deliver_all()
+        net.snapshot(lead)
+        size = len(net.storages[lead].snapshot().data)
+        self.assertGreater(size, 3000)
+        for k in range(3):
+            net.cores[lead].propose(b"tail%d" % k)
+        net.deliver_all()
+        net.isolated = set()
+        net.tick(3)
+        chunks = [m for m in net.delivered if m.type == MT.SNAPSHOT and m.to == f]
+        self.assertEqual(len(chunks), -(-size // 1000))
+        self.assertEqual([m.offset for m in chunks], [k * 1000 for k in range(len(chunks))])
+        self.assertTrue(chunks[-1].done)
+        self.assertEqual(net.sm[f], net.sm[lead])
+        self.assertEqual(net.storages[f].snapshot().index, net.storages[lead].snapshot().index)
+        net.cores[lead].propose(b"more")
+        net.deliver_all()
+        self.assertEqual(net.sm[f], net.sm[lead])
+
+    def test_install_restarts_after_crash_midway(self):
+        net = Net(3, snapshot_chunk_bytes=500)
+        lead = net.elect()
+        f = next(i for i in net.cores if i != lead)
+        net.isolated = {f}
+        for k in range(40):
+            net.cores[lead].propose(b"%03d" % k * 30)
+        net.deliver_all()
+        net.snapshot(lead)
+        net.isolated = set()
+        # Let two chunks arrive, then crash the follower with the install half done.
+        got = 0
+        while got < 2:
+            m = net.step_one()
+            if m is None:
+                for c in net.cores.values():
+                    c.tick()
+                continue
+            got += m.type == MT.SNAPSHOT and m.to == f
+        self.assertIsNone(net.storages[f].snapshot().data or None)
+        net.crash(f)
+        net.tick(3)
+        net.start(f)
+        net.tick(3 * net.cores[lead].election_tick)
+        self.assertEqual(net.sm[f], net.sm[lead])
+        self.assertEqual(net.cores[f].commit_index, net.cores[lead].commit_index)
+
+    def test_lost_chunk_is_retransmitted(self):
+        net = Net(3, snapshot_chunk_bytes=200)
+        lead = net.elect()
+        f = next(i for i in net.cores if i != lead)
+        net.isolated = {f}
+        for _ in range(20):
+            net.cores[lead].propose(b"x" * 50)
+        net.deliver_all()
+        net.snapshot(lead)
+        net.isolated = set()
+        dropped = []
+
+        def drop_second_chunk(m):
+            if m.type == MT.SNAPSHOT and m.offset == 200 and not dropped:
+                dropped.append(m)
+                return True
+            return False
+
+        net.drop = drop_second_chunk
+        net.tick(3 * net.cores[lead].election_tick)
+        self.assertEqual(len(dropped), 1)
+        self.assertEqual(net.sm[f], net.sm[lead])
+
+
+class MembershipTests(unittest.TestCase):
+    def add_member(self, net: Net, i: int) -> RaftCore:
+        net.storages[i] = MemoryStorage()
+        return net.start(i)
+
+    def change(self, net: Net, lead: int, kind: ConfChangeKind, node: int) -> None:
+        self.assertTrue(net.cores[lead].propose_conf_change(ConfChange(kind, node)))
+        net.deliver_all()
+        net.tick()
+
+    def test_learner_add_catch_up_promote_remove(self):
+        net = Net(3)
+        lead = net.elect()
+        for k in range(5):
+            net.cores[lead].propose(b"%d" % k)
+        net.deliver_all()
+        self.add_member(net, 4)
+        self.change(net, lead, ConfChangeKind.ADD_LEARNER, 4)
+        self.assertEqual(net.cores[lead].conf.learners, frozenset({4}))
+        self.assertEqual(net.cores[4].state, "learner")
+        self.assertEqual(net.sm[4], net.sm[lead])
+        # A second change waits for the first to apply: here it has, so one may follow;
+        # but not two at once.
+        # A learner does not count for the quorum: with two voters down, nothing commits.
+        others = [i for i in (1, 2, 3) if i != lead]
+        for i in others:
+            net.crash(i)
+        commit = net.cores[lead].commit_index
+        net.cores[lead].propose(b"no quorum")
+        net.deliver_all()
+        self.assertEqual(net.cores[lead].commit_index, commit)
+        self.assertEqual(net.cores[4].log.last_index(), net.cores[lead].log.last_index())
+        for i in others:
+            net.start(i)
+        lead = net.elect()
+        # Promote: 4 votes and counts from now on.
+        self.change(net, lead, ConfChangeKind.PROMOTE, 4)
+        self.assertEqual(net.cores[lead].conf.voters, frozenset({1, 2, 3, 4}))
+        self.assertEqual(net.cores[4].state, "follower")
+        net.cores[lead].propose(b"four voters")
+        net.deliver_all()
+        self.assertEqual(net.sm[4][-1], b"four voters")
+        # Remove it again.
+        self.change(net, lead, ConfChangeKind.REMOVE, 4)
+        for i in (1, 2, 3):
+            self.assertEqual(net.cores[i].conf, ConfState(voters=frozenset({1, 2, 3})))
+
+    def test_joiner_with_empty_storage_gets_first_membership(self):
+        # The log never held the bootstrap membership (it is the snapshot at index 0),
+        # so a member joining with empty storage is sent that snapshot first.
+        net = Net(3)
+        lead = net.elect()
+        net.cores[lead].propose(b"a")
+        net.deliver_all()
+        joiner = self.add_member(net, 4)
+        self.change(net, lead, ConfChangeKind.ADD_LEARNER, 4)
+        self.assertEqual(net.count(MT.SNAPSHOT, to=4), 1)
+        self.assertEqual(joiner.conf, net.cores[lead].conf)
+        self.assertEqual(net.sm[4], [b"a"])
+        self.change(net, lead, ConfChangeKind.PROMOTE, 4)
+        self.assertEqual(joiner.conf.voters, frozenset({1, 2, 3, 4}))
+
+    def test_one_conf_change_at_a_time(self):
+        net = Net(3)
+        lead = net.elect()
+        net.tick()
+        core = net.cores[lead]
+        self.assertTrue(core.propose_conf_change(ConfChange(ConfChangeKind.ADD_LEARNER, 4)))
+        self.assertFalse(core.propose_conf_change(ConfChange(ConfChangeKind.ADD_LEARNER, 5)))
+        net.deliver_all()
+        net.tick()
+        self.assertTrue(core.propose_conf_change(ConfChange(ConfChangeKind.ADD_LEARNER, 5)))
+        # Changes that make no sense are refused.
+        net.deliver_all()
+        self.assertFalse(core.propose_conf_change(ConfChange(ConfChangeKind.PROMOTE, 9)))
+        self.assertFalse(core.propose_conf_change(ConfChange(ConfChangeKind.ADD_LEARNER, 1)))
+        f = next(i for i in net.cores if i != lead)
+        self.assertFalse(net.cores[f].propose_conf_change(ConfChange(ConfChangeKind.REMOVE, 1)))
+
+    def test_new_leader_waits_for_its_noop_before_conf_change(self):
+        # Single-server changes are only safe once the leader committed an entry of its
+        # own term (the fix to the bug found in single-server membership changes).
+        net = Net(3)
+        net.drop = lambda m: m.type == MT.APPEND_RESP
+        lead = None
+        while lead is None:
+            net.tick()
+            lead = net.leader()
+        core = net.cores[lead]
+        self.assertEqual(core.commit_index, 0)
+        self.assertFalse(core.propose_conf_change(ConfChange(ConfChangeKind.ADD_LEARNER, 7)))
+        net.drop = None
+        net.tick()
+        self.assertEqual(core.applied_index, 1)
+        self.assertTrue(core.propose_conf_change(ConfChange(ConfChangeKind.ADD_LEARNER, 7)))
+
+    def test_leader_removes_itself(self):
+        net = Net(3)
+        lead = net.elect()
+        net.tick()
+        core = net.cores[lead]
+        self.assertTrue(core.propose_conf_change(ConfChange(ConfChangeKind.REMOVE, lead)))
+        net.deliver_all()
+        self.assertNotEqual(core.state, "leader")
+        self.assertFalse(core.propose(b"x"))
+        net.crash(lead)
+        new = net.elect()
+        self.assertNotEqual(new, lead)
+        self.assertEqual(net.cores[new].conf.voters, frozenset({1, 2, 3}) - {lead})
+        self.assertTrue(net.cores[new].propose(b"after removal"))
+        net.deliver_all()
+        for i in net.cores:
+            if i != lead:
+                self.assertEqual(net.sm[i][-1], b"after removal")
+
+    def test_removed_leader_hands_over_at_once(self):
+        net = Net(3)
+        lead = net.elect()
+        net.tick()
+        net.cores[lead].propose_conf_change(ConfChange(ConfChangeKind.REMOVE, lead))
+        net.deliver_all()
+        # TIMEOUT_NOW went to an up-to-date voter, which took over without waiting.
+        self.assertEqual(net.count(MT.TIMEOUT_NOW, frm=lead), 1)
+        new = net.leader()
+        self.assertIsNotNone(new)
+        self.assertNotEqual(new, lead)
+
+
+class TransferTests(unittest.TestCase):
+    def test_transfer_to_follower(self):
+        net = Net(3)
+        lead = net.elect()
+        net.tick()
+        to = next(i for i in net.cores if i != lead)
+        self.assertTrue(net.cores[lead].transfer_leadership(to))
+        self.assertFalse(net.cores[lead].propose(b"refused while transferring"))
+        net.deliver_all()
+        self.assertEqual(net.leader(), to)
+        self.assertEqual(net.cores[lead].state, "follower")
+        self.assertTrue(net.cores[to].propose(b"x"))
+        net.deliver_all()
+        self.assertEqual(net.sm[lead][-1], b"x")
+
+    def test_transfer_to_lagging_follower_catches_it_up_first(self):
+        net = Net(3)
+        lead = net.elect()
+        to = next(i for i in net.cores if i != lead)
+        net.isolated = {to}
+        for k in range(10):
+            net.cores[lead].propose(b"%d" % k)
+        net.deliver_all()
+        net.isolated = set()
+        self.assertTrue(net.cores[lead].transfer_leadership(to))
+        net.tick(3)
+        self.assertEqual(net.leader(), to)
+        self.assertEqual(len(net.sm[to]), 10)
+
+    def test_transfer_aborts_after_election_timeout(self):
+        net = Net(3)
+        lead = net.elect()
+        net.tick()
+        to = next(i for i in net.cores if i != lead)
+        net.crash(to)
+        self.assertTrue(net.cores[lead].transfer_leadership(to))
+        self.assertFalse(net.cores[lead].propose(b"x"))
+        net.tick(net.cores[lead].election_tick)
+        self.assertEqual(net.leader(), lead)
+        self.assertTrue(net.cores[lead].propose(b"x"))
+
+    def test_transfer_refused_off_leader_or_to_non_voter(self):
+        net = Net(3)
+        lead = net.elect()
+        f = next(i for i in net.cores if i != lead)
+        self.assertFalse(net.cores[f].transfer_leadership(lead))
+        self.assertFalse(net.cores[lead].transfer_leadership(lead))
+        self.assertFalse(net.cores[lead].transfer_leadership(42))
+
+
+class ReadTests(unittest.TestCase):
+    def test_leader_read_index_after_heartbeat_round(self):
+        net = Net(3)
+        lead = net.elect()
+        net.tick()
+        core = net.cores[lead]
+        core.propose(b"a")
+        net.deliver_all()
+        self.assertTrue(core.read_index(b"r1"))
+        self.assertEqual(core.read_states, [])  # not before a quorum confirms
+        hb_before = net.count(MT.HEARTBEAT_RESP, to=lead)
+        net.deliver_all()
+        self.assertGreater(net.count(MT.HEARTBEAT_RESP, to=lead), hb_before)
+        self.assertEqual(net.reads[lead], [ReadState(core.commit_index, b"r1")])
+
+    def test_follower_read_index_forwarded(self):
+        net = Net(3)
+        lead = net.elect()
+        net.tick()
+        f = next(i for i in net.cores if i != lead)
+        self.assertTrue(net.cores[f].read_index(b"r2"))
+        net.deliver_all()
+        self.assertEqual(net.reads[f], [ReadState(net.cores[lead].commit_index, b"r2")])
+
+    def test_read_index_waits_for_commit_in_term(self):
+        net = Net(3)
+        net.drop = lambda m: m.type == MT.APPEND_RESP
+        lead = None
+        for _ in range(100):
+            net.tick()
+            lead = net.leader()
+            if lead is not None:
+                break
+        core = net.cores[lead]
+        self.assertEqual(core.commit_index, 0)
+        self.assertTrue(core.read_index(b"early"))
+        net.tick(2)
+        self.assertEqual(net.reads[lead], [])
+        net.drop = None
+        net.tick(2)
+        self.assertEqual(net.reads[lead], [ReadState(1, b"early")])
+
+    def test_partitioned_leader_cannot_answer_reads(self):
+        net = Net(3)
+        lead = net.elect()
+        net.tick()
+        net.isolated = {lead}
+        net.cores[lead].read_index(b"stale?")
+        net.tick(5)
+        self.assertEqual(net.reads[lead], [])
+
+    def test_lease(self):
+        net = Net(5)
+        lead = net.elect()
+        old = net.cores[lead]
+        self.assertFalse(old.lease_valid() and old.commit_index == 0)
+        net.tick(2)
+        self.assertTrue(old.lease_valid())
+        net.isolated = {lead}
+        lost_at = None
+        for t in range(1, 40):
+            net.tick()
+            if lost_at is None and not old.lease_valid():
+                lost_at = t
+            new = [i for i in net.leaders() if i != lead]
+            if new:
+                # Nobody else leads while the old leader still trusts its lease.
+                self.assertIsNotNone(lost_at)
+                self.assertFalse(old.lease_valid())
+        self.assertIsNotNone(lost_at)
+        self.assertLess(lost_at, old.election_tick)
+        self.assertTrue(net.leaders())
+
+    def test_lease_invalid_without_check_quorum_or_while_transferring(self):
+        net = Net(3, check_quorum=False)
+        lead = net.elect()
+        net.tick(2)
+        self.assertFalse(net.cores[lead].lease_valid())
+        net = Net(3)
+        lead = net.elect()
+        net.tick(2)
+        self.assertTrue(net.cores[lead].lease_valid())
+        f = next(i for i in net.cores if i != lead)
+        net.crash(f)
+        net.cores[lead].transfer_leadership(f)
+        self.assertFalse(net.cores[lead].lease_valid())
+
+
+class ReadyTests(unittest.TestCase):
+    def test_ready_twice_raises(self):
+        core = RaftCore(1, MemoryStorage(ConfState(voters=frozenset({1}))), random.Random(1))
+        for _ in range(30):
+            core.tick()
+        self.assertTrue(core.has_ready())
+        core.ready()
+        self.assertFalse(core.has_ready())
+        self.assertRaises(RuntimeError, core.ready)
+        core.advance()
+        self.assertRaises(RuntimeError, core.advance)
+
+    def test_vote_and_entries_in_same_ready_as_their_responses(self):
+        net = Net(3)
+        lead = net.elect()
+        net.tick()
+        f = next(i for i in net.cores if i != lead)
+        core = net.cores[f]
+        net.cores[lead].propose(b"p")
+        # Deliver only the append to f, then look at f's Ready.
+        for i in net.cores:
+            net.process(i)
+        m = next(m for m in net.inbox if m.to == f and m.type == MT.APPEND)
+        core.step(m)
+        rd = core.ready()
+        self.assertEqual([e.data for e in rd.entries], [b"p"])
+        self.assertTrue(rd.must_sync)
+        [resp] = [x for x in rd.messages if x.type == MT.APPEND_RESP]
+        self.assertEqual(resp.index, rd.entries[-1].index)
+        core.advance()
+
+    def test_hard_state_only_when_changed(self):
+        core = RaftCore(1, MemoryStorage(ConfState(voters=frozenset({1}))), random.Random(1))
+        for _ in range(30):
+            core.tick()
+        rd = core.ready()
+        self.assertEqual(rd.hard_state.term, 1)
+        self.assertEqual(rd.hard_state.vote, 1)
+        core.advance()
+        core.tick()
+        if core.has_ready():
+            self.assertIsNone(core.ready().hard_state)
+            core.advance()
