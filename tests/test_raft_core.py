@@ -524,6 +524,96 @@ class SnapshotTests(unittest.TestCase):
         self.assertEqual(len(dropped), 1)
         self.assertEqual(net.sm[f], net.sm[lead])
 
+    def lagging_follower_with_big_snapshot(self, net: Net) -> tuple[int, int, int]:
+        """A leader whose compacted log forces a snapshot of ``size`` bytes on the
+        isolated follower ``f``; returns (lead, f, size)."""
+        lead = net.elect()
+        f = next(i for i in net.cores if i != lead)
+        net.isolated = {f}
+        for k in range(60):
+            net.cores[lead].propose(b"%03d" % k * 10)
+        net.deliver_all()
+        net.snapshot(lead)
+        net.isolated = set()
+        return lead, f, len(net.storages[lead].snapshot().data)
+
+    def deliver_wave(self, net: Net) -> None:
+        """One round trip's worth: deliver what is queued now (not what it causes)."""
+        for i in net.cores:
+            if i not in net.down:
+                net.process(i)
+        wave, net.inbox = net.inbox, deque()
+        for m in wave:
+            if not net.blocked(m):
+                net.delivered.append(m)
+                net.cores[m.to].step(m)
+
+    def test_snapshot_chunks_are_pipelined(self):
+        # Regression (soak seeds 1110, 3450, ...: "after healing a proposal did not
+        # commit everywhere"): the leader sent one chunk per round trip, so with small
+        # chunks a big snapshot took longer to send than the application took to
+        # compact past it; the follower then needed a newer snapshot, from offset 0,
+        # for ever. Chunks are now pipelined, a window of max_snapshot_inflight.
+        net = Net(3, snapshot_chunk_bytes=8, max_snapshot_inflight=16)
+        lead, f, size = self.lagging_follower_with_big_snapshot(net)
+        n_chunks = -(-size // 8)
+        self.assertGreater(n_chunks, 200)
+        net.cores[lead].tick()  # a heartbeat: its answer shows f needs the snapshot
+        waves = 0
+        while net.storages[f].snapshot().index != net.storages[lead].snapshot().index:
+            out = [m for m in net.inbox if m.type == MT.SNAPSHOT and m.frm == lead]
+            self.assertLessEqual(len(out), 16, "no more than the window in flight")
+            self.deliver_wave(net)
+            waves += 1
+            self.assertLess(waves, 200, "snapshot not installed")
+        # About two waves (chunk, answer) per window, plus the probe that found f.
+        self.assertLessEqual(waves, 2 * -(-n_chunks // 16) + 8)
+        chunks = [m for m in net.delivered if m.type == MT.SNAPSHOT and m.to == f]
+        self.assertEqual([m.offset for m in chunks], [k * 8 for k in range(n_chunks)])
+        net.deliver_all()
+        self.assertEqual(net.sm[f], net.sm[lead])
+
+    def test_gap_reports_go_back_once(self):
+        # A lost chunk makes every later chunk of the window a gap report; the leader
+        # goes back to the gap once, not once per report (no storm of resends).
+        net = Net(3, snapshot_chunk_bytes=8, max_snapshot_inflight=16)
+        lead, f, size = self.lagging_follower_with_big_snapshot(net)
+        dropped = []
+
+        def drop_one(m):
+            if m.type == MT.SNAPSHOT and m.offset == 80 and not dropped:
+                dropped.append(m)
+                return True
+            return False
+
+        net.drop = drop_one
+        net.tick(3 * net.cores[lead].election_tick)
+        self.assertEqual(len(dropped), 1)
+        self.assertEqual(net.sm[f], net.sm[lead])
+        n_chunks = -(-size // 8)
+        sent = net.count(MT.SNAPSHOT, frm=lead, to=f) + len(dropped)
+        self.assertLessEqual(sent, n_chunks + 16)
+        gaps = [m for m in net.delivered if m.type == MT.SNAPSHOT_RESP and m.reject]
+        self.assertGreater(len(gaps), 1)
+
+    def test_chunks_resent_after_lost_answers(self):
+        # Every answer to the first window is lost: the retransmission timer resends
+        # from what the follower confirmed, and the transfer completes.
+        net = Net(3, snapshot_chunk_bytes=8, max_snapshot_inflight=4)
+        lead, f, _ = self.lagging_follower_with_big_snapshot(net)
+        lost = []
+
+        def drop_answers(m):
+            if m.type == MT.SNAPSHOT_RESP and len(lost) < 4:
+                lost.append(m)
+                return True
+            return False
+
+        net.drop = drop_answers
+        net.tick(6 * net.cores[lead].election_tick)
+        self.assertEqual(len(lost), 4)
+        self.assertEqual(net.sm[f], net.sm[lead])
+
 
 class MembershipTests(unittest.TestCase):
     def add_member(self, net: Net, i: int) -> RaftCore:

@@ -385,6 +385,38 @@ class SnapshotTests(_Scenario):
                 self.assert_same_histories(c)
                 self.assertEqual(len(c.applied(lagging)), 14, (point, durable))
 
+    def test_big_snapshot_outruns_compaction(self):
+        # Regression (soak seeds 1110 1755 ... 9929 at ticks=120; 3450 4140 ... 9493 at
+        # 150): with small chunks sent one per round trip, a lagging member's snapshot
+        # took longer to arrive than the leader took to apply `snapshot_every` more
+        # entries and compact past it, so the member was sent a newer snapshot from
+        # scratch, again and again, and never caught up. Chunks are pipelined now.
+        c = self.cluster(3, seed=60, snapshot_every=3, snapshot_chunk_bytes=8)
+        for k in range(40):
+            self.commit(c, b"big-%02d" % k)
+        lead = c.leader()
+        lagging = (lead + 1) % 3
+        c.crash(lagging)
+        for k in range(6):
+            self.commit(c, b"gap-%d" % k, expected=2)
+        size = len(c.members[lead].storage.snapshot().data)
+        self.assertGreater(size // 8, 100, "a snapshot of many chunks")
+        c.restart(lagging)
+        # A proposal every 3 * ELECTION ticks: the leader snapshots and compacts every
+        # 90 ticks, much sooner than one chunk per round trip (2 ticks) would deliver
+        # the snapshot.
+        for k in range(6):
+            c.propose(b"slow-%d" % k)
+            c.run(3 * ELECTION)
+        self.commit(c, b"last")
+        self.assert_same_histories(c)
+        self.assertEqual(c.applied(lagging), c.applied(lead))
+
+    def test_soak_seeds_that_starved_a_lagging_member(self):
+        # The soak seeds this livelock was found with, at their failing lengths.
+        for seed, ticks in ((1110, 120), (6230, 120), (3450, 150), (8030, 150)):
+            chaos_run(seed, ticks=ticks)
+
 
 class MembershipTests(_Scenario):
     def test_add_and_remove(self):

@@ -166,10 +166,15 @@ class Progress:
         self.pending_snapshot = 0
         self.recent_active = False
         self.is_learner = is_learner
-        # The snapshot being sent in chunks, the offset the follower confirmed, and how
-        # many ticks passed without progress (to retransmit a lost chunk).
+        # The snapshot being sent in chunks: the offset the follower confirmed holding,
+        # the offset of the next chunk to send (chunks in [snap_offset, snap_next) are in
+        # flight), the offset we last went back to on a gap report (one go-back per
+        # position, so a burst of gap reports does not resend the window again and
+        # again), and how many ticks passed without a chunk sent (to retransmit).
         self.snap: Snapshot | None = None
         self.snap_offset = 0
+        self.snap_next = 0
+        self.snap_rewound: int | None = None
         self.snap_idle = 0
         # The latest heartbeat round the follower answered (lease and ReadIndex).
         self.acked_round = 0
@@ -187,6 +192,8 @@ class Progress:
         self.inflights.reset()
         self.snap = None
         self.snap_offset = 0
+        self.snap_next = 0
+        self.snap_rewound = None
         self.snap_idle = 0
 
     def become_probe(self) -> None:
@@ -285,12 +292,16 @@ class RaftCore:
         max_msg_entries: int = 64,
         max_inflight: int = 256,
         snapshot_chunk_bytes: int = 64 * 1024,
+        max_snapshot_inflight: int = 16,
         applied: int = 0,
     ) -> None:
         if heartbeat_tick <= 0 or election_tick <= heartbeat_tick:
             raise ValueError("need 0 < heartbeat_tick < election_tick")
-        if max_msg_entries <= 0 or max_inflight <= 0 or snapshot_chunk_bytes <= 0:
-            raise ValueError("max_msg_entries, max_inflight, snapshot_chunk_bytes must be > 0")
+        if min(max_msg_entries, max_inflight, snapshot_chunk_bytes, max_snapshot_inflight) <= 0:
+            raise ValueError(
+                "max_msg_entries, max_inflight, snapshot_chunk_bytes, max_snapshot_inflight "
+                "must be > 0"
+            )
         self.id = id
         self.storage = storage
         self.rng = rng
@@ -301,6 +312,7 @@ class RaftCore:
         self.max_msg_entries = max_msg_entries
         self.max_inflight = max_inflight
         self.snapshot_chunk_bytes = snapshot_chunk_bytes
+        self.max_snapshot_inflight = max_snapshot_inflight
 
         self.log = RaftLog(storage)
         hs, cs = storage.initial_state()
@@ -867,9 +879,11 @@ class RaftCore:
         elif buf is not None and buf[0] == key and m.offset == len(buf[1]):
             buf[1].extend(chunk.data)
         else:
-            # A gap (lost chunk, or we restarted mid-install): ask from what we hold.
+            # A gap (a chunk lost or overtaken, or we restarted mid-install): ask from
+            # what we hold. A rejection, so the leader (which pipelines chunks) can tell
+            # it from an acknowledgement and go back.
             have = len(buf[1]) if buf is not None and buf[0] == key else 0
-            self._send(MT.SNAPSHOT_RESP, m.frm, index=chunk.index, offset=have, reject=have == 0)
+            self._send(MT.SNAPSHOT_RESP, m.frm, index=chunk.index, offset=have, reject=True)
             return
         if not m.done:
             self._send(MT.SNAPSHOT_RESP, m.frm, index=chunk.index, offset=len(buf[1]))
@@ -963,23 +977,42 @@ class RaftCore:
             return False
         snap = self.log.snapshot()
         pr.become_snapshot(snap)
-        self._send_snapshot_chunk(to, pr)
+        self._send_snapshot_chunks(to, pr)
         return True
 
-    def _send_snapshot_chunk(self, to: NodeId, pr: Progress) -> None:
+    def _send_snapshot_chunks(self, to: NodeId, pr: Progress) -> None:
+        """Send chunks from ``pr.snap_next`` while the window has room.
+
+        Chunks are pipelined: up to ``max_snapshot_inflight`` of them may be out beyond
+        what the follower confirmed, so a transfer takes about
+        ``size / (chunk * window)`` round trips, not ``size / chunk``. (Sending one chunk
+        per round trip made a large snapshot take so long that the application had
+        compacted past it before it arrived: the follower then needed a newer snapshot,
+        from scratch, for ever.) An empty snapshot is one empty chunk.
+        """
         snap = pr.snap
         assert snap is not None
-        off = pr.snap_offset
-        data = snap.data[off : off + self.snapshot_chunk_bytes]
-        done = off + len(data) >= len(snap.data)
-        self._send(
-            MT.SNAPSHOT,
-            to,
-            snapshot=Snapshot(snap.index, snap.term, snap.conf, data),
-            offset=off,
-            done=done,
-        )
-        pr.snap_idle = 0
+        size = len(snap.data)
+        step = self.snapshot_chunk_bytes
+        window_end = pr.snap_offset + step * self.max_snapshot_inflight
+        while pr.snap_next < max(size, 1) and pr.snap_next < window_end:
+            off = pr.snap_next
+            data = snap.data[off : off + step]
+            self._send(
+                MT.SNAPSHOT,
+                to,
+                snapshot=Snapshot(snap.index, snap.term, snap.conf, data),
+                offset=off,
+                done=off + len(data) >= size,
+            )
+            pr.snap_next = off + max(len(data), 1)
+            pr.snap_idle = 0
+
+    def _resend_snapshot_from(self, to: NodeId, pr: Progress, offset: int) -> None:
+        """Go back to ``offset`` (the follower holds exactly that much) and resend."""
+        pr.snap_offset = offset
+        pr.snap_next = offset
+        self._send_snapshot_chunks(to, pr)
 
     def _handle_append_resp(self, m: Message, pr: Progress) -> None:
         pr.recent_active = True
@@ -1028,7 +1061,8 @@ class RaftCore:
         if pr.state is ProgressState.SNAPSHOT:
             # A chunk (or its answer) may be lost: resend after a quiet spell.
             if pr.snap is not None and pr.snap_idle >= max(2, self.election_tick // 2):
-                self._send_snapshot_chunk(m.frm, pr)
+                pr.snap_rewound = None
+                self._resend_snapshot_from(m.frm, pr, pr.snap_offset)
         elif pr.match < self.log.last_index():
             self._send_append(m.frm)
         self._release_reads()
@@ -1039,12 +1073,23 @@ class RaftCore:
             return
         if m.index != pr.snap.index:
             return
-        # Only an answer that moves the offset sends the next chunk; duplicates and
-        # stale answers must not start extra chains of chunks.
-        if m.offset > pr.snap_offset or (m.reject and m.offset < pr.snap_offset):
+        if not m.reject:
+            # The follower holds m.offset bytes. Only an answer that moves the offset
+            # opens the window further; duplicates and stale answers send nothing.
+            if m.offset > pr.snap_offset:
+                pr.snap_offset = m.offset
+                pr.snap_next = max(pr.snap_next, m.offset)
+                self._send_snapshot_chunks(m.frm, pr)
+            return
+        # A chunk arrived past what the follower holds (one before it was lost or is
+        # late), or the follower lost what it had (restart): it holds exactly m.offset.
+        # Go back there once per position; a chunk lost again is left to the timer.
+        lost = m.offset < pr.snap_offset
+        if lost or (m.offset < pr.snap_next and pr.snap_rewound != m.offset):
+            pr.snap_rewound = m.offset
+            self._resend_snapshot_from(m.frm, pr, m.offset)
+        elif m.offset > pr.snap_offset:
             pr.snap_offset = m.offset
-            if pr.snap_offset < len(pr.snap.data) or not pr.snap.data:
-                self._send_snapshot_chunk(m.frm, pr)
 
     def _send_timeout_now(self, to: NodeId) -> None:
         self._sent_timeout_now = True
