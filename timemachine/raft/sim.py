@@ -323,9 +323,13 @@ class SimCluster:
         return [m.id for m in self._live() if m.core.state == "leader"]
 
     def state(self, i: int) -> str:
-        """The role of member ``i``, or ``"crashed"`` while it is down."""
+        """The role of member ``i``: "leader", "follower", "candidate" or "learner", or
+        "crashed" while it is down. A pre-vote candidate counts as a candidate here;
+        ``members[i].core.state`` tells the two apart."""
         m = self.members[i]
-        return "crashed" if m.core is None else m.core.state
+        if m.core is None:
+            return "crashed"
+        return "candidate" if m.core.state == "pre_candidate" else m.core.state
 
     def term(self, i: int) -> int:
         """Member ``i``'s current term (its persisted one while it is down)."""
