@@ -53,6 +53,7 @@ from sqlalchemy.pool import StaticPool
 from twisted.internet import defer
 from zope.interface import implementer
 
+from timemachine.durable import fsync_path
 from timemachine.errors import InvalidField, StorageError
 from timemachine.interfaces import IClusterStore, IJobStore
 from timemachine.iothread import IOThread
@@ -255,14 +256,6 @@ class _Loaded(NamedTuple):
 
     applied_index: int
     state: Any  # store-specific in-memory state (None for VnodeStore)
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_if_exists(path: str) -> None:
@@ -531,9 +524,9 @@ class _SQLiteStore:
             raw.driver_connection.execute("VACUUM INTO ?", (tmp,))
         finally:
             raw.close()
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_path(os.path.dirname(os.path.abspath(path)))
+        fsync_path(os.path.dirname(os.path.abspath(path)))
 
     def _thd_restore(self, path: str) -> _Loaded:
         tmp = f"{self.path}.restore"
@@ -554,7 +547,7 @@ class _SQLiteStore:
         for suffix in ("-wal", "-shm"):
             _unlink_if_exists(self.path + suffix)
         os.replace(tmp, self.path)
-        _fsync_path(os.path.dirname(os.path.abspath(self.path)))
+        fsync_path(os.path.dirname(os.path.abspath(self.path)))
         return self._thd_open()
 
     def _check_snapshot(self, copy: str, origin: str) -> None:

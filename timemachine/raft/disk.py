@@ -19,6 +19,7 @@ import os
 
 from twisted.internet import defer
 
+from timemachine.durable import write_atomically
 from timemachine.errors import CorruptLog
 from timemachine.iothread import IOThread
 from timemachine.raft.hardstate import HardStateFile
@@ -60,20 +61,6 @@ def _decode_snapshot(data: bytes, where: str) -> Snapshot:
         return Snapshot(header["index"], header["term"], conf, body)
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptLog(f"{where}: unreadable snapshot: {e}") from e
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _read_snapshot(path: str) -> Snapshot | None:
@@ -123,7 +110,7 @@ class MemberDisk:
         """Make ``ready``'s snapshot, entries and hard state durable; fire when they are."""
         if ready.snapshot is not None:
             yield self._io.call(
-                _write_atomically, self._snapshot_path, _encode_snapshot(ready.snapshot)
+                write_atomically, self._snapshot_path, _encode_snapshot(ready.snapshot)
             )
             # Installing a snapshot replaces the whole log (as MemoryStorage does).
             yield self._wal.drop_prefix(self._wal.last_index + 1)
@@ -147,7 +134,7 @@ class MemberDisk:
     @defer.inlineCallbacks
     def compact(self, snapshot: Snapshot):
         """Keep ``snapshot`` (taken by this member) and let the log below it go."""
-        yield self._io.call(_write_atomically, self._snapshot_path, _encode_snapshot(snapshot))
+        yield self._io.call(write_atomically, self._snapshot_path, _encode_snapshot(snapshot))
         yield self._wal.drop_prefix(snapshot.index + 1)
 
     def close(self):

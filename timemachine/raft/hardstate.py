@@ -13,6 +13,7 @@ import os
 
 import crc32c
 
+from timemachine.durable import write_atomically
 from timemachine.errors import CorruptLog
 from timemachine.iothread import IOThread
 from timemachine.raft.types import HardState
@@ -41,20 +42,7 @@ def decode(data: bytes, where: str) -> HardState:
 
 def write_hard_state(directory: str, state: HardState) -> None:
     """Replace the hard state in ``directory`` atomically and durably (blocking)."""
-    path = os.path.join(directory, FILE_NAME)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, encode(state))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(os.path.join(directory, FILE_NAME), encode(state))
 
 
 def read_hard_state(directory: str) -> HardState:
