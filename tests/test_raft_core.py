@@ -447,6 +447,65 @@ class ReplicationTests(unittest.TestCase):
         )
 
 
+class AppendEconomyTests(unittest.TestCase):
+    """No append that carries nothing new: about two appends per follower per agreement
+    (the entries, then the commit index), fewer under load."""
+
+    def _steady(self):
+        net = Net(3)
+        lead = net.elect()
+        net.tick(2)  # every follower replicating, commit index known everywhere
+        return net, lead, [i for i in net.cores if i != lead]
+
+    def appends_to(self, net: Net, f: int, since: int) -> list[Message]:
+        return [m for m in net.delivered[since:] if m.type == MT.APPEND and m.to == f]
+
+    def test_heartbeat_answer_sends_no_append_while_entries_in_flight(self):
+        net, lead, followers = self._steady()
+        core = net.cores[lead]
+        since = len(net.delivered)
+        core.tick()  # a heartbeat round goes out first...
+        core.propose(b"x")  # ...then the entries: the heartbeat answers come back first
+        net.deliver_all()
+        self.assertGreater(net.count(MT.HEARTBEAT_RESP), 0)
+        commit = core.commit_index
+        for f in followers:
+            self.assertEqual(net.sm[f][-1], b"x")
+            got = self.appends_to(net, f, since)
+            # The entries, then the commit index; no empty append prompted by the
+            # heartbeat answer that overtook the acknowledgement.
+            self.assertEqual([len(m.entries) for m in got], [1, 0])
+            self.assertEqual(got[1].commit, commit)
+
+    def test_lost_append_is_recovered_by_a_later_heartbeat_round(self):
+        net, lead, (f, _) = self._steady()
+        lost: list[Message] = []
+        net.drop = lambda m: m.to == f and m.type == MT.APPEND and not lost and not lost.append(m)
+        net.cores[lead].propose(b"x")
+        net.deliver_all()
+        self.assertEqual(len(lost), 1)
+        net.drop = None
+        # The next heartbeat round's answer shows the append went missing: probe again.
+        net.tick()
+        self.assertEqual(net.sm[f][-1], b"x")
+        self.assertEqual(net.cores[f].commit_index, net.cores[lead].commit_index)
+
+    def test_commit_index_rides_on_entries_under_load(self):
+        net, lead, followers = self._steady()
+        since = len(net.delivered)
+        for k in range(10):
+            net.cores[lead].propose(b"v%d" % k)
+        net.deliver_all()
+        for f in followers:
+            self.assertEqual(net.sm[f][-10:], [b"v%d" % k for k in range(10)])
+            got = self.appends_to(net, f, since)
+            # One append per entry, and a single empty one with the final commit index
+            # (not one per acknowledgement that moved the commit index).
+            self.assertEqual(sum(1 for m in got if m.entries), 10)
+            self.assertEqual(sum(1 for m in got if not m.entries), 1)
+            self.assertEqual(net.cores[f].commit_index, net.cores[lead].commit_index)
+
+
 class SnapshotTests(unittest.TestCase):
     def test_lagging_follower_gets_snapshot_in_chunks(self):
         net = Net(3, snapshot_chunk_bytes=1000)

@@ -178,6 +178,13 @@ class Progress:
         self.snap_idle = 0
         # The latest heartbeat round the follower answered (lease and ReadIndex).
         self.acked_round = 0
+        # The heartbeat round current when the last append went out: a heartbeat
+        # answer of a later round was sent after that append arrived (or was lost).
+        self.append_round = 0
+        # The highest commit index this follower was told of (and can act on: capped
+        # at what the message's entries / its match reach), so the leader knows when a
+        # commit advance still has to be passed on.
+        self.sent_commit = 0
 
     def __repr__(self) -> str:
         return (
@@ -943,6 +950,35 @@ class RaftCore:
             if n != self.id:
                 self._send_append(n)
 
+    def _bcast_commit(self) -> None:
+        """The commit index advanced: tell the followers (etcd's ``bcastAppend``), frugally.
+
+        Entries waiting to be sent carry it, and followers still probing get their
+        probe as before. A replicating follower with appends in flight gets nothing
+        now: `_maybe_send_commit` tells it when it acknowledges them (so under load the
+        commit index rides on the entries, and one empty append follows the last ack).
+        """
+        last = self.log.last_index()
+        for n, pr in self.prs.items():
+            if n == self.id:
+                continue
+            if pr.state is not ProgressState.REPLICATE:
+                self._send_append(n)
+            elif pr.next <= last:
+                self._send_append(n, send_if_empty=False)
+            else:
+                self._maybe_send_commit(n, pr)
+
+    def _maybe_send_commit(self, to: NodeId, pr: Progress) -> None:
+        """An empty append carrying the commit index, if ``to`` (replicating, with no
+        append in flight) can act on a commit index it was not told yet."""
+        if (
+            pr.state is ProgressState.REPLICATE
+            and not pr.inflights
+            and min(self.log.committed, pr.match) > pr.sent_commit
+        ):
+            self._send_append(to)
+
     def _send_append(self, to: NodeId, send_if_empty: bool = True) -> bool:
         pr = self.prs[to]
         if pr.is_paused():
@@ -963,6 +999,9 @@ class RaftCore:
             entries=tuple(ents),
             commit=self.log.committed,
         )
+        pr.append_round = self._hb_round
+        # The follower commits up to the last entry this append makes it match.
+        pr.sent_commit = max(pr.sent_commit, min(self.log.committed, prev + len(ents)))
         if pr.state is ProgressState.REPLICATE:
             if ents:
                 last = ents[-1].index
@@ -1029,7 +1068,6 @@ class RaftCore:
                     pr.become_probe()
                 self._send_append(m.frm)
             return
-        old_paused = pr.is_paused()
         updated = pr.maybe_update(m.index)
         if pr.state is ProgressState.SNAPSHOT and m.index >= pr.pending_snapshot:
             # Installed (also a snapshot at index 0, which moves no match index).
@@ -1043,12 +1081,12 @@ class RaftCore:
         elif pr.state is ProgressState.REPLICATE:
             pr.inflights.free_le(m.index)
         if self._maybe_commit():
-            self._bcast_append()
-        elif old_paused:
-            self._send_append(m.frm)
+            self._bcast_commit()
         # Pipelining: keep sending while the window has room.
         while m.frm in self.prs and self._send_append(m.frm, send_if_empty=False):
             pass
+        if m.frm in self.prs:
+            self._maybe_send_commit(m.frm, pr)
         if m.frm == self.lead_transferee and pr.match == self.log.last_index():
             self._send_timeout_now(m.frm)
 
@@ -1064,7 +1102,18 @@ class RaftCore:
                 pr.snap_rewound = None
                 self._resend_snapshot_from(m.frm, pr, pr.snap_offset)
         elif pr.match < self.log.last_index():
-            self._send_append(m.frm)
+            if pr.next <= self.log.last_index():
+                # Entries not sent yet (a probe's answer is awaited, or the window was
+                # full): send them.
+                self._send_append(m.frm)
+            elif _decode_round(m.context) > pr.append_round:
+                # Everything was sent, and the follower answered a heartbeat sent after
+                # our last append, yet did not acknowledge it: that append or its
+                # answer was lost (or, on a reordering network, is late). Probe with an
+                # empty append (a gap makes the follower refuse it, and we back off).
+                # While the append may still be on its way, a heartbeat answer sends
+                # nothing: that was most of the empty appends per agreement.
+                self._send_append(m.frm)
         self._release_reads()
 
     def _handle_snapshot_resp(self, m: Message, pr: Progress) -> None:
@@ -1104,7 +1153,9 @@ class RaftCore:
         ctx = _encode_round(self._hb_round)
         for n, pr in self.prs.items():
             if n != self.id:
-                self._send(MT.HEARTBEAT, n, commit=min(pr.match, self.log.committed), context=ctx)
+                commit = min(pr.match, self.log.committed)
+                pr.sent_commit = max(pr.sent_commit, commit)
+                self._send(MT.HEARTBEAT, n, commit=commit, context=ctx)
 
     def _quorum_round(self) -> int | None:
         """The latest heartbeat round answered by a quorum of voters (None: we alone are one)."""
@@ -1182,7 +1233,7 @@ class RaftCore:
         if self.lead_transferee is not None and self.lead_transferee not in self.conf.voters:
             self.lead_transferee = None
         if self._maybe_commit():
-            self._bcast_append()
+            self._bcast_commit()
         else:
             for n in self.prs:
                 if n != self.id:
