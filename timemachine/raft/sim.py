@@ -180,20 +180,6 @@ class SimCluster:
         catch_up_lag: int = 4,
     ) -> None:
         self.seed = seed
-        self.config = {
-            "n": n,
-            "election_tick": election_tick,
-            "heartbeat_tick": heartbeat_tick,
-            "pre_vote": pre_vote,
-            "check_quorum": check_quorum,
-            "max_msg_entries": max_msg_entries,
-            "max_inflight": max_inflight,
-            "snapshot_chunk_bytes": snapshot_chunk_bytes,
-            "snapshot_every": snapshot_every,
-            "durable_state_machine": durable_state_machine,
-            "auto_check": auto_check,
-            "catch_up_lag": catch_up_lag,
-        }
         self._core_options = {
             "election_tick": election_tick,
             "heartbeat_tick": heartbeat_tick,
@@ -202,6 +188,14 @@ class SimCluster:
             "max_msg_entries": max_msg_entries,
             "max_inflight": max_inflight,
             "snapshot_chunk_bytes": snapshot_chunk_bytes,
+        }
+        self.config = {
+            "n": n,
+            **self._core_options,
+            "snapshot_every": snapshot_every,
+            "durable_state_machine": durable_state_machine,
+            "auto_check": auto_check,
+            "catch_up_lag": catch_up_lag,
         }
         self.election_tick = election_tick
         self.snapshot_every = snapshot_every
