@@ -197,7 +197,8 @@ class Node(service.Service):
                 self.coordinator.ring = ring
                 raise
             yield self._close_shards()
-            shutil.rmtree(os.path.join(self.data_dir, "shards"), ignore_errors=True)
+            # Off the reactor: a tree of WAL segments and SQLite files.
+            yield self.store_io.call(shutil.rmtree, os.path.join(self.data_dir, "shards"), True)
         yield self.meta_log.propose(config)
         yield self._open_shards(config)
         return config
