@@ -14,12 +14,14 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from timemachine.errors import Unavailable
 from timemachine.executor import Executor, backoff_ms
 from timemachine.interfaces import IExecutor, IPublisher
 from timemachine.metrics import Metrics
 from timemachine.model import (
     MAX_BACKOFF_MS,
     DeleteJob,
+    JobOutcome,
     JobSpec,
     JobStatus,
     PutJobs,
@@ -51,6 +53,24 @@ class ScriptedPublisher:
 
     def close(self):
         return defer.succeed(None)
+
+
+class OutcomeRefusingLog:
+    """The real shard log, except that it refuses the first outcome proposed: what a
+    shard leader sees when its log fails, or it loses leadership, mid-delivery."""
+
+    def __init__(self, log):
+        self._log = log
+        self.refused = 0
+
+    def propose(self, command):
+        if isinstance(command, JobOutcome) and not self.refused:
+            self.refused += 1
+            return defer.fail(Unavailable("shard 0 lost its leader"))
+        return self._log.propose(command)
+
+    def subscribe(self, listener):
+        self._log.subscribe(listener)
 
 
 class ExecutorTests(unittest.TestCase):
@@ -238,6 +258,27 @@ class ExecutorTests(unittest.TestCase):
         yield self.settle()
         self.assertEqual(self.executor.in_flight(), 0)
         job = yield self.store.get("c", "slow")
+        self.assertEqual(job.status, JobStatus.FIRED)
+
+    @defer.inlineCallbacks
+    def test_an_outcome_not_recorded_fires_again_with_the_same_version(self):
+        log = OutcomeRefusingLog(self.log)
+        yield self.executor.add_shard(0, self.store, log)
+        yield self.put("unlucky", 1000)
+        self.advance_to(1000)
+        yield self.settle()
+        self.assertEqual(len(self.flushLoggedErrors(Unavailable)), 1)
+        job = yield self.store.get("c", "unlucky")
+        self.assertEqual((job.status, job.attempts), (JobStatus.SCHEDULED, 0))
+        # The next refresh reads the whole window again and finds it still due.
+        self.advance_to(1000 + 5_000)
+        yield self.settle()
+        self.clock.advance(0)
+        yield self.settle()
+        self.assertEqual(
+            self.publisher.deliveries, [("unlucky", job.version, 1), ("unlucky", job.version, 1)]
+        )
+        job = yield self.store.get("c", "unlucky")
         self.assertEqual(job.status, JobStatus.FIRED)
 
     @defer.inlineCallbacks
