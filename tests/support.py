@@ -404,3 +404,30 @@ class HTTPReceiver:
             request.setHeader(name, value)
         request.write(reply.body)
         request.finish()
+
+
+def fill_disk_under(path: str) -> None:
+    """Make every later write to the open file ``path`` fail with ENOSPC.
+
+    Being root, permissions cannot make a write fail, and there is no small
+    filesystem to fill: the file's descriptor in this process is swapped for
+    /dev/full with dup2, so the kernel fails real writes as a full disk does.
+    Raises ``unittest.SkipTest`` where /dev/full or /proc/self/fd is missing.
+    """
+    from twisted.trial.unittest import SkipTest
+
+    if not (os.path.exists("/dev/full") and os.path.isdir("/proc/self/fd")):
+        raise SkipTest("needs Linux /dev/full and /proc/self/fd")
+    target = os.path.realpath(path)
+    descriptors = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                descriptors.append(int(fd))
+        except OSError:  # the descriptor closed while listing
+            continue
+    if len(descriptors) != 1:
+        raise AssertionError(f"expected one open descriptor of {path}, found {descriptors}")
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, descriptors[0])
+    os.close(full)

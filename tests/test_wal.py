@@ -13,6 +13,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from tests.support import fill_disk_under
 from timemachine.errors import CorruptLog, StorageError
 from timemachine.interfaces import IWriteAheadLog, WALRecord
 from timemachine.wal import WriteAheadLog, segment_name
@@ -404,27 +405,11 @@ class WriteAheadLogTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_write_failure(self):
-        """A failed write errbacks its batch and every later change, then reopen recovers.
-
-        Being root, permissions cannot make a write fail, and there is no small
-        filesystem to fill. So the test swaps the open segment's descriptor for
-        /dev/full with dup2: the kernel then fails the writer's real pwrite with
-        ENOSPC, as a full disk does.
-        """
-        if not (os.path.exists("/dev/full") and os.path.isdir("/proc/self/fd")):
-            raise unittest.SkipTest("needs Linux /dev/full and /proc/self/fd")
+        """A failed write (a real ENOSPC, see `fill_disk_under`) errbacks its batch and
+        every later change; reopening recovers what was durable."""
         wal = yield self.open_wal()
         yield wal.append(*record(1))
-        segment = os.path.realpath(os.path.join(self.directory, segment_name(1)))
-        descriptors = [
-            int(fd)
-            for fd in os.listdir("/proc/self/fd")
-            if _readlink(f"/proc/self/fd/{fd}") == segment
-        ]
-        self.assertEqual(len(descriptors), 1)
-        full = os.open("/dev/full", os.O_WRONLY)
-        os.dup2(full, descriptors[0])
-        os.close(full)
+        fill_disk_under(os.path.join(self.directory, segment_name(1)))
 
         batch = [wal.append(*record(i)) for i in range(2, 5)]
         for d in batch:
@@ -442,10 +427,3 @@ class WriteAheadLogTests(unittest.TestCase):
         self.assertEqual((wal.first_index, wal.last_index), (1, 1))
         yield wal.append(*record(2))
         self.assertEqual((yield wal.read(1, 10)), [record(1), record(2)])
-
-
-def _readlink(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:  # the descriptor closed while listing
-        return None
