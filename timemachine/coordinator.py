@@ -193,10 +193,12 @@ class Coordinator:
     def shard_status(self):
         """For each shard: replicas, leader, applied index, job count."""
         self._require_config()
+        shards = range(self.ring.shards)
+        # Asked together: the counts queue up on the store thread and come back in one hop.
+        counts = yield defer.gatherResults([self.shards[s][1].count(None) for s in shards])
         out = []
-        for shard in range(self.ring.shards):
-            log, store = self.shards[shard]
-            count = yield store.count(None)
+        for shard, count in zip(shards, counts, strict=True):
+            log, _ = self.shards[shard]
             out.append(
                 {
                     "shard": shard,
