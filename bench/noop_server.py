@@ -27,10 +27,10 @@ from klein import Klein
 from twisted.internet import endpoints
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from timemachine.api import MAX_BATCH, job_spec, make_site, read_json, respond
-from timemachine.errors import InvalidField, TimeMachineError
+from timemachine.domain.errors import InvalidField, TimeMachineError
+from timemachine.domain.names import MAX_COLLECTION, check_name
+from timemachine.http.api import MAX_BATCH, job_spec, make_site, read_json, respond
 from timemachine.metrics import Metrics
-from timemachine.model import MAX_COLLECTION, check_name
 
 
 class NoopAPI:

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.support import HTTPReceiver, RedisServer, free_port
-from timemachine.service import Node
+from timemachine.node import Node
 
 
 class NodeTestCase(unittest.TestCase):

@@ -4,7 +4,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 from twisted.trial import unittest
 
-from timemachine.service import Node
+from timemachine.node import Node
 from timemachine.tap import Options, makeService
 
 

@@ -174,7 +174,7 @@ class IPublisher(Interface):
     """Delivers one job to its route and classifies the outcome; never errbacks."""
 
     def deliver(route, job, attempt):
-        """Fire with a `Delivered`, `RetryLater` or `Failed` (timemachine.publisher)."""
+        """Fire with a `Delivered`, `RetryLater` or `Failed` (timemachine.firing.publisher)."""
 
     def close():
         """Close pooled connections; fires when done."""

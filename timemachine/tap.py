@@ -6,8 +6,8 @@ import re
 
 from twisted.python import usage
 
-from timemachine.model import ID_ALPHABET
-from timemachine.ring import DEFAULT_SHARDS
+from timemachine.cluster.ring import DEFAULT_SHARDS
+from timemachine.domain.names import ID_ALPHABET
 
 _HOST_PORT = re.compile(r"\A[^\s:]+:\d{1,5}\Z")
 
@@ -68,7 +68,7 @@ def makeService(options):
     """The node as a twistd service (nothing is opened until it starts)."""
     from twisted.internet import reactor
 
-    from timemachine.service import Node
+    from timemachine.node import Node
 
     return Node(
         reactor,

@@ -19,13 +19,13 @@ import os
 
 from twisted.internet import defer
 
-from timemachine.durable import write_atomically
-from timemachine.errors import CorruptLog
-from timemachine.iothread import IOThread
+from timemachine.domain.errors import CorruptLog
 from timemachine.raft.hardstate import HardStateFile
 from timemachine.raft.storage import MemoryStorage
 from timemachine.raft.types import ConfState, Entry, EntryKind, Ready, Snapshot
-from timemachine.wal import WriteAheadLog
+from timemachine.storage.durable import write_atomically
+from timemachine.storage.iothread import IOThread
+from timemachine.storage.wal import WriteAheadLog
 
 SNAPSHOT_FILE = "snapshot"
 

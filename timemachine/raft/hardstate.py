@@ -13,10 +13,10 @@ import os
 
 import crc32c
 
-from timemachine.durable import write_atomically
-from timemachine.errors import CorruptLog
-from timemachine.iothread import IOThread
+from timemachine.domain.errors import CorruptLog
 from timemachine.raft.types import HardState
+from timemachine.storage.durable import write_atomically
+from timemachine.storage.iothread import IOThread
 
 FILE_NAME = "hardstate.json"
 

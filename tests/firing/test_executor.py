@@ -1,0 +1,311 @@
+"""The executor: timers on a `Clock`, a real shard log and store underneath.
+
+The shard log, WAL and SQLite store are real (their threads report back through the
+real reactor); the executor's own time is a `Clock`, so what fires when is exact. The
+publisher is scripted: it answers each delivery with the outcome a test chooses, and
+records what it was asked to deliver (the real publisher is covered by
+test_publisher and, end to end, by test_node).
+"""
+
+import random
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from timemachine.cluster.shardlog import LocalShardLog
+from timemachine.domain.commands import DeleteJob, JobOutcome, PutJobs
+from timemachine.domain.errors import Unavailable
+from timemachine.domain.jobs import JobSpec, JobStatus
+from timemachine.domain.routes import MAX_BACKOFF_MS, Route
+from timemachine.firing.executor import Executor, backoff_ms
+from timemachine.firing.publisher import Delivered, Failed, RetryLater
+from timemachine.interfaces import IExecutor, IPublisher
+from timemachine.metrics import Metrics
+from timemachine.storage.store import VnodeStore
+from timemachine.storage.wal import WriteAheadLog
+
+ROUTE = Route("hook", "http", webhook_url="http://127.0.0.1:9/", max_attempts=3, backoff_ms=100)
+START_MS = 1_800_000_000_000
+
+
+@implementer(IPublisher)
+class ScriptedPublisher:
+    """Answers deliveries from a script of outcomes (Delivered when it runs out)."""
+
+    def __init__(self):
+        self.deliveries = []
+        self.script = []
+        self.held = None
+
+    def deliver(self, route, job, attempt):
+        self.deliveries.append((job.id, job.version, attempt))
+        if self.held is not None:
+            return self.held
+        return defer.succeed(self.script.pop(0) if self.script else Delivered())
+
+    def close(self):
+        return defer.succeed(None)
+
+
+class OutcomeRefusingLog:
+    """The real shard log, except that it refuses the first outcome proposed: what a
+    shard leader sees when its log fails, or it loses leadership, mid-delivery."""
+
+    def __init__(self, log):
+        self._log = log
+        self.refused = 0
+
+    def propose(self, command):
+        if isinstance(command, JobOutcome) and not self.refused:
+            self.refused += 1
+            return defer.fail(Unavailable("shard 0 lost its leader"))
+        return self._log.propose(command)
+
+    def subscribe(self, listener):
+        self._log.subscribe(listener)
+
+
+class ExecutorTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(START_MS / 1000)
+        directory = self.mktemp()
+        self.store = VnodeStore(directory + ".sqlite", reactor)
+        self.log = LocalShardLog("shard 0", WriteAheadLog(directory, reactor), self.store)
+        yield self.log.open()
+        self.addCleanup(self.log.close)
+        self.publisher = ScriptedPublisher()
+        self.metrics = Metrics()
+        self.routes = {ROUTE.id: ROUTE}
+        self.executor = Executor(
+            self.clock,
+            self.publisher,
+            self.routes.get,
+            metrics=self.metrics,
+            window_ms=10_000,
+            refresh_ms=5_000,
+            rng=random.Random(7),
+        )
+        self.addCleanup(self.executor.stop)
+
+    def put(self, job_id, due_in_ms, route="hook"):
+        spec = JobSpec("c", job_id, START_MS + due_in_ms, '{"n":1}', route)
+        return self.log.propose(PutJobs((spec,)))
+
+    @defer.inlineCallbacks
+    def settle(self, in_flight=0):
+        """Wait until the outcomes of deliveries are recorded and store reads are back.
+
+        Outcomes travel through the WAL and store threads; a store call queued behind
+        them fires only after every earlier store call (one thread, in order).
+        """
+        for _ in range(10_000):
+            if self.executor.in_flight() <= in_flight:
+                break
+            yield task.deferLater(reactor, 0.001, lambda: None)
+        yield self.store.count()
+
+    def advance_to(self, ms):
+        self.clock.advance(START_MS / 1000 + ms / 1000 - self.clock.seconds())
+
+    def fired_ids(self):
+        return [job_id for job_id, _, _ in self.publisher.deliveries]
+
+    def test_interface(self):
+        verifyObject(IExecutor, self.executor)
+        verifyObject(IPublisher, self.publisher)
+
+    @defer.inlineCallbacks
+    def test_fires_in_due_order_and_not_early(self):
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("late", 3000)
+        yield self.put("early", 1000)
+        yield self.put("middle", 2000)
+        self.assertEqual(self.executor.pending(), 3)
+        self.advance_to(999)
+        self.assertEqual(self.fired_ids(), [])
+        self.advance_to(1000)
+        self.assertEqual(self.fired_ids(), ["early"])
+        self.advance_to(3000)
+        self.assertEqual(self.fired_ids(), ["early", "middle", "late"])
+        yield self.settle()
+        job = yield self.store.get("c", "late")
+        self.assertEqual((job.status, job.attempts, job.fired_at_ms),
+                         (JobStatus.FIRED, 1, START_MS + 3000))
+        self.assertEqual(self.executor.pending(), 0)
+
+    @defer.inlineCallbacks
+    def test_one_timer_not_a_polling_tick(self):
+        yield self.executor.add_shard(0, self.store, self.log)
+        for i in range(20):
+            yield self.put(f"j{i}", 1000 + i)
+        timers = [c for c in self.clock.getDelayedCalls() if c.func == self.executor._fire_due]
+        self.assertEqual(len(timers), 1)
+        self.assertEqual(timers[0].getTime(), (START_MS + 1000) / 1000)
+
+    @defer.inlineCallbacks
+    def test_jobs_stored_before_start_and_overdue_fire_at_once(self):
+        yield self.put("overdue", -3000)
+        yield self.put("soon", 500)
+        yield self.executor.add_shard(0, self.store, self.log)
+        self.clock.advance(0)
+        self.assertEqual(self.fired_ids(), ["overdue"])
+        self.advance_to(500)
+        self.assertEqual(self.fired_ids(), ["overdue", "soon"])
+
+    @defer.inlineCallbacks
+    def test_replace_and_delete_take_effect_at_once(self):
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("moved", 1000)
+        yield self.put("gone", 1000)
+        yield self.put("moved", 4000)
+        yield self.log.propose(DeleteJob("c", "gone"))
+        self.advance_to(3999)
+        self.assertEqual(self.fired_ids(), [])
+        self.advance_to(4000)
+        self.assertEqual(self.fired_ids(), ["moved"])
+        stored = yield self.store.get("c", "moved")
+        self.assertEqual(self.publisher.deliveries[0][1], stored.version)
+
+    @defer.inlineCallbacks
+    def test_far_future_jobs_stay_on_disk_until_the_window_reaches_them(self):
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("far", 60_000)
+        self.assertEqual(self.executor.pending(), 0)
+        for ms in range(5_000, 60_001, 5_000):
+            self.advance_to(ms)
+            yield self.settle()
+        self.assertEqual(self.fired_ids(), ["far"])
+
+    @defer.inlineCallbacks
+    def test_retry_with_backoff_then_success(self):
+        self.publisher.script = [RetryLater("HTTP 500: boom")]
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("flaky", 1000)
+        self.advance_to(1000)
+        yield self.settle()
+        job = yield self.store.get("c", "flaky")
+        self.assertEqual((job.status, job.attempts, job.last_error),
+                         (JobStatus.SCHEDULED, 1, "HTTP 500: boom"))
+        self.assertTrue(START_MS + 1050 <= job.due_ms <= START_MS + 1100, job.due_ms)
+        self.advance_to(job.due_ms - START_MS)
+        self.assertEqual(self.publisher.deliveries, [("flaky", job.version, 1),
+                                                     ("flaky", job.version, 2)])
+        yield self.settle()
+        job = yield self.store.get("c", "flaky")
+        self.assertEqual((job.status, job.attempts), (JobStatus.FIRED, 2))
+
+    @defer.inlineCallbacks
+    def test_retry_after_is_honoured(self):
+        self.publisher.script = [RetryLater("HTTP 429", retry_after_ms=7000)]
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("busy", 1000)
+        self.advance_to(1000)
+        yield self.settle()
+        job = yield self.store.get("c", "busy")
+        self.assertEqual(job.due_ms, START_MS + 8000)
+
+    @defer.inlineCallbacks
+    def test_attempts_exhausted_leave_the_job_failed(self):
+        self.publisher.script = [RetryLater("e1"), RetryLater("e2"), RetryLater("e3")]
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("doomed", 0)
+        for _ in range(3):
+            self.clock.advance(1)
+            yield self.settle()
+        job = yield self.store.get("c", "doomed")
+        self.assertEqual((job.status, job.attempts, job.last_error), (JobStatus.FAILED, 3, "e3"))
+        self.assertEqual(len(self.publisher.deliveries), 3)
+        self.assertEqual(self.metrics.delivery_retries._value.get(), 2)
+        self.assertEqual(self.metrics.jobs_failed._value.get(), 1)
+
+    @defer.inlineCallbacks
+    def test_permanent_failure_and_missing_route(self):
+        self.publisher.script = [Failed("HTTP 400: bad")]
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("refused", 0)
+        yield self.put("orphan", 0, route="nowhere")
+        self.clock.advance(0)
+        yield self.settle()
+        refused = yield self.store.get("c", "refused")
+        orphan = yield self.store.get("c", "orphan")
+        self.assertEqual((refused.status, refused.last_error), (JobStatus.FAILED, "HTTP 400: bad"))
+        self.assertEqual(orphan.status, JobStatus.FAILED)
+        self.assertIn("nowhere", orphan.last_error)
+        self.assertEqual(self.fired_ids(), ["refused"])
+
+    @defer.inlineCallbacks
+    def test_refresh_does_not_fire_a_job_in_flight_twice(self):
+        self.publisher.held = defer.Deferred()
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("slow", 0)
+        self.clock.advance(0)
+        self.assertEqual(self.executor.in_flight(), 1)
+        self.clock.advance(5)  # a refresh while the delivery is out
+        yield self.settle(in_flight=1)
+        self.clock.advance(0)
+        self.assertEqual(len(self.publisher.deliveries), 1)
+        self.publisher.held.callback(Delivered())
+        yield self.settle()
+        self.assertEqual(self.executor.in_flight(), 0)
+        job = yield self.store.get("c", "slow")
+        self.assertEqual(job.status, JobStatus.FIRED)
+
+    @defer.inlineCallbacks
+    def test_an_outcome_not_recorded_fires_again_with_the_same_version(self):
+        log = OutcomeRefusingLog(self.log)
+        yield self.executor.add_shard(0, self.store, log)
+        yield self.put("unlucky", 1000)
+        self.advance_to(1000)
+        yield self.settle()
+        self.assertEqual(len(self.flushLoggedErrors(Unavailable)), 1)
+        job = yield self.store.get("c", "unlucky")
+        self.assertEqual((job.status, job.attempts), (JobStatus.SCHEDULED, 0))
+        # The next refresh reads the whole window again and finds it still due.
+        self.advance_to(1000 + 5_000)
+        yield self.settle()
+        self.clock.advance(0)
+        yield self.settle()
+        self.assertEqual(
+            self.publisher.deliveries, [("unlucky", job.version, 1), ("unlucky", job.version, 1)]
+        )
+        job = yield self.store.get("c", "unlucky")
+        self.assertEqual(job.status, JobStatus.FIRED)
+
+    @defer.inlineCallbacks
+    def test_stop_waits_for_in_flight_outcomes(self):
+        self.publisher.held = defer.Deferred()
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("slow", 0)
+        self.clock.advance(0)
+        stopped = self.executor.stop()
+        self.assertNoResult(stopped)
+        self.publisher.held.callback(Delivered())
+        yield stopped
+        job = yield self.store.get("c", "slow")
+        self.assertEqual(job.status, JobStatus.FIRED)
+
+    @defer.inlineCallbacks
+    def test_removed_shard_stops_firing(self):
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("j", 1000)
+        self.executor.remove_shard(0)
+        self.advance_to(2000)
+        self.assertEqual(self.fired_ids(), [])
+        self.assertEqual(self.executor.pending(), 0)
+
+
+class BackoffTests(unittest.TestCase):
+    def test_doubles_with_jitter_and_is_capped(self):
+        rng = random.Random(1)
+        route = Route("r", "http", webhook_url="http://h/", backoff_ms=500)
+        for attempt, full in ((1, 500), (2, 1000), (3, 2000), (10, 256_000)):
+            for _ in range(50):
+                delay = backoff_ms(route, attempt, rng)
+                self.assertTrue(full // 2 <= delay <= full, (attempt, delay))
+        for _ in range(50):
+            self.assertLessEqual(backoff_ms(route, 60, rng), MAX_BACKOFF_MS)
+            self.assertGreaterEqual(backoff_ms(route, 60, rng), MAX_BACKOFF_MS // 2)

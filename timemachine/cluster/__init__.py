@@ -1,0 +1,1 @@
+"""The cluster layer: ring, shard logs (the seam Raft groups fill), coordinator."""

@@ -1,0 +1,139 @@
+"""The protobuf form of commands: the bytes of log entries (`encode_command`)."""
+
+from __future__ import annotations
+
+from timemachine._pb import timemachine_pb2 as pb
+from timemachine.domain.commands import (
+    Command,
+    Configure,
+    DeleteJob,
+    DeleteRoute,
+    JobOutcome,
+    OutcomeKind,
+    PutJobs,
+    PutRoute,
+)
+from timemachine.domain.jobs import JobSpec
+from timemachine.domain.routes import Route
+
+
+def _route_to_pb(route: Route) -> pb.Route:
+    return pb.Route(
+        id=route.id,
+        type=route.type,
+        webhook_url=route.webhook_url,
+        redis_url=route.redis_url,
+        key=route.key,
+        mode=route.mode,
+        timeout_ms=route.timeout_ms,
+        max_attempts=route.max_attempts,
+        backoff_ms=route.backoff_ms,
+        max_in_flight=route.max_in_flight,
+    )
+
+
+def _route_from_pb(msg: pb.Route) -> Route:
+    return Route(
+        id=msg.id,
+        type=msg.type,
+        webhook_url=msg.webhook_url,
+        redis_url=msg.redis_url,
+        key=msg.key,
+        mode=msg.mode,
+        timeout_ms=msg.timeout_ms,
+        max_attempts=msg.max_attempts,
+        backoff_ms=msg.backoff_ms,
+        max_in_flight=msg.max_in_flight,
+    )
+
+
+def command_to_pb(command: Command) -> pb.Command:
+    """The protobuf form of a command."""
+    if isinstance(command, PutJobs):
+        return pb.Command(
+            put_jobs=pb.PutJobs(
+                jobs=[
+                    pb.JobSpec(
+                        collection=j.collection,
+                        id=j.id,
+                        trigger_ms=j.trigger_ms,
+                        meta=j.meta.encode("utf-8"),
+                        route=j.route,
+                    )
+                    for j in command.jobs
+                ]
+            )
+        )
+    if isinstance(command, DeleteJob):
+        return pb.Command(delete_job=pb.DeleteJob(collection=command.collection, id=command.id))
+    if isinstance(command, JobOutcome):
+        return pb.Command(
+            outcome=pb.JobOutcome(
+                kind=int(command.kind),
+                collection=command.collection,
+                id=command.id,
+                version=command.version,
+                attempts=command.attempts,
+                at_ms=command.at_ms,
+                last_error=command.last_error or "",
+            )
+        )
+    if isinstance(command, PutRoute):
+        return pb.Command(put_route=_route_to_pb(command.route))
+    if isinstance(command, DeleteRoute):
+        return pb.Command(delete_route=pb.DeleteRoute(id=command.id))
+    if isinstance(command, Configure):
+        return pb.Command(
+            configure=pb.ClusterConfig(
+                shards=command.shards,
+                replicas=command.replicas,
+                placement=[
+                    pb.ShardPlacement(shard=shard, replicas=list(replicas))
+                    for shard, replicas in enumerate(command.placement)
+                ],
+            )
+        )
+    raise TypeError(f"not a command: {command!r}")
+
+
+def command_from_pb(msg: pb.Command) -> Command:
+    """The command a protobuf `Command` holds."""
+    kind = msg.WhichOneof("kind")
+    if kind == "put_jobs":
+        return PutJobs(
+            tuple(
+                JobSpec(j.collection, j.id, j.trigger_ms, j.meta.decode("utf-8"), j.route)
+                for j in msg.put_jobs.jobs
+            )
+        )
+    if kind == "delete_job":
+        return DeleteJob(msg.delete_job.collection, msg.delete_job.id)
+    if kind == "outcome":
+        o = msg.outcome
+        return JobOutcome(
+            OutcomeKind(o.kind), o.collection, o.id, o.version, o.attempts, o.at_ms,
+            o.last_error or None,
+        )
+    if kind == "put_route":
+        return PutRoute(_route_from_pb(msg.put_route))
+    if kind == "delete_route":
+        return DeleteRoute(msg.delete_route.id)
+    if kind == "configure":
+        c = msg.configure
+        placement = [()] * len(c.placement)
+        for p in c.placement:
+            placement[p.shard] = tuple(p.replicas)
+        return Configure(c.shards, c.replicas, tuple(placement))
+    raise ValueError("empty command record")
+
+
+def encode_command(command: Command) -> bytes:
+    """The bytes of a log entry carrying ``command``."""
+    return command_to_pb(command).SerializeToString()
+
+
+def decode_command(data: bytes) -> Command:
+    """The command of a log entry's bytes (inverse of `encode_command`)."""
+    msg = pb.Command()
+    msg.ParseFromString(data)
+    return command_from_pb(msg)

@@ -1,0 +1,80 @@
+"""Errors that reach users: each has an HTTP status and a code from API.md.
+
+Raise them anywhere below the REST layer; ``timemachine.http.api`` turns them into
+``{"error": message, "code": code}`` responses in one place.
+"""
+
+
+class TimeMachineError(Exception):
+    """A failure a client can act on."""
+
+    status = 400
+    code = "E_INVALID"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict:
+        return {"error": self.message, "code": self.code}
+
+
+class BadJSON(TimeMachineError):
+    code = "E_BAD_JSON"
+
+
+class InvalidField(TimeMachineError):
+    """A field is missing or has a bad value; the message names the field."""
+
+    code = "E_INVALID"
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class TriggerInPast(TimeMachineError):
+    code = "E_PAST"
+
+
+class UnknownRoute(TimeMachineError):
+    code = "E_ROUTE"
+
+
+class TooLarge(TimeMachineError):
+    status = 413
+    code = "E_TOO_LARGE"
+
+
+class NotFound(TimeMachineError):
+    status = 404
+    code = "E_NOT_FOUND"
+
+
+class AlreadyConfigured(TimeMachineError):
+    code = "E_CONFIGURED"
+
+
+class NotConfigured(TimeMachineError):
+    status = 503
+    code = "E_NOT_CONFIGURED"
+
+
+class Unavailable(TimeMachineError):
+    """No leader for the shard yet, or the node is shutting down; retry."""
+
+    status = 503
+    code = "E_UNAVAILABLE"
+
+
+class Unauthorized(TimeMachineError):
+    status = 401
+    code = "E_UNAUTHORIZED"
+
+
+class StorageError(Exception):
+    """A local disk or database failure: not the client's fault, never retried blindly."""
+
+
+class CorruptLog(StorageError):
+    """The write-ahead log holds a record that cannot be read back."""

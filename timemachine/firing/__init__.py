@@ -1,0 +1,1 @@
+"""Firing: the executor that fires due jobs on time and the publisher that delivers them."""

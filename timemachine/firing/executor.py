@@ -1,0 +1,321 @@
+"""Firing: hold the due-soon jobs of the shards this node leads and fire them on time.
+
+A heap ordered by due time and a single ``reactor.callLater`` for its head: no
+polling tick. Each shard's store is asked for the jobs due within ``window_ms``;
+applies of the shard log (new, replaced, deleted, retried jobs) update the heap at
+once; a periodic refresh moves the window forward. Jobs beyond the window stay on
+disk, so memory does not grow with far-future jobs.
+
+A delivery's outcome goes back through the shard log (FIRED / RETRY at t / FAILED):
+a restart neither loses nor repeats a recorded outcome.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from timemachine.domain.commands import DeleteJob, JobOutcome, OutcomeKind, PutJobs
+from timemachine.domain.jobs import Job, JobStatus
+from timemachine.domain.routes import MAX_BACKOFF_MS, Route
+from timemachine.firing.publisher import Delivered, RetryLater
+from timemachine.interfaces import IExecutor
+
+DEFAULT_WINDOW_MS = 60_000
+DEFAULT_REFRESH_MS = 10_000
+DEFAULT_LOAD_LIMIT = 200_000
+
+
+def backoff_ms(route: Route, attempt: int, rng: random.Random) -> int:
+    """Delay before retry number ``attempt`` (1-based): exponential, capped, with jitter.
+
+    "Equal jitter": half the exponential delay is kept, the other half is random, so
+    retries of many jobs failing together spread out but never come back too soon.
+    """
+    delay = min(route.backoff_ms * 2 ** min(attempt - 1, 40), MAX_BACKOFF_MS)
+    return delay // 2 + rng.randint(0, delay - delay // 2)
+
+
+@dataclass
+class _Shard:
+    number: int
+    store: object
+    log: object
+    loaded_until_ms: int = 0
+    reload_all: bool = True
+    active: bool = True
+    jobs: dict[tuple[str, str], Job] = field(default_factory=dict)
+
+
+@implementer(IExecutor)
+class Executor:
+    """Fires the jobs of the shards added to it, through ``publisher``.
+
+    ``route_of(route_id)`` returns the current `Route` or None. ``metrics`` is a
+    `timemachine.metrics.Metrics` or None.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        publisher,
+        route_of,
+        metrics=None,
+        window_ms: int = DEFAULT_WINDOW_MS,
+        refresh_ms: int = DEFAULT_REFRESH_MS,
+        load_limit: int = DEFAULT_LOAD_LIMIT,
+        rng: random.Random | None = None,
+    ):
+        self._reactor = reactor
+        self._publisher = publisher
+        self._route_of = route_of
+        self._metrics = metrics
+        self._window_ms = window_ms
+        self._refresh_ms = refresh_ms
+        self._load_limit = load_limit
+        self._rng = rng or random.Random()
+        self._shards: dict[int, _Shard] = {}
+        self._heap: list[tuple[int, int, int, tuple[str, str], int]] = []
+        self._seq = itertools.count()
+        self._timer = None
+        self._refresher = None
+        self._firing: dict[tuple[int, tuple[str, str]], defer.Deferred] = {}
+        self._stopped = False
+
+    def now_ms(self) -> int:
+        return int(self._reactor.seconds() * 1000)
+
+    # ---- shards --------------------------------------------------------------
+
+    def add_shard(self, shard, store, log):
+        """Start firing ``shard``; fires once its due window is loaded."""
+        state = _Shard(shard, store, log)
+        self._shards[shard] = state
+        log.subscribe(lambda index, command, result: self._applied(state, command, result))
+        if self._refresher is None and not self._stopped:
+            self._refresher = self._reactor.callLater(self._refresh_ms / 1000, self._refresh)
+        return self._load(state)
+
+    def remove_shard(self, shard):
+        state = self._shards.pop(shard, None)
+        if state is not None:
+            state.active = False
+            state.jobs.clear()
+            self._update_gauge()
+
+    def pending(self) -> int:
+        return sum(len(s.jobs) for s in self._shards.values())
+
+    def in_flight(self) -> int:
+        return len(self._firing)
+
+    @defer.inlineCallbacks
+    def _load(self, state: _Shard):
+        """Load the shard's jobs that entered the window since the last load.
+
+        The whole window is read on the first load and after an outcome could not be
+        recorded (that job is still scheduled, below what was loaded). Otherwise only
+        the slice between the last load's end and the new one is read, so a refresh
+        costs what enters the window, not the whole window again.
+        """
+        until = self.now_ms() + self._window_ms
+        from_ms = 0 if state.reload_all else state.loaded_until_ms
+        state.reload_all = False
+        # Claimed before the read: applies that land while it runs are held by
+        # `_place` even if the read does not see them (both paths check versions).
+        state.loaded_until_ms = max(state.loaded_until_ms, until)
+        jobs = yield state.store.due(until, self._load_limit, from_ms)
+        if not state.active:
+            return
+        if len(jobs) == self._load_limit:
+            # Only part of the window fit: the next refresh goes on from the last job.
+            state.loaded_until_ms = jobs[-1].due_ms
+        for job in jobs:
+            current = state.jobs.get(job.key)
+            if current is not None and (current.version, current.due_ms) >= (
+                job.version,
+                job.due_ms,
+            ):
+                continue
+            if (state.number, job.key) in self._firing and current is None:
+                continue
+            self._hold(state, job)
+        self._arm()
+        self._update_gauge()
+
+    def _refresh(self):
+        self._refresher = None
+        if self._stopped:
+            return
+        loads = [self._load(s) for s in list(self._shards.values())]
+        d = defer.DeferredList(loads, consumeErrors=True)
+
+        def again(results):
+            for ok, failure in results:
+                if not ok:
+                    self.log.failure("loading due jobs failed", failure)
+            if not self._stopped and self._refresher is None:
+                self._refresher = self._reactor.callLater(
+                    self._refresh_ms / 1000, self._refresh
+                )
+
+        d.addCallback(again)
+
+    # ---- following the shard log --------------------------------------------
+
+    def _applied(self, state: _Shard, command, result):
+        if not state.active:
+            return
+        if isinstance(command, PutJobs):
+            for job in result:
+                self._place(state, job)
+        elif isinstance(command, DeleteJob):
+            state.jobs.pop((command.collection, command.id), None)
+        elif isinstance(command, JobOutcome) and result is not None:
+            self._place(state, result)
+        else:
+            return
+        self._arm()
+        self._update_gauge()
+
+    def _place(self, state: _Shard, job: Job):
+        """Hold ``job`` if it is scheduled within the loaded window, else let it go."""
+        if job.status is JobStatus.SCHEDULED and job.due_ms < state.loaded_until_ms:
+            self._hold(state, job)
+        else:
+            state.jobs.pop(job.key, None)
+
+    def _hold(self, state: _Shard, job: Job):
+        state.jobs[job.key] = job
+        heapq.heappush(
+            self._heap, (job.due_ms, next(self._seq), state.number, job.key, job.version)
+        )
+
+    def _update_gauge(self):
+        if self._metrics is not None:
+            self._metrics.jobs_in_memory.set(self.pending())
+
+    # ---- the timer -------------------------------------------------------------
+
+    def _arm(self):
+        """Point the one timer at the earliest live job."""
+        self._drop_stale_head()
+        if self._stopped or not self._heap:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            return
+        delay = max(0.0, self._heap[0][0] / 1000 - self._reactor.seconds())
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(delay)
+        else:
+            self._timer = self._reactor.callLater(delay, self._fire_due)
+
+    def _live(self, entry) -> Job | None:
+        due_ms, _, shard, key, version = entry
+        state = self._shards.get(shard)
+        if state is None:
+            return None
+        job = state.jobs.get(key)
+        if job is None or job.version != version or job.due_ms != due_ms:
+            return None
+        return job
+
+    def _drop_stale_head(self):
+        while self._heap and self._live(self._heap[0]) is None:
+            heapq.heappop(self._heap)
+
+    def _fire_due(self):
+        self._timer = None
+        now_ms = self.now_ms()
+        while self._heap and self._heap[0][0] <= now_ms:
+            entry = heapq.heappop(self._heap)
+            job = self._live(entry)
+            if job is None:
+                continue
+            state = self._shards[entry[2]]
+            del state.jobs[job.key]
+            self._fire(state, job, now_ms)
+        self._arm()
+        self._update_gauge()
+
+    # ---- delivery --------------------------------------------------------------
+
+    def _fire(self, state: _Shard, job: Job, now_ms: int):
+        if self._metrics is not None:
+            self._metrics.firing_lateness.observe(max(0, now_ms - job.due_ms) / 1000)
+        attempt = job.attempts + 1
+        route = self._route_of(job.route)
+        if route is None:
+            delivered = defer.succeed(None)
+        else:
+            delivered = self._publisher.deliver(route, job, attempt)
+        firing_key = (state.number, job.key)
+        d = delivered.addCallback(self._outcome, route, job, attempt)
+        d.addCallback(state.log.propose)
+        d.addCallback(self._recorded, route)
+        d.addErrback(self._not_recorded, state, job)
+        # Registered before the last callback, which removes it: the chain may already
+        # have run to its end here, or finish much later.
+        self._firing[firing_key] = d
+        d.addBoth(self._done_firing, firing_key)
+
+    def _done_firing(self, _, firing_key):
+        self._firing.pop(firing_key, None)
+
+    def _outcome(self, result, route: Route | None, job: Job, attempt: int) -> JobOutcome:
+        now_ms = self.now_ms()
+
+        def outcome(kind, at_ms, error=None):
+            return JobOutcome(kind, job.collection, job.id, job.version, attempt, at_ms, error)
+
+        if route is None:
+            return outcome(OutcomeKind.FAILED, now_ms, f"route {job.route!r} does not exist")
+        if isinstance(result, Delivered):
+            return outcome(OutcomeKind.FIRED, now_ms)
+        if isinstance(result, RetryLater) and attempt < route.max_attempts:
+            delay = backoff_ms(route, attempt, self._rng)
+            if result.retry_after_ms is not None:
+                delay = max(delay, min(result.retry_after_ms, MAX_BACKOFF_MS))
+            return outcome(OutcomeKind.RETRY, now_ms + delay, result.error)
+        return outcome(OutcomeKind.FAILED, now_ms, result.error)
+
+    def _recorded(self, index_result, route: Route | None):
+        _, job = index_result
+        if self._metrics is None or job is None:
+            return
+        if job.status is JobStatus.FIRED:
+            self._metrics.jobs_fired.labels(route.type).inc()
+        elif job.status is JobStatus.FAILED:
+            self._metrics.jobs_failed.inc()
+        else:
+            self._metrics.delivery_retries.inc()
+
+    def _not_recorded(self, failure, state: _Shard, job: Job):
+        # The job stays scheduled in the store: the next refresh of a leader loads it
+        # and fires it again with the same Idempotency-Key, so nothing is lost.
+        state.reload_all = True
+        self.log.failure(
+            "outcome of {key} v{version} was not recorded",
+            failure,
+            key=job.idempotency_key,
+            version=job.version,
+        )
+
+    def stop(self):
+        """Stop firing; fires once every in-flight delivery's outcome is recorded."""
+        self._stopped = True
+        for call in (self._timer, self._refresher):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._refresher = None
+        in_flight = list(self._firing.values())
+        return defer.DeferredList(in_flight, consumeErrors=True).addCallback(lambda _: None)

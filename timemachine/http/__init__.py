@@ -1,0 +1,1 @@
+"""The REST API (Klein): request limits, parsing, routes, errors."""

@@ -1,0 +1,701 @@
+"""The write-ahead log of a Raft group: segment files of CRC32C-checked records.
+
+On disk the log is a directory of segment files, each named by the index of its first
+record (``00000000000000000001.wal``). A record is::
+
+    payload length  u32   big-endian
+    CRC32C          u32   of the 16 + length bytes that follow
+    index           u64
+    term            u64
+    payload         length bytes
+
+Work is split in two halves:
+
+* `WriteAheadLog` lives on the reactor. It validates calls, keeps ``first_index`` and
+  ``last_index`` up to date synchronously (Raft needs them at once to validate the next
+  append) and orders every operation in one FIFO queue with at most one operation in
+  flight. Appends join the batch at the tail of that queue, so everything appended in
+  one reactor turn - and in the turns during which the previous flush is still on
+  disk - is written with one write and made durable with one fsync (group commit).
+* `_SegmentFiles` lives in one dedicated writer thread and owns every file descriptor
+  and the per-record offset index. It is the only code that touches the disk, so the
+  reactor never blocks on I/O and the in-memory index needs no lock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import time
+from array import array
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import crc32c
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from timemachine.domain.errors import CorruptLog, StorageError
+from timemachine.interfaces import IWriteAheadLog, WALRecord
+from timemachine.storage.iothread import IOThread
+
+__all__ = ["DEFAULT_SEGMENT_BYTES", "WriteAheadLog", "segment_name"]
+
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+
+_HEADER = struct.Struct(">IIQQ")  # payload length, CRC32C, index, term
+_PREFIX = struct.Struct(">II")  # payload length, CRC32C
+_CHECKED = struct.Struct(">QQ")  # index, term: covered by the CRC with the payload
+_CRC_START = 8  # the CRC covers the record from the index on
+_MAX_PAYLOAD = 2**32 - 1
+_MAX_U64 = 2**64 - 1
+_SEGMENT_FILE = re.compile(r"^(\d{20})\.wal$")
+
+_log = Logger()
+
+
+def segment_name(first_index: int) -> str:
+    """The file name of the segment whose first record has index ``first_index``."""
+    return f"{first_index:020d}.wal"
+
+
+def _encode(index: int, term: int, payload: bytes) -> bytes:
+    checked = _CHECKED.pack(index, term) + payload
+    return _PREFIX.pack(len(payload), crc32c.crc32c(checked)) + checked
+
+
+def _record_end(data: memoryview, pos: int, index: int) -> int | None:
+    """End offset of the record at ``pos`` if it is whole, checksummed and has ``index``.
+
+    None means the log stops before ``pos``: a torn write, a flipped bit, or a record
+    from an older incarnation of the file.
+    """
+    if len(data) - pos < _HEADER.size:
+        return None
+    length, crc, found_index, _term = _HEADER.unpack_from(data, pos)
+    end = pos + _HEADER.size + length
+    if end > len(data):
+        return None
+    if crc32c.crc32c(data[pos + _CRC_START : end]) != crc or found_index != index:
+        return None
+    return end
+
+
+class _Segment:
+    """One segment file and where each of its records starts (writer thread only)."""
+
+    __slots__ = ("first_index", "offsets", "path", "size")
+
+    def __init__(self, path: str, first_index: int):
+        self.path = path
+        self.first_index = first_index
+        # 8 bytes per record: a list of ints would cost ~36, and a 64 MiB segment of
+        # small records holds about a million of them.
+        self.offsets = array("Q")
+        self.size = 0
+
+    @property
+    def last_index(self) -> int:
+        return self.first_index + len(self.offsets) - 1
+
+    def end_of(self, index: int) -> int:
+        """Offset just after the record ``index`` of this segment."""
+        position = index - self.first_index + 1
+        return self.offsets[position] if position < len(self.offsets) else self.size
+
+
+class _SegmentFiles:
+    """The segment files of one log. Every method runs in the log's writer thread.
+
+    Its segments hold only durable records: the offset index grows after the fsync
+    succeeds, so reads never see bytes that a crash could take back.
+    """
+
+    def __init__(self, directory: str, segment_bytes: int):
+        self._directory = directory
+        self._segment_bytes = segment_bytes
+        self._segments: list[_Segment] = []
+        # The descriptor of the segment being appended to, kept open between batches.
+        self._fd: int | None = None
+        self._fd_path: str | None = None
+
+    # -- recovery ---------------------------------------------------------------------
+
+    def recover(self) -> tuple[int | None, int]:
+        """Load the segments, cut the log at the first bad record; (first, last) index."""
+        os.makedirs(self._directory, exist_ok=True)
+        firsts = sorted(
+            int(match.group(1))
+            for match in map(_SEGMENT_FILE.match, os.listdir(self._directory))
+            if match
+        )
+        self._segments = []
+        expected: int | None = None
+        cut = False
+        unlinked = False
+        for first in firsts:
+            path = self._path(first)
+            # After a bad record, or when a segment does not continue its predecessor,
+            # everything later is unreachable: Raft needs consecutive indexes.
+            if cut or (expected is not None and first != expected):
+                cut = True
+                os.unlink(path)
+                unlinked = True
+                continue
+            segment, file_size = self._scan(path, first)
+            expected = segment.last_index + 1
+            if segment.size < file_size:
+                cut = True
+                if segment.offsets:
+                    self._cut_file(path, segment.size)
+            if segment.offsets:
+                self._segments.append(segment)
+            else:
+                # Segments are named by their first record: an empty one must go, or
+                # a later append of another record at that index would clash with it.
+                os.unlink(path)
+                unlinked = True
+        if unlinked:
+            self._fsync_directory()
+        return self.first_index, self.last_index
+
+    def _scan(self, path: str, first: int) -> tuple[_Segment, int]:
+        with open(path, "rb") as f:
+            data = memoryview(f.read())
+        segment = _Segment(path, first)
+        pos = 0
+        index = first
+        while (end := _record_end(data, pos, index)) is not None:
+            segment.offsets.append(pos)
+            pos = end
+            index += 1
+        segment.size = pos
+        return segment, len(data)
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def first_index(self) -> int | None:
+        return self._segments[0].first_index if self._segments else None
+
+    @property
+    def last_index(self) -> int:
+        return self._segments[-1].last_index if self._segments else 0
+
+    # -- writes -----------------------------------------------------------------------
+
+    def append(self, records: list[WALRecord]) -> float:
+        """Write ``records`` and fsync them; return the seconds spent in fsync.
+
+        One write per segment touched (one, unless the batch crosses a rotation), then
+        one fsync per file, and one of the directory when a segment was created.
+        """
+        if self._segments and records[0].index != self.last_index + 1:
+            raise StorageError(
+                f"write-ahead log out of order: {records[0].index} after {self.last_index}"
+            )
+        # Each chunk is (segment, is_new, encoded records, their offsets in the file).
+        chunks: list[tuple[_Segment, bool, list[bytes], array]] = []
+        segment = self._segments[-1] if self._segments else None
+        size = segment.size if segment else 0
+        parts: list[bytes] = []
+        offsets = array("Q")
+        if segment is not None:
+            chunks.append((segment, False, parts, offsets))
+        for record in records:
+            encoded = _encode(*record)
+            if segment is None or (size > 0 and size + len(encoded) > self._segment_bytes):
+                segment = _Segment(self._path(record.index), record.index)
+                size = 0
+                parts = []
+                offsets = array("Q")
+                chunks.append((segment, True, parts, offsets))
+            parts.append(encoded)
+            offsets.append(size)
+            size += len(encoded)
+
+        seconds = 0.0
+        for segment, is_new, parts, _ in chunks:
+            if not parts:
+                continue
+            # Opening the next segment closes this one's descriptor, so each segment
+            # is fsync'd right after its write: the batch is durable only when all are.
+            fd = self._open_for_append(segment.path, create=is_new)
+            _pwrite_all(fd, b"".join(parts), segment.size)
+            started = time.monotonic()
+            os.fsync(fd)
+            seconds += time.monotonic() - started
+        if any(is_new for _, is_new, _, _ in chunks):
+            # The new file's directory entry must be durable too, or a crash can lose
+            # the whole segment although its records were fsync'd.
+            started = time.monotonic()
+            self._fsync_directory()
+            seconds += time.monotonic() - started
+
+        # Durable: only now may readers (and the next batch) see these records.
+        for segment, is_new, parts, offsets in chunks:
+            if is_new:
+                self._segments.append(segment)
+            segment.offsets.extend(offsets)
+            segment.size += sum(map(len, parts))
+        return seconds
+
+    def truncate_suffix(self, index: int) -> None:
+        """Drop the records with index >= ``index``; durable on return."""
+        unlinked = False
+        while self._segments and self._segments[-1].first_index >= index:
+            self._unlink(self._segments.pop())
+            unlinked = True
+        if self._segments and self._segments[-1].last_index >= index:
+            segment = self._segments[-1]
+            position = index - segment.first_index
+            cut = segment.offsets[position]
+            self._cut_file(segment.path, cut)
+            del segment.offsets[position:]
+            segment.size = cut
+        if unlinked:
+            self._fsync_directory()
+
+    def drop_prefix(self, index: int) -> int | None:
+        """Delete the segments holding only records below ``index``; the new first index."""
+        unlinked = False
+        while self._segments and self._segments[0].last_index < index:
+            self._unlink(self._segments.pop(0))
+            unlinked = True
+        if unlinked:
+            self._fsync_directory()
+        return self.first_index
+
+    def close(self) -> None:
+        """Close the open descriptor."""
+        self._close_fd()
+
+    # -- reads ------------------------------------------------------------------------
+
+    def read(self, start: int, stop: int) -> list[WALRecord]:
+        """The durable records with index in ``[start, stop)``, checked against their CRC."""
+        if not self._segments:
+            return []
+        start = max(start, self._segments[0].first_index)
+        stop = min(stop, self.last_index + 1)
+        records: list[WALRecord] = []
+        if start >= stop:
+            return records
+        position = bisect_right(self._segments, start, key=lambda s: s.first_index) - 1
+        for segment in self._segments[position:]:
+            if segment.first_index >= stop:
+                break
+            low = max(start, segment.first_index)
+            high = min(stop, segment.last_index + 1)
+            begin = segment.offsets[low - segment.first_index]
+            end = segment.end_of(high - 1)
+            with open(segment.path, "rb") as f:
+                data = memoryview(os.pread(f.fileno(), end - begin, begin))
+            pos = 0
+            for index in range(low, high):
+                record_end = _record_end(data, pos, index)
+                if record_end is None:
+                    raise CorruptLog(f"record {index} of {segment.path} fails its checksum")
+                _, _, _, term = _HEADER.unpack_from(data, pos)
+                records.append(WALRecord(index, term, bytes(data[pos + _HEADER.size : record_end])))
+                pos = record_end
+        return records
+
+    # -- files ------------------------------------------------------------------------
+
+    def _path(self, first_index: int) -> str:
+        return os.path.join(self._directory, segment_name(first_index))
+
+    def _open_for_append(self, path: str, create: bool) -> int:
+        if self._fd_path != path:
+            self._close_fd()
+            # A new segment starts empty: O_TRUNC clears a file left by a crash between
+            # its creation and the first fsync of the directory.
+            flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0)
+            self._fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+            self._fd_path = path
+        assert self._fd is not None
+        return self._fd
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd, self._fd_path = self._fd, None, None
+            os.close(fd)
+
+    def _cut_file(self, path: str, size: int) -> None:
+        if path == self._fd_path:
+            self._close_fd()
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _unlink(self, segment: _Segment) -> None:
+        if segment.path == self._fd_path:
+            self._close_fd()
+        os.unlink(segment.path)
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self._directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+class _Operation:
+    """One entry of the writer queue: work for the writer thread and who waits on it.
+
+    ``mutates`` operations change the files; after a write failure they are refused,
+    since the state of the disk past the last successful fsync is unknown. With an
+    ``on_success`` hook the result goes to the hook and the waiters get None.
+    """
+
+    __slots__ = ("deferreds", "mutates", "on_success", "records", "work")
+
+    def __init__(
+        self,
+        work: Callable[[], Any],
+        mutates: bool,
+        on_success: Callable[[Any], None] | None = None,
+    ):
+        self.work = work
+        self.mutates = mutates
+        self.on_success = on_success
+        self.deferreds: list[defer.Deferred] = []
+        self.records: list[WALRecord] = []
+
+
+@implementer(IWriteAheadLog)
+class WriteAheadLog:
+    """A segmented, checksummed write-ahead log with group-committed fsync.
+
+    ``directory`` holds the segment files; ``reactor`` provides time and threads;
+    ``segment_bytes`` is the size after which a new segment is started (a record is
+    never split, so a segment can exceed it by its last record only when that record
+    alone is bigger); ``on_fsync(seconds)`` is called on the reactor after each group
+    fsync with its duration, for the node's fsync-time histogram.
+
+    The constructor does no I/O; `open` recovers the directory and starts the writer
+    thread, `close` finishes pending work and stops it.
+
+    After a failed write or fsync the log fails every later change with
+    `StorageError` (the disk past the last fsync is unknown, and retrying fsync after
+    a failure can report success for lost data); reopening recovers what is durable.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        reactor: Any,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        on_fsync: Callable[[float], None] | None = None,
+        io: IOThread | None = None,
+    ):
+        if segment_bytes <= 0:
+            raise ValueError(f"segment_bytes must be positive, not {segment_bytes}")
+        self.directory = os.fspath(directory)
+        self._reactor = reactor
+        self._on_fsync = on_fsync
+        self._files = _SegmentFiles(self.directory, segment_bytes)
+        # The writer thread: a node shares one among its logs; alone, the log has its own.
+        self._io = io
+        self._owns_io = io is None
+        self._opened = False
+        self._shutdown_trigger: Any = None
+        self._ready = False  # recovered: first_index and last_index are known
+
+        self.first_index: int | None = None
+        self.last_index = 0
+
+        self._queue: deque[_Operation] = deque()
+        # The batch at the tail of the queue that appends still join; None once it has
+        # started or something that must come after it was queued.
+        self._open_batch: _Operation | None = None
+        self._running = False
+        self._kick_call: Any = None
+        self._failure: StorageError | None = None
+        self._closing = False
+        self._closed = False
+        self._close_waiters: list[defer.Deferred] = []
+        # Bumped whenever the log becomes empty, so a drop_prefix finishing later does
+        # not overwrite the first_index of records appended after that.
+        self._generation = 0
+        # Highest drop_prefix index not yet carried out: below it, which records will
+        # be left depends on segment boundaries that only the writer knows.
+        self._drop_floor = 0
+        self._drops_pending = 0
+
+    # -- IWriteAheadLog ---------------------------------------------------------------
+
+    def open(self) -> defer.Deferred:
+        """Recover the directory in the writer thread; fires with None."""
+        if self._opened:
+            raise RuntimeError("write-ahead log already opened")
+        self._opened = True
+        if self._owns_io:
+            self._io = IOThread(self._reactor, f"wal:{self.directory}")
+            self._io.start()
+        # A reactor stopping without close() would leave the writer thread running and
+        # drop the appends still queued; "during shutdown" waits for the Deferred.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "during", "shutdown", self.close
+        )
+        d = self._io.call(self._files.recover)
+
+        def recovered(indexes: tuple[int | None, int]) -> None:
+            self.first_index, self.last_index = indexes
+            self._ready = True
+
+        def failed(failure: Failure) -> Failure:
+            self._release_io()
+            self._opened = False  # open() may be tried again
+            return failure
+
+        d.addCallbacks(recovered, failed)
+        return d
+
+    def append(self, index: int, term: int, payload: bytes) -> defer.Deferred:
+        """Append one record; fires with None once it is fsync'd (in index order).
+
+        Raises ValueError at once when ``index`` does not follow ``last_index`` (any
+        index >= 1 is accepted by an empty log), or ``term``/``payload`` are invalid.
+        Fails with `StorageError` once a write has failed or the log is closing.
+        """
+        self._check_open()
+        if self.last_index:
+            if index != self.last_index + 1:
+                raise ValueError(f"append index {index} does not follow {self.last_index}")
+        elif not 1 <= index <= _MAX_U64:
+            raise ValueError(f"append index must be >= 1, not {index}")
+        if not 0 <= term <= _MAX_U64:
+            raise ValueError(f"term out of range: {term}")
+        if not isinstance(payload, bytes):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        if len(payload) > _MAX_PAYLOAD:
+            raise ValueError(f"payload of {len(payload)} bytes is too large")
+        refused = self._refusal()
+        if refused is not None:
+            return defer.fail(refused)
+
+        if self._open_batch is None:
+            records: list[WALRecord] = []
+            self._open_batch = _Operation(
+                partial(self._files.append, records), True, self._batch_written
+            )
+            self._open_batch.records = records
+            self._queue.append(self._open_batch)
+        if not self.last_index:
+            self.first_index = index
+        self.last_index = index
+        d: defer.Deferred = defer.Deferred()
+        self._open_batch.records.append(WALRecord(index, term, payload))
+        self._open_batch.deferreds.append(d)
+        self._schedule()
+        return d
+
+    def read(self, start: int, stop: int) -> defer.Deferred:
+        """Fire with the durable records whose index is in ``[start, stop)``, in order.
+
+        Records not yet fsync'd, or below first_index, are left out. Fails with
+        `CorruptLog` when a record no longer matches its checksum.
+        """
+        self._check_open()
+        if self._closing:
+            return defer.fail(StorageError("write-ahead log is closed"))
+        # Reads do not change the files, so they do not end the open batch: appends
+        # made after a read still share one fsync with those made before it.
+        return self._enqueue(lambda: self._files.read(start, stop), mutates=False, barrier=False)
+
+    def truncate_suffix(self, index: int) -> defer.Deferred:
+        """Drop every record with index >= ``index``; fires with None once durable.
+
+        Ordered after the appends already made; ``last_index`` drops at once, so the
+        replacing records can be appended right away. Raises ValueError below the
+        index of a drop_prefix still in progress (which records survive it is not
+        known yet; Raft never truncates below a snapshot anyway).
+        """
+        self._check_open()
+        if index < 1:
+            raise ValueError(f"truncate index must be >= 1, not {index}")
+        if (
+            self.first_index is not None
+            and self.first_index < index <= self.last_index
+            and index < self._drop_floor
+        ):
+            raise ValueError(
+                f"cannot truncate at {index}: drop_prefix({self._drop_floor}) is in progress"
+            )
+        refused = self._refusal()
+        if refused is not None:
+            return defer.fail(refused)
+        if self.first_index is not None and index <= self.first_index:
+            self._become_empty()
+        elif index <= self.last_index:
+            self.last_index = index - 1
+        return self._enqueue(lambda: self._files.truncate_suffix(index))
+
+    def drop_prefix(self, index: int) -> defer.Deferred:
+        """Delete the segments holding only records below ``index``; fires with None.
+
+        The segment holding ``last_index`` stays unless every record is below
+        ``index``, in which case the log becomes empty at once. ``first_index`` moves
+        to the first record left when this fires.
+        """
+        self._check_open()
+        refused = self._refusal()
+        if refused is not None:
+            return defer.fail(refused)
+        generation = self._generation
+        if index > self.last_index:
+            self._become_empty()
+        elif self.first_index is not None and index > self.first_index:
+            self._drop_floor = max(self._drop_floor, index)
+        self._drops_pending += 1
+
+        def dropped(first_index: int | None) -> None:
+            self._drops_pending -= 1
+            if not self._drops_pending:
+                self._drop_floor = 0
+            if generation == self._generation and first_index is not None:
+                self.first_index = first_index
+
+        return self._enqueue(lambda: self._files.drop_prefix(index), on_success=dropped)
+
+    def close(self) -> defer.Deferred:
+        """Write the pending appends, close the files, stop the writer thread."""
+        if not self._opened or self._closed:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        if self._closing:
+            self._close_waiters.append(d)
+            return d
+        self._closing = True
+        self._close_waiters.append(d)
+
+        def closed(result: Failure | None) -> None:
+            self._release_io()
+            self._closed = True
+            waiters, self._close_waiters = self._close_waiters, []
+            for waiter in waiters:
+                if result is None:
+                    waiter.callback(None)
+                else:
+                    waiter.errback(result)
+
+        # Not a mutation: the files are closed even after a write failure.
+        self._enqueue(self._files.close, mutates=False).addBoth(closed)
+        return d
+
+    # -- the writer queue -------------------------------------------------------------
+
+    def _enqueue(
+        self,
+        work: Callable[[], Any],
+        mutates: bool = True,
+        barrier: bool = True,
+        on_success: Callable[[Any], None] | None = None,
+    ) -> defer.Deferred:
+        operation = _Operation(work, mutates, on_success)
+        d: defer.Deferred = defer.Deferred()
+        operation.deferreds.append(d)
+        self._queue.append(operation)
+        if barrier:
+            self._open_batch = None
+        self._schedule()
+        return d
+
+    def _schedule(self) -> None:
+        # callLater(0) rather than starting now: the batch then takes every append of
+        # this reactor turn, not only the first.
+        if self._kick_call is None and not self._running and self._queue:
+            self._kick_call = self._reactor.callLater(0, self._kick)
+
+    def _kick(self) -> None:
+        self._kick_call = None
+        while self._queue and not self._running:
+            operation = self._queue.popleft()
+            if operation is self._open_batch:
+                self._open_batch = None
+            if operation.mutates and self._failure is not None:
+                self._fail(operation, self._failure)
+                continue
+            self._running = True
+            d = self._io.call(operation.work)
+            d.addBoth(self._finished, operation)
+
+    def _finished(self, result: Any, operation: _Operation) -> None:
+        self._running = False
+        if isinstance(result, Failure):
+            error = result.value
+            if not isinstance(error, StorageError):
+                error = StorageError(f"write-ahead log {self.directory}: {error}")
+                error.__cause__ = result.value
+            if operation.mutates and self._failure is None:
+                self._failure = error
+                _log.failure("write-ahead log write failed; refusing further writes", result)
+            self._fail(operation, error)
+        else:
+            if operation.on_success is not None:
+                operation.on_success(result)
+            for d in operation.deferreds:
+                d.callback(result if operation.on_success is None else None)
+        self._schedule()
+
+    def _batch_written(self, fsync_seconds: float) -> None:
+        if self._on_fsync is not None:
+            try:
+                self._on_fsync(fsync_seconds)
+            except Exception:
+                # A broken metrics hook must not keep acknowledged writes from firing.
+                _log.failure("on_fsync hook failed")
+
+    def _fail(self, operation: _Operation, error: StorageError) -> None:
+        for d in operation.deferreds:
+            copy = type(error)(str(error))
+            copy.__cause__ = error.__cause__
+            d.errback(copy)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if not self._ready:
+            raise RuntimeError("write-ahead log not opened (or open() has not fired yet)")
+
+    def _refusal(self) -> StorageError | None:
+        if self._closing:
+            return StorageError("write-ahead log is closed")
+        if self._failure is not None:
+            return StorageError(f"write-ahead log failed earlier: {self._failure}")
+        return None
+
+    def _become_empty(self) -> None:
+        self.first_index = None
+        self.last_index = 0
+        self._generation += 1
+        self._drop_floor = 0
+
+    def _release_io(self) -> None:
+        if self._shutdown_trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        if self._owns_io and self._io is not None:
+            # The worker is idle here (its last job has reported back), so joining
+            # it returns at once.
+            self._io.stop()
