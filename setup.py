@@ -9,7 +9,11 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # twisted/plugins has no __init__.py on purpose: Twisted finds plugins there.
+    # twisted/plugins has no __init__.py on purpose: Twisted finds plugins there, in a
+    # twisted/plugins directory of any sys.path entry. Naming the root package dir lets
+    # `pip install -e .` put the checkout itself on sys.path (a static .pth) instead of
+    # an import hook that would hide the plugin from Twisted.
+    package_dir={"": "."},
     packages=[*find_packages(include=["timemachine", "timemachine.*"]), "twisted.plugins"],
     package_data={"twisted.plugins": ["timemachine_plugin.py"]},
     install_requires=[
