@@ -8,12 +8,23 @@ from timemachine.domain.commands import (
     DeleteJob,
     DeleteRoute,
     JobOutcome,
+    JobVersion,
     OutcomeKind,
+    PurgeJobs,
     PutJobs,
     PutRoute,
 )
 from timemachine.domain.errors import InvalidField
-from timemachine.domain.jobs import MAX_META_BYTES, JobSpec, JobStatus, can_transition
+from timemachine.domain.jobs import (
+    LIFECYCLE,
+    MAX_META_BYTES,
+    IllegalTransition,
+    JobEvent,
+    JobSpec,
+    JobStatus,
+    next_status,
+    status_after_delivery,
+)
 from timemachine.domain.routes import Route
 
 
@@ -77,14 +88,33 @@ class RouteTests(unittest.TestCase):
 
 
 class LifecycleTests(unittest.TestCase):
-    def test_transitions(self):
-        self.assertTrue(can_transition(JobStatus.SCHEDULED, JobStatus.FIRING))
-        self.assertTrue(can_transition(JobStatus.FIRING, JobStatus.SCHEDULED))
-        self.assertTrue(can_transition(JobStatus.FIRING, JobStatus.FIRED))
-        self.assertTrue(can_transition(JobStatus.FIRING, JobStatus.FAILED))
-        self.assertFalse(can_transition(JobStatus.SCHEDULED, JobStatus.FIRED))
-        self.assertFalse(can_transition(JobStatus.FIRED, JobStatus.FIRING))
-        self.assertFalse(can_transition(JobStatus.FAILED, JobStatus.SCHEDULED))
+    def test_every_allowed_transition(self):
+        S, E = JobStatus, JobEvent
+        self.assertEqual(next_status(S.SCHEDULED, E.FIRE), S.FIRING)
+        self.assertEqual(next_status(S.FIRING, E.DELIVERED), S.FIRED)
+        self.assertEqual(next_status(S.FIRING, E.RETRY), S.SCHEDULED)
+        self.assertEqual(next_status(S.FIRING, E.GIVE_UP), S.FAILED)
+
+    def test_every_other_change_raises(self):
+        allowed = set(LIFECYCLE)
+        for status in JobStatus:
+            for event in JobEvent:
+                if (status, event) in allowed:
+                    continue
+                with self.assertRaises(IllegalTransition, msg=(status, event)):
+                    next_status(status, event)
+
+    def test_a_stored_outcome_is_fire_then_its_event(self):
+        self.assertEqual(status_after_delivery(JobEvent.DELIVERED), JobStatus.FIRED)
+        self.assertEqual(status_after_delivery(JobEvent.RETRY), JobStatus.SCHEDULED)
+        self.assertEqual(status_after_delivery(JobEvent.GIVE_UP), JobStatus.FAILED)
+        self.assertRaises(IllegalTransition, status_after_delivery, JobEvent.FIRE)
+
+    def test_each_outcome_kind_is_an_event(self):
+        self.assertEqual(
+            [kind.event for kind in OutcomeKind],
+            [JobEvent.DELIVERED, JobEvent.RETRY, JobEvent.GIVE_UP],
+        )
 
 
 class EncodingTests(unittest.TestCase):
@@ -95,6 +125,7 @@ class EncodingTests(unittest.TestCase):
             JobOutcome(OutcomeKind.FIRED, "pay", "a", 7, 1, 1000),
             JobOutcome(OutcomeKind.RETRY, "pay", "a", 7, 2, 2000, "HTTP 500: oops"),
             JobOutcome(OutcomeKind.FAILED, "pay", "a", 7, 10, 3000, "HTTP 400"),
+            PurgeJobs((JobVersion("pay", "a", 7), JobVersion("pay", "b", 2**40))),
             PutRoute(Route("r", "redis", redis_url="redis://h:1/0", key="k", mode="publish")),
             DeleteRoute("r"),
             Configure(2, 1, (("node1",), ("node1",))),

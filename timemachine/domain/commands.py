@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from timemachine._pb import timemachine_pb2 as pb
 from timemachine.domain.errors import InvalidField
-from timemachine.domain.jobs import JobSpec
+from timemachine.domain.jobs import JobEvent, JobSpec
 from timemachine.domain.names import check_int
 from timemachine.domain.routes import Route
 
@@ -34,6 +34,18 @@ class OutcomeKind(enum.IntEnum):
     RETRY = pb.JobOutcome.RETRY
     FAILED = pb.JobOutcome.FAILED
 
+    @property
+    def event(self) -> JobEvent:
+        """The lifecycle event this outcome is."""
+        return _OUTCOME_EVENTS[self]
+
+
+_OUTCOME_EVENTS = {
+    OutcomeKind.FIRED: JobEvent.DELIVERED,
+    OutcomeKind.RETRY: JobEvent.RETRY,
+    OutcomeKind.FAILED: JobEvent.GIVE_UP,
+}
+
 
 @dataclass(frozen=True, slots=True)
 class JobOutcome:
@@ -50,6 +62,31 @@ class JobOutcome:
     attempts: int
     at_ms: int
     last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobVersion:
+    """One version of one job: what a purge names, so that a replace wins over it."""
+
+    collection: str
+    id: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeJobs:
+    """Remove fired or failed jobs whose retention ended (``--retain-fired/-failed``).
+
+    The leader picks the jobs; the command names each at the version that finished,
+    so every replica removes the same rows and a job replaced since (a new version)
+    stays.
+    """
+
+    jobs: tuple[JobVersion, ...]
+
+    def __post_init__(self):
+        if not self.jobs:
+            raise ValueError("PurgeJobs needs at least one job")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,4 +114,4 @@ class Configure:
             raise InvalidField("placement", "must name the replicas of every shard")
 
 
-Command = PutJobs | DeleteJob | JobOutcome | PutRoute | DeleteRoute | Configure
+Command = PutJobs | DeleteJob | JobOutcome | PurgeJobs | PutRoute | DeleteRoute | Configure

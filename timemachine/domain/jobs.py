@@ -20,18 +20,45 @@ class JobStatus(str, enum.Enum):
     FAILED = "failed"
 
 
-# The job lifecycle: which status may follow which. A replace (PUT/POST of the
-# same id) starts a new version at SCHEDULED from any status.
-TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.SCHEDULED: frozenset({JobStatus.FIRING}),
-    JobStatus.FIRING: frozenset({JobStatus.FIRED, JobStatus.SCHEDULED, JobStatus.FAILED}),
-    JobStatus.FIRED: frozenset(),
-    JobStatus.FAILED: frozenset(),
+class JobEvent(str, enum.Enum):
+    """What happens to a job between two statuses."""
+
+    FIRE = "fire"  # its time came: a delivery goes out
+    DELIVERED = "delivered"  # the route took it
+    RETRY = "retry"  # the route failed for now: due again later
+    GIVE_UP = "give up"  # the route refused it, or it ran out of attempts
+
+
+# The job lifecycle, the one place a status change is decided: every change goes
+# through `next_status`. A replace (PUT/POST of the same id) is not a transition: it
+# writes a new version, SCHEDULED, whatever the old one's status was.
+LIFECYCLE: dict[tuple[JobStatus, JobEvent], JobStatus] = {
+    (JobStatus.SCHEDULED, JobEvent.FIRE): JobStatus.FIRING,
+    (JobStatus.FIRING, JobEvent.DELIVERED): JobStatus.FIRED,
+    (JobStatus.FIRING, JobEvent.RETRY): JobStatus.SCHEDULED,
+    (JobStatus.FIRING, JobEvent.GIVE_UP): JobStatus.FAILED,
 }
 
 
-def can_transition(old: JobStatus, new: JobStatus) -> bool:
-    return new in TRANSITIONS[old]
+class IllegalTransition(Exception):
+    """A status change the lifecycle does not allow: a bug in the caller, not bad input."""
+
+
+def next_status(status: JobStatus, event: JobEvent) -> JobStatus:
+    """The status ``event`` moves a job in ``status`` to; raises `IllegalTransition`."""
+    try:
+        return LIFECYCLE[(status, event)]
+    except KeyError:
+        raise IllegalTransition(f"a {status.value} job cannot take {event.value!r}") from None
+
+
+def status_after_delivery(event: JobEvent) -> JobStatus:
+    """The stored status a delivery's outcome leaves a scheduled job in.
+
+    FIRING lives only in the executor's memory, so a store sees the fire and its
+    outcome as one step: SCHEDULED --fire--> FIRING --event--> the result.
+    """
+    return next_status(next_status(JobStatus.SCHEDULED, JobEvent.FIRE), event)
 
 
 @dataclass(frozen=True, slots=True)

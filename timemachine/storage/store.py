@@ -58,12 +58,14 @@ from timemachine.domain.commands import (
     DeleteJob,
     DeleteRoute,
     JobOutcome,
+    JobVersion,
     OutcomeKind,
+    PurgeJobs,
     PutJobs,
     PutRoute,
 )
 from timemachine.domain.errors import InvalidField, StorageError
-from timemachine.domain.jobs import Job, JobStatus
+from timemachine.domain.jobs import Job, JobStatus, status_after_delivery
 from timemachine.domain.routes import Route
 from timemachine.interfaces import IClusterStore, IJobStore
 from timemachine.storage.durable import fsync_path
@@ -173,6 +175,16 @@ _DELETE_JOB_SQL = _sql(
     .where(jobs_table.c.collection == bindparam("collection"))
     .where(jobs_table.c.id == bindparam("id"))
 )
+# Retention removes a finished (fired or failed) job only at the version that
+# finished: a replace that landed after the leader picked it is a new, scheduled
+# version, and stays.
+_PURGE_JOB_SQL = _sql(
+    delete(jobs_table)
+    .where(jobs_table.c.collection == bindparam("collection"))
+    .where(jobs_table.c.id == bindparam("id"))
+    .where(jobs_table.c.version == bindparam("version"))
+    .where(jobs_table.c.status != bindparam("scheduled"))
+)
 
 
 def _outcome_sql(*columns: str) -> str:
@@ -190,7 +202,7 @@ def _outcome_sql(*columns: str) -> str:
 
 _OUTCOME_SQL = {
     OutcomeKind.FIRED: _outcome_sql("status", "fired_at_ms", "attempts"),
-    OutcomeKind.RETRY: _outcome_sql("due_ms", "attempts", "last_error"),
+    OutcomeKind.RETRY: _outcome_sql("status", "due_ms", "attempts", "last_error"),
     # at_ms (when it gave up) is not kept: a Job has no field for it, and writing it
     # into due_ms would give that column two meanings.
     OutcomeKind.FAILED: _outcome_sql("status", "attempts", "last_error"),
@@ -335,6 +347,21 @@ class _SQLiteStore:
     def snapshot(self, path):
         """Write a consistent copy of the database to ``path`` (atomically replaced)."""
         return self._run(self._thd_snapshot, path)
+
+    def checkpoint(self):
+        """Make every applied entry durable; fire with the applied_index now durable.
+
+        Commits run with ``synchronous=NORMAL``, so the last ones may live only in the
+        OS cache; a log must not be cut above what a power cut would leave. SQLite
+        syncs its WAL before a checkpoint and the database file after it, and
+        TRUNCATE also empties the -wal file, so the store takes no more disk than
+        its data.
+        """
+        return self._run(self._thd_checkpoint)
+
+    def disk_bytes(self):
+        """Fire with the bytes the store's files take on disk (database, -wal, -shm)."""
+        return self._run(self._thd_disk_bytes)
 
     def restore(self, path):
         """Replace the database with the copy at ``path``, reopen, reload the state.
@@ -512,6 +539,24 @@ class _SQLiteStore:
     def _thd_load_state(self, conn: Connection) -> Any:
         return None
 
+    def _thd_checkpoint(self) -> int:
+        raw = self._thd_engine().raw_connection()
+        try:
+            cursor = raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            busy, _, _ = cursor.fetchone()
+        finally:
+            raw.close()
+        if busy:
+            raise StorageError(f"{self.path}: checkpoint could not complete (database busy)")
+        return self._thd_applied_index
+
+    def _thd_disk_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.path.getsize(self.path + suffix)
+        return total
+
     def _thd_snapshot(self, path: str) -> None:
         # VACUUM INTO reads in one transaction, so the copy is consistent, and leaves a
         # compact, self-contained file (no -wal beside it). It neither overwrites nor
@@ -601,6 +646,15 @@ class VnodeStore(_SQLiteStore):
             return defer.fail(e)
         return self._run(self._thd_list_jobs, collection, status, limit, cursor)
 
+    def expired(self, fired_before_ms, failed_before_ms, limit):
+        """Fire with up to ``limit`` `JobVersion` of jobs whose retention has ended.
+
+        Fired jobs count from ``fired_at_ms``; failed jobs from their last due time
+        (when the attempt that gave up started: the store keeps no give-up time).
+        Either bound may be None to skip that kind.
+        """
+        return self._run(self._thd_expired, fired_before_ms, failed_before_ms, limit)
+
     def count(self, status=None):
         """Fire with the number of jobs, or of jobs in ``status`` when not None."""
         try:
@@ -620,6 +674,21 @@ class VnodeStore(_SQLiteStore):
             return cursor.rowcount > 0
         if isinstance(command, JobOutcome):
             return self._thd_outcome(conn, command)
+        if isinstance(command, PurgeJobs):
+            cursor = _driver_cursor(conn)
+            cursor.executemany(
+                _PURGE_JOB_SQL,
+                [
+                    {
+                        "collection": job.collection,
+                        "id": job.id,
+                        "version": job.version,
+                        "scheduled": JobStatus.SCHEDULED.value,
+                    }
+                    for job in command.jobs
+                ],
+            )
+            return cursor.rowcount
         raise ValueError(f"a shard store cannot apply {command!r}")
 
     def _thd_put_jobs(self, conn, index, command: PutJobs) -> list[Job]:
@@ -658,26 +727,16 @@ class VnodeStore(_SQLiteStore):
         return jobs
 
     def _thd_outcome(self, conn, outcome: JobOutcome) -> Job | None:
+        values = {
+            "new_status": status_after_delivery(outcome.kind.event).value,
+            "new_attempts": outcome.attempts,
+        }
         if outcome.kind == OutcomeKind.FIRED:
-            values = {
-                "new_status": JobStatus.FIRED.value,
-                "new_fired_at_ms": outcome.at_ms,
-                "new_attempts": outcome.attempts,
-            }
+            values["new_fired_at_ms"] = outcome.at_ms
         elif outcome.kind == OutcomeKind.RETRY:
-            values = {
-                "new_due_ms": outcome.at_ms,
-                "new_attempts": outcome.attempts,
-                "new_last_error": outcome.last_error,
-            }
-        elif outcome.kind == OutcomeKind.FAILED:
-            values = {
-                "new_status": JobStatus.FAILED.value,
-                "new_attempts": outcome.attempts,
-                "new_last_error": outcome.last_error,
-            }
+            values.update(new_due_ms=outcome.at_ms, new_last_error=outcome.last_error)
         else:
-            raise ValueError(f"unknown outcome kind {outcome.kind!r}")
+            values["new_last_error"] = outcome.last_error
         # Only the version that was fired, and only while still scheduled: an outcome
         # of a replaced job, or a second outcome of a finished one, changes nothing.
         values.update(
@@ -717,6 +776,33 @@ class VnodeStore(_SQLiteStore):
             jobs = jobs[:limit]
             return jobs, jobs[-1].id
         return jobs, None
+
+    def _thd_expired(self, fired_before_ms, failed_before_ms, limit):
+        found: list[JobVersion] = []
+        columns = (jobs_table.c.collection, jobs_table.c.id, jobs_table.c.version)
+        with self._thd_transaction() as conn:
+            if fired_before_ms is not None:
+                # A job fires at or after it is due, so the (status, due_ms) index
+                # narrows the scan to candidates; fired_at_ms decides.
+                query = (
+                    select(*columns)
+                    .where(jobs_table.c.status == JobStatus.FIRED.value)
+                    .where(jobs_table.c.due_ms <= fired_before_ms)
+                    .where(jobs_table.c.fired_at_ms <= fired_before_ms)
+                    .order_by(jobs_table.c.due_ms)
+                    .limit(limit)
+                )
+                found.extend(JobVersion(*row) for row in conn.execute(query))
+            if failed_before_ms is not None and len(found) < limit:
+                query = (
+                    select(*columns)
+                    .where(jobs_table.c.status == JobStatus.FAILED.value)
+                    .where(jobs_table.c.due_ms <= failed_before_ms)
+                    .order_by(jobs_table.c.due_ms)
+                    .limit(limit - len(found))
+                )
+                found.extend(JobVersion(*row) for row in conn.execute(query))
+        return found
 
     def _thd_count(self, status):
         query = select(func.count()).select_from(jobs_table)
