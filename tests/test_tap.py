@@ -24,11 +24,15 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(options["advertise"], "127.0.0.1:8101")
         self.assertEqual(options["shards"], 8)
         self.assertFalse(options["no-bootstrap"])
+        self.assertEqual(options["retain-fired-ms"], 7 * 86_400_000)
+        self.assertEqual(options["retain-failed-ms"], 30 * 86_400_000)
+        self.assertEqual(options["wal-segment-bytes"], 64 * 1024 * 1024)
 
     def test_every_option_is_listed_in_help(self):
         text = str(Options())
         for name in ("--node-id", "--data-dir", "--http", "--peer", "--advertise", "--join",
-                     "--shards", "--no-bootstrap"):
+                     "--shards", "--no-bootstrap", "--retain-fired", "--retain-failed",
+                     "--wal-segment-bytes"):
             self.assertIn(name, text)
 
     def test_data_dir_follows_node_id(self):
@@ -42,8 +46,29 @@ class OptionsTests(unittest.TestCase):
             ["--http", "8001"],
             ["--advertise", "nowhere"],
             ["--join", "127.0.0.1:8001"],
+            ["--wal-segment-bytes", "100"],
+            ["--wal-segment-bytes", "1MiB"],
         ):
             self.assertRaises((usage.UsageError, ValueError), parse, *argv)
+
+    def test_durations(self):
+        for text, ms in (("0", 0), ("500ms", 500), ("90s", 90_000), ("15m", 900_000),
+                         ("36h", 129_600_000), ("7d", 604_800_000), ("1.5s", 1500)):
+            self.assertEqual(parse("--retain-fired", text)["retain-fired-ms"], ms)
+        for bad in ("", "7", "-5s", "5 s", "5w", "s", "1e3s", "0s0"):
+            with self.assertRaises(usage.UsageError) as caught:
+                parse("--retain-failed", bad)
+            self.assertIn("--retain-failed", str(caught.exception))
+            self.assertIn("500ms, 90s", str(caught.exception))
+
+    def test_storage_options_reach_the_node(self):
+        options = parse("--data-dir", self.mktemp(), "--retain-fired", "5s",
+                        "--retain-failed", "0", "--wal-segment-bytes", "1048576")
+        node = makeService(options)
+        self.assertEqual(node.wal_segment_bytes, 1048576)
+        self.assertEqual(
+            (node.retention.retain_fired_ms, node.retention.retain_failed_ms), (5000, 0)
+        )
 
     def test_make_service_builds_a_node_without_opening_anything(self):
         options = parse("--node-id", "n7", "--data-dir", self.mktemp(), "--shards", "3",

@@ -29,6 +29,7 @@ class IWriteAheadLog(Interface):
 
     first_index = Attribute("Index of the first record kept, or None when empty.")
     last_index = Attribute("Index of the last record appended (durable or not), 0 when empty.")
+    bytes_on_disk = Attribute("Bytes of durable records in the segment files.")
 
     def open():
         """Recover the log from its directory.
@@ -50,8 +51,12 @@ class IWriteAheadLog(Interface):
     def truncate_suffix(index):
         """Drop every record with index >= ``index`` (a Raft conflict); durable when fired."""
 
-    def drop_prefix(index):
-        """Allow records below ``index`` to go: deletes the segments holding only those."""
+    def drop_prefix(index, seal=False):
+        """Allow records below ``index`` to go: deletes the segments holding only those.
+
+        With ``seal``, the next append starts a new segment when the last one holds
+        records below ``index``, so that a later call can delete it whole.
+        """
 
     def close():
         """Finish pending writes and close the files; fires when done."""
@@ -77,8 +82,18 @@ class IJobStore(Interface):
 
         Entries at or below applied_index are skipped (result None). Fires with one
         result per entry: PutJobs -> list of stored `Job`; DeleteJob -> bool (was there);
-        JobOutcome -> the updated `Job`, or None when stale (another version or absent).
+        JobOutcome -> the updated `Job`, or None when stale (another version or absent);
+        PurgeJobs -> the number of jobs removed.
         """
+
+    def expired(fired_before_ms, failed_before_ms, limit):
+        """Fire with up to ``limit`` `JobVersion` of fired/failed jobs past retention."""
+
+    def checkpoint():
+        """Make every applied entry durable; fire with the applied_index now durable."""
+
+    def disk_bytes():
+        """Fire with the bytes the store's files take on disk."""
 
     def get(collection, job_id):
         """Fire with the `Job`, or None."""
@@ -121,6 +136,12 @@ class IClusterStore(Interface):
 
         PutRoute -> the `Route`; DeleteRoute -> bool (was there); Configure -> the config.
         """
+
+    def checkpoint():
+        """Make every applied entry durable; fire with the applied_index now durable."""
+
+    def disk_bytes():
+        """Fire with the bytes the store's files take on disk."""
 
     def route(route_id):
         """The `Route` with this id, or None (from memory, no I/O)."""

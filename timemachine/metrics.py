@@ -52,6 +52,23 @@ class Metrics:
             buckets=_FSYNC_BUCKETS,
             registry=self.registry,
         )
+        self.jobs_purged = Counter(
+            "timemachine_jobs_purged",
+            "Fired and failed jobs removed when their retention ended.",
+            registry=self.registry,
+        )
+        self.log_bytes = Gauge(
+            "timemachine_log_bytes",
+            "Bytes on disk of a log's segment files (after compaction), by log.",
+            ["log"],
+            registry=self.registry,
+        )
+        self.store_bytes = Gauge(
+            "timemachine_store_bytes",
+            "Bytes on disk of a store's SQLite files, by store (measured at compaction).",
+            ["store"],
+            registry=self.registry,
+        )
         self.jobs_in_memory = Gauge(
             "timemachine_executor_jobs_pending",
             "Due-soon jobs held by the executor.",

@@ -18,7 +18,13 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
+from timemachine.cluster.compaction import Compactor
 from timemachine.cluster.coordinator import Coordinator
+from timemachine.cluster.retention import (
+    DEFAULT_RETAIN_FAILED_MS,
+    DEFAULT_RETAIN_FIRED_MS,
+    Retention,
+)
 from timemachine.cluster.ring import DEFAULT_SHARDS, Ring
 from timemachine.cluster.shardlog import LocalShardLog
 from timemachine.domain.commands import Configure
@@ -29,7 +35,7 @@ from timemachine.http.api import TimeMachineAPI, make_site
 from timemachine.metrics import Metrics
 from timemachine.storage.iothread import IOThread
 from timemachine.storage.store import ClusterStore, VnodeStore
-from timemachine.storage.wal import WriteAheadLog
+from timemachine.storage.wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog
 
 
 class Node(service.Service):
@@ -38,6 +44,10 @@ class Node(service.Service):
     Nothing is opened before `startService`; ``http_endpoint`` is a Twisted endpoint
     description (``tcp:8001:interface=127.0.0.1``) or None to serve no REST port
     (tests drive `api` directly). ``advertise`` is the peer address shown to clients.
+    ``wal_segment_bytes`` sizes every log's segments; ``retain_fired_ms`` and
+    ``retain_failed_ms`` are how long finished jobs stay readable.
+    ``compaction_options`` and ``retention_options`` go to each log's `Compactor`
+    and to the node's `Retention` (tests shorten their periods).
     """
 
     log = Logger()
@@ -52,6 +62,11 @@ class Node(service.Service):
         bootstrap: bool = True,
         executor_options: dict | None = None,
         advertise: str = "127.0.0.1:8101",
+        wal_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        retain_fired_ms: int = DEFAULT_RETAIN_FIRED_MS,
+        retain_failed_ms: int = DEFAULT_RETAIN_FAILED_MS,
+        compaction_options: dict | None = None,
+        retention_options: dict | None = None,
     ):
         self.reactor = reactor
         self.node_id = node_id
@@ -61,10 +76,20 @@ class Node(service.Service):
         self.bootstrap = bootstrap
         self.advertise = advertise
         self.executor_options = executor_options or {}
+        self.shard_logs: dict[int, tuple[LocalShardLog, VnodeStore]] = {}
+        self.wal_segment_bytes = wal_segment_bytes
+        self.compaction_options = compaction_options or {}
         self.metrics = Metrics()
+        self.retention = Retention(
+            reactor,
+            self.shard_logs,
+            retain_fired_ms,
+            retain_failed_ms,
+            metrics=self.metrics,
+            **(retention_options or {}),
+        )
         self.meta_log = None
         self.cluster_store = None
-        self.shard_logs: dict[int, tuple[LocalShardLog, VnodeStore]] = {}
         self.executor = None
         self.publisher = None
         self.coordinator = None
@@ -78,8 +103,25 @@ class Node(service.Service):
 
     def _wal(self, directory):
         return WriteAheadLog(
-            directory, self.reactor, on_fsync=self.metrics.wal_fsync.observe, io=self.wal_io
+            directory,
+            self.reactor,
+            segment_bytes=self.wal_segment_bytes,
+            on_fsync=self.metrics.wal_fsync.observe,
+            io=self.wal_io,
         )
+
+    def _log(self, name, wal_directory, store):
+        """A shard log (or the meta log) over a new WAL, compacted as it grows."""
+        wal = self._wal(wal_directory)
+        compactor = Compactor(
+            name,
+            wal,
+            store,
+            every_bytes=self.wal_segment_bytes,
+            metrics=self.metrics,
+            **self.compaction_options,
+        )
+        return LocalShardLog(name, wal, store, compactor)
 
     def startService(self):
         super().startService()
@@ -101,8 +143,8 @@ class Node(service.Service):
         self.cluster_store = ClusterStore(
             os.path.join(self.data_dir, "meta", "cluster.sqlite"), self.reactor, self.store_io
         )
-        self.meta_log = LocalShardLog(
-            "meta", self._wal(os.path.join(self.data_dir, "meta", "wal")), self.cluster_store
+        self.meta_log = self._log(
+            "meta", os.path.join(self.data_dir, "meta", "wal"), self.cluster_store
         )
         yield self.meta_log.open()
         self.publisher = Publisher(self.reactor)
@@ -121,6 +163,7 @@ class Node(service.Service):
             yield self.meta_log.propose(Ring.single_node(self.node_id, self.initial_shards).config)
         if self.cluster_store.config is not None:
             yield self._open_shards(self.cluster_store.config)
+        self.retention.start()
         self.api = TimeMachineAPI(self.coordinator, self, self.metrics)
         if self.http_endpoint:
             endpoint = endpoints.serverFromString(self.reactor, self.http_endpoint)
@@ -148,9 +191,9 @@ class Node(service.Service):
         for shard in ring.shards_of(self.node_id):
             directory = self._shard_dir(shard)
             os.makedirs(directory, exist_ok=True)
-            log = LocalShardLog(
+            log = self._log(
                 f"shard {shard}",
-                self._wal(os.path.join(directory, "wal")),
+                os.path.join(directory, "wal"),
                 VnodeStore(os.path.join(directory, "jobs.sqlite"), self.reactor, self.store_io),
             )
             yield log.open()
@@ -212,6 +255,7 @@ class Node(service.Service):
                 yield self.port.stopListening()
             if self.executor is not None:
                 yield self.executor.stop()
+            yield self.retention.stop()
             yield self._close_shards()
             if self.meta_log is not None:
                 yield self.meta_log.close()

@@ -8,8 +8,27 @@ from twisted.python import usage
 
 from timemachine.cluster.ring import DEFAULT_SHARDS
 from timemachine.domain.names import ID_ALPHABET
+from timemachine.storage.wal import DEFAULT_SEGMENT_BYTES
 
 _HOST_PORT = re.compile(r"\A[^\s:]+:\d{1,5}\Z")
+_DURATION = re.compile(r"\A(\d+(?:\.\d+)?)(ms|s|m|h|d)\Z")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+# Below a page, most records would get a file (and a directory fsync) of their own.
+_MIN_SEGMENT_BYTES = 4096
+
+
+def parse_duration_ms(text: str) -> int:
+    """Milliseconds of a duration: a number with a unit (``500ms``, ``90s``, ``36h``,
+    ``7d``; also ``m`` for minutes), or ``0``. Raises ValueError otherwise."""
+    if text == "0":
+        return 0
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a duration: a number with a unit (500ms, 90s, 15m, 36h, 7d), or 0"
+        )
+    number, unit = match.groups()
+    return round(float(number) * _UNIT_MS[unit])
 
 
 def _port_of(endpoint: str) -> int | None:
@@ -37,6 +56,10 @@ class Options(usage.Options):
          "[default: host:port of --peer]."],
         ["join", None, None, "HTTP address of any member; the node asks to join on start."],
         ["shards", None, DEFAULT_SHARDS, "Shard count of the cluster this node bootstraps.", int],
+        ["retain-fired", None, "7d", "How long a fired job stays readable (0: purge at once)."],
+        ["retain-failed", None, "30d", "How long a failed job (dead letter) stays readable."],
+        ["wal-segment-bytes", None, DEFAULT_SEGMENT_BYTES,
+         "Size after which a log starts a new segment file.", int],
     ]
 
     def postOptions(self):
@@ -47,6 +70,13 @@ class Options(usage.Options):
             self["data-dir"] = f"./timemachine-data/{node_id}"
         if not 1 <= self["shards"] <= 4096:
             raise usage.UsageError("--shards must be between 1 and 4096")
+        for name in ("retain-fired", "retain-failed"):
+            try:
+                self[f"{name}-ms"] = parse_duration_ms(self[name])
+            except ValueError as e:
+                raise usage.UsageError(f"--{name}: {e}") from None
+        if self["wal-segment-bytes"] < _MIN_SEGMENT_BYTES:
+            raise usage.UsageError(f"--wal-segment-bytes must be at least {_MIN_SEGMENT_BYTES}")
         for name in ("http", "peer"):
             if _port_of(self[name]) is None and not self[name].startswith("unix:"):
                 raise usage.UsageError(f"--{name} must be a tcp: or unix: endpoint string")
@@ -78,4 +108,7 @@ def makeService(options):
         http_endpoint=options["http"],
         bootstrap=not options["no-bootstrap"],
         advertise=options["advertise"],
+        wal_segment_bytes=options["wal-segment-bytes"],
+        retain_fired_ms=options["retain-fired-ms"],
+        retain_failed_ms=options["retain-failed-ms"],
     )

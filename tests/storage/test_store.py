@@ -1,6 +1,7 @@
 """Tests for timemachine.storage.store: real SQLite files, the real reactor, the store's thread."""
 
 import os
+import shutil
 import sqlite3
 
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -14,7 +15,9 @@ from timemachine.domain.commands import (
     DeleteJob,
     DeleteRoute,
     JobOutcome,
+    JobVersion,
     OutcomeKind,
+    PurgeJobs,
     PutJobs,
     PutRoute,
 )
@@ -483,6 +486,84 @@ class VnodeStoreTests(_StoreTestCase):
         yield self.assertFailure(store.restore(self.mktemp()), StorageError)
         self.assertEqual(store.applied_index, 1)
         self.assertIsNotNone((yield store.get("orders", "a")))
+
+    @inlineCallbacks
+    def test_checkpoint_makes_the_applied_index_durable_in_the_database_file(self):
+        """After checkpoint() the database file alone (no -wal beside it, as a power
+        cut can leave a file whose -wal was never synced) holds every applied entry."""
+        path = self.mktemp()
+        store = yield self.vnode(path)
+        yield store.apply([(1, put(spec("a"))), (2, put(spec("b"))), (3, DeleteJob("orders", "a"))])
+        self.assertEqual((yield store.checkpoint()), 3)
+        self.assertEqual(os.path.getsize(path + "-wal"), 0)
+        copy = self.mktemp()
+        shutil.copyfile(path, copy)
+        con = sqlite3.connect(copy)
+        try:
+            applied = con.execute("SELECT value FROM meta WHERE key = 'applied_index'").fetchone()
+            ids = [row[0] for row in con.execute("SELECT id FROM jobs")]
+        finally:
+            con.close()
+        self.assertEqual((applied, ids), (("3",), ["b"]))
+
+    @inlineCallbacks
+    def test_disk_bytes_counts_the_database_and_its_wal(self):
+        path = self.mktemp()
+        store = yield self.vnode(path)
+        yield store.apply([(1, put(*(spec(f"j{i}") for i in range(200))))])
+        files = sum(os.path.getsize(path + s) for s in ("", "-wal", "-shm"))
+        self.assertEqual((yield store.disk_bytes()), files)
+        self.assertGreater(os.path.getsize(path + "-wal"), 0)
+
+    @inlineCallbacks
+    def test_purge_removes_finished_jobs_at_their_version_only(self):
+        store = yield self.vnode()
+        yield store.apply(
+            [
+                (1, put(spec("fired"), spec("failed"), spec("replaced"), spec("scheduled"))),
+                (2, outcome(OutcomeKind.FIRED, "fired", 1)),
+                (3, outcome(OutcomeKind.FAILED, "failed", 1, last_error="404")),
+                (4, outcome(OutcomeKind.FIRED, "replaced", 1)),
+                (5, put(spec("replaced", trigger_ms=9000))),
+            ]
+        )
+        names = [JobVersion("orders", n, 1) for n in ("fired", "failed", "replaced", "scheduled")]
+        [purged] = yield store.apply([(6, PurgeJobs((*names, JobVersion("orders", "absent", 1))))])
+        self.assertEqual(purged, 2)
+        self.assertIsNone((yield store.get("orders", "fired")))
+        self.assertIsNone((yield store.get("orders", "failed")))
+        self.assertEqual((yield store.get("orders", "replaced")).version, 5)
+        self.assertEqual((yield store.get("orders", "scheduled")).status, JobStatus.SCHEDULED)
+
+    @inlineCallbacks
+    def test_expired_picks_finished_jobs_past_their_retention(self):
+        store = yield self.vnode()
+        yield store.apply(
+            [
+                (1, put(*(spec(n, trigger_ms=1000) for n in ("f1", "f2", "late", "x1", "s")))),
+                (2, outcome(OutcomeKind.FIRED, "f1", 1, at_ms=1001)),
+                (3, outcome(OutcomeKind.FIRED, "f2", 1, at_ms=1002)),
+                # Due at 1000 but delivered much later: it is kept from its delivery.
+                (4, outcome(OutcomeKind.FIRED, "late", 1, at_ms=50_000)),
+                (5, outcome(OutcomeKind.RETRY, "x1", 1, at_ms=3000, last_error="503")),
+                (6, outcome(OutcomeKind.FAILED, "x1", 1, attempts=2, at_ms=3100)),
+            ]
+        )
+        self.assertEqual(
+            (yield store.expired(2000, None, 10)),
+            [JobVersion("orders", "f1", 1), JobVersion("orders", "f2", 1)],
+        )
+        self.assertEqual((yield store.expired(1001, None, 10)), [JobVersion("orders", "f1", 1)])
+        self.assertEqual((yield store.expired(2000, None, 1)), [JobVersion("orders", "f1", 1)])
+        # A failed job counts from its last due time (the retry at 3000).
+        self.assertEqual((yield store.expired(None, 2999, 10)), [])
+        self.assertEqual((yield store.expired(None, 3000, 10)), [JobVersion("orders", "x1", 1)])
+        self.assertEqual(
+            [j.id for j in (yield store.expired(60_000, 60_000, 10))], ["f1", "f2", "late", "x1"]
+        )
+        self.assertEqual(
+            [j.id for j in (yield store.expired(60_000, 60_000, 3))], ["f1", "f2", "late"]
+        )
 
     @inlineCallbacks
     def test_closed_store(self):

@@ -390,6 +390,44 @@ class WriteAheadLogTests(unittest.TestCase):
         self.assertEqual((wal.first_index, wal.last_index), (21, 21))
 
     @defer.inlineCallbacks
+    def test_drop_prefix_with_seal_starts_a_new_segment(self):
+        """A compaction cut inside the active segment seals it: the next append opens
+        a new segment, and a later cut past the sealed one deletes it whole."""
+        records = [record(i) for i in range(1, 6)]
+        wal = yield self.open_wal(segment_bytes=100 * RECORD)
+        yield self.append_all(wal, records)
+        yield wal.drop_prefix(4)
+        self.assertEqual(segment_files(self.directory), [segment_name(1)])
+        yield wal.drop_prefix(4, seal=True)
+        yield self.append_all(wal, [record(6), record(7)])
+        self.assertEqual(segment_files(self.directory), [segment_name(1), segment_name(6)])
+        self.assertEqual(wal.bytes_on_disk, 7 * RECORD)
+        yield wal.drop_prefix(7, seal=True)
+        self.assertEqual(wal.first_index, 6)
+        self.assertEqual(segment_files(self.directory), [segment_name(6)])
+        self.assertEqual(wal.bytes_on_disk, 2 * RECORD)
+        self.assertEqual((yield wal.read(1, 10)), [record(6), record(7)])
+        # Segment 6 still holds 7, at the index: sealed, so 8 starts another one.
+        yield wal.append(*record(8))
+        self.assertEqual(segment_files(self.directory), [segment_name(6), segment_name(8)])
+        # A seal with nothing below the index in the active segment changes nothing.
+        yield wal.drop_prefix(8, seal=True)
+        yield wal.append(*record(9))
+        self.assertEqual(segment_files(self.directory), [segment_name(8)])
+
+    @defer.inlineCallbacks
+    def test_bytes_on_disk_follows_appends_drops_and_reopen(self):
+        wal = yield self.open_wal(segment_bytes=3 * RECORD)
+        self.assertEqual(wal.bytes_on_disk, 0)
+        yield self.append_all(wal, [record(i) for i in range(1, 8)])
+        self.assertEqual(wal.bytes_on_disk, 7 * RECORD)
+        yield wal.drop_prefix(5)
+        self.assertEqual(wal.bytes_on_disk, 4 * RECORD)
+        yield wal.close()
+        wal = yield self.open_wal(segment_bytes=3 * RECORD)
+        self.assertEqual(wal.bytes_on_disk, 4 * RECORD)
+
+    @defer.inlineCallbacks
     def test_truncate_below_pending_drop_raises(self):
         records = [record(i) for i in range(1, 11)]
         wal = yield self.open_wal(segment_bytes=3 * RECORD)

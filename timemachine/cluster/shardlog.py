@@ -25,14 +25,20 @@ MAX_APPLY_BATCH = 2000
 
 @implementer(IShardLog)
 class LocalShardLog:
-    """A shard log whose only member is this node."""
+    """A shard log whose only member is this node.
+
+    ``compactor`` (a `timemachine.cluster.compaction.Compactor` of the same WAL and
+    store, or None) is started once the log is open, told of every apply and
+    stopped before the WAL and the store close.
+    """
 
     log = Logger()
 
-    def __init__(self, name: str, wal, store):
+    def __init__(self, name: str, wal, store, compactor=None):
         self.name = name
         self._wal = wal
         self._store = store
+        self._compactor = compactor
         self._listeners = []
         self._answers: dict[int, defer.Deferred] = {}
         self._to_apply: list[tuple[int, object]] = []
@@ -71,6 +77,10 @@ class LocalShardLog:
         # A store restored from a snapshot may be ahead of an emptied WAL.
         self._next_index = max(last, self._store.applied_index) + 1
         self._open = True
+        if self._compactor is not None:
+            compactor = self._compactor
+            self.subscribe(lambda index, command, result: compactor.applied(1))
+            yield compactor.start()
 
     def subscribe(self, listener):
         self._listeners.append(listener)
@@ -163,5 +173,7 @@ class LocalShardLog:
             return
         self._open = False
         yield self.drain()
+        if self._compactor is not None:
+            yield self._compactor.stop()
         yield self._wal.close()
         yield self._store.close()

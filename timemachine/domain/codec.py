@@ -9,7 +9,9 @@ from timemachine.domain.commands import (
     DeleteJob,
     DeleteRoute,
     JobOutcome,
+    JobVersion,
     OutcomeKind,
+    PurgeJobs,
     PutJobs,
     PutRoute,
 )
@@ -78,6 +80,15 @@ def command_to_pb(command: Command) -> pb.Command:
                 last_error=command.last_error or "",
             )
         )
+    if isinstance(command, PurgeJobs):
+        return pb.Command(
+            purge_jobs=pb.PurgeJobs(
+                jobs=[
+                    pb.JobVersion(collection=j.collection, id=j.id, version=j.version)
+                    for j in command.jobs
+                ]
+            )
+        )
     if isinstance(command, PutRoute):
         return pb.Command(put_route=_route_to_pb(command.route))
     if isinstance(command, DeleteRoute):
@@ -113,6 +124,10 @@ def command_from_pb(msg: pb.Command) -> Command:
         return JobOutcome(
             OutcomeKind(o.kind), o.collection, o.id, o.version, o.attempts, o.at_ms,
             o.last_error or None,
+        )
+    if kind == "purge_jobs":
+        return PurgeJobs(
+            tuple(JobVersion(j.collection, j.id, j.version) for j in msg.purge_jobs.jobs)
         )
     if kind == "put_route":
         return PutRoute(_route_from_pb(msg.put_route))

@@ -124,6 +124,10 @@ class _SegmentFiles:
         # The descriptor of the segment being appended to, kept open between batches.
         self._fd: int | None = None
         self._fd_path: str | None = None
+        # Set by a compaction that could not delete the active segment because it
+        # still holds records above the cut: the next append starts a new segment, so
+        # the old one can go whole once the cut passes its last record.
+        self._sealed = False
 
     # -- recovery ---------------------------------------------------------------------
 
@@ -202,7 +206,7 @@ class _SegmentFiles:
             )
         # Each chunk is (segment, is_new, encoded records, their offsets in the file).
         chunks: list[tuple[_Segment, bool, list[bytes], array]] = []
-        segment = self._segments[-1] if self._segments else None
+        segment = self._segments[-1] if self._segments and not self._sealed else None
         size = segment.size if segment else 0
         parts: list[bytes] = []
         offsets = array("Q")
@@ -239,6 +243,7 @@ class _SegmentFiles:
             seconds += time.monotonic() - started
 
         # Durable: only now may readers (and the next batch) see these records.
+        self._sealed = False
         for segment, is_new, parts, offsets in chunks:
             if is_new:
                 self._segments.append(segment)
@@ -262,15 +267,25 @@ class _SegmentFiles:
         if unlinked:
             self._fsync_directory()
 
-    def drop_prefix(self, index: int) -> int | None:
-        """Delete the segments holding only records below ``index``; the new first index."""
+    def drop_prefix(self, index: int, seal: bool = False) -> int | None:
+        """Delete the segments holding only records below ``index``; the new first index.
+
+        With ``seal``, an active segment that keeps records below ``index`` takes no
+        more appends, so that a later cut can delete it whole.
+        """
         unlinked = False
         while self._segments and self._segments[0].last_index < index:
             self._unlink(self._segments.pop(0))
             unlinked = True
         if unlinked:
             self._fsync_directory()
+        if seal and self._segments and self._segments[-1].first_index < index:
+            self._sealed = True
         return self.first_index
+
+    def disk_bytes(self) -> int:
+        """Bytes of durable records in the segment files."""
+        return sum(segment.size for segment in self._segments)
 
     def close(self) -> None:
         """Close the open descriptor."""
@@ -423,6 +438,8 @@ class WriteAheadLog:
 
         self.first_index: int | None = None
         self.last_index = 0
+        # Bytes in the segment files after the last operation that finished.
+        self.bytes_on_disk = 0
 
         self._queue: deque[_Operation] = deque()
         # The batch at the tail of the queue that appends still join; None once it has
@@ -461,6 +478,7 @@ class WriteAheadLog:
 
         def recovered(indexes: tuple[int | None, int]) -> None:
             self.first_index, self.last_index = indexes
+            self.bytes_on_disk = self._files.disk_bytes()
             self._ready = True
 
         def failed(failure: Failure) -> Failure:
@@ -551,12 +569,15 @@ class WriteAheadLog:
             self.last_index = index - 1
         return self._enqueue(lambda: self._files.truncate_suffix(index))
 
-    def drop_prefix(self, index: int) -> defer.Deferred:
+    def drop_prefix(self, index: int, seal: bool = False) -> defer.Deferred:
         """Delete the segments holding only records below ``index``; fires with None.
 
         The segment holding ``last_index`` stays unless every record is below
         ``index``, in which case the log becomes empty at once. ``first_index`` moves
-        to the first record left when this fires.
+        to the first record left when this fires. With ``seal`` (compaction), a
+        segment that stays but holds records below ``index`` is closed to appends: the
+        next append starts a new segment, so the cut is not held back by the segment
+        size.
         """
         self._check_open()
         refused = self._refusal()
@@ -576,7 +597,7 @@ class WriteAheadLog:
             if generation == self._generation and first_index is not None:
                 self.first_index = first_index
 
-        return self._enqueue(lambda: self._files.drop_prefix(index), on_success=dropped)
+        return self._enqueue(lambda: self._files.drop_prefix(index, seal), on_success=dropped)
 
     def close(self) -> defer.Deferred:
         """Write the pending appends, close the files, stop the writer thread."""
@@ -652,6 +673,8 @@ class WriteAheadLog:
                 _log.failure("write-ahead log write failed; refusing further writes", result)
             self._fail(operation, error)
         else:
+            # Nothing of this log runs in the writer thread now: its state is stable.
+            self.bytes_on_disk = self._files.disk_bytes()
             if operation.on_success is not None:
                 operation.on_success(result)
             for d in operation.deferreds:
