@@ -1,4 +1,8 @@
-"""The protobuf form of commands: the bytes of log entries (`encode_command`)."""
+"""The protobuf form of commands: the bytes of log entries (`encode_command`).
+
+Decoding builds values with `from_record`: a log entry was validated when it was
+proposed, and must replay after a rule has been tightened.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from timemachine.domain.commands import (
     PutRoute,
 )
 from timemachine.domain.jobs import JobSpec
+from timemachine.domain.records import from_record
 from timemachine.domain.routes import Route
 
 
@@ -35,7 +40,8 @@ def _route_to_pb(route: Route) -> pb.Route:
 
 
 def _route_from_pb(msg: pb.Route) -> Route:
-    return Route(
+    return from_record(
+        Route,
         id=msg.id,
         type=msg.type,
         webhook_url=msg.webhook_url,
@@ -111,11 +117,14 @@ def command_from_pb(msg: pb.Command) -> Command:
     """The command a protobuf `Command` holds."""
     kind = msg.WhichOneof("kind")
     if kind == "put_jobs":
-        return PutJobs(
+        return from_record(
+            PutJobs,
             tuple(
-                JobSpec(j.collection, j.id, j.trigger_ms, j.meta.decode("utf-8"), j.route)
+                from_record(
+                    JobSpec, j.collection, j.id, j.trigger_ms, j.meta.decode("utf-8"), j.route
+                )
                 for j in msg.put_jobs.jobs
-            )
+            ),
         )
     if kind == "delete_job":
         return DeleteJob(msg.delete_job.collection, msg.delete_job.id)
@@ -126,8 +135,9 @@ def command_from_pb(msg: pb.Command) -> Command:
             o.last_error or None,
         )
     if kind == "purge_jobs":
-        return PurgeJobs(
-            tuple(JobVersion(j.collection, j.id, j.version) for j in msg.purge_jobs.jobs)
+        return from_record(
+            PurgeJobs,
+            tuple(JobVersion(j.collection, j.id, j.version) for j in msg.purge_jobs.jobs),
         )
     if kind == "put_route":
         return PutRoute(_route_from_pb(msg.put_route))
@@ -138,7 +148,7 @@ def command_from_pb(msg: pb.Command) -> Command:
         placement = [()] * len(c.placement)
         for p in c.placement:
             placement[p.shard] = tuple(p.replicas)
-        return Configure(c.shards, c.replicas, tuple(placement))
+        return from_record(Configure, c.shards, c.replicas, tuple(placement))
     raise ValueError("empty command record")
 
 

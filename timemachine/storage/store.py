@@ -66,6 +66,7 @@ from timemachine.domain.commands import (
 )
 from timemachine.domain.errors import InvalidField, StorageError
 from timemachine.domain.jobs import Job, JobStatus, status_after_delivery
+from timemachine.domain.records import from_record
 from timemachine.domain.routes import Route
 from timemachine.interfaces import IClusterStore, IJobStore
 from timemachine.storage.durable import fsync_path
@@ -822,7 +823,9 @@ class _ClusterState(NamedTuple):
 
 def _config_from_row(row) -> Configure:
     shards, replicas, placement = row
-    return Configure(shards, replicas, tuple(tuple(p) for p in json.loads(placement)))
+    return from_record(
+        Configure, shards, replicas, tuple(tuple(p) for p in json.loads(placement))
+    )
 
 
 @implementer(IClusterStore)
@@ -871,7 +874,7 @@ class ClusterStore(_SQLiteStore):
 
     def _thd_load_state(self, conn) -> _ClusterState:
         routes = {
-            route_id: Route(**json.loads(spec))
+            route_id: from_record(Route, **json.loads(spec))
             for route_id, spec in conn.execute(select(routes_table.c.id, routes_table.c.spec))
         }
         row = conn.execute(

@@ -1,0 +1,96 @@
+"""A log written under yesterday's rules replays, and its stores load, under today's.
+
+The records below break rules the HTTP boundary enforces now (a webhook port out of
+range, a job id with a space, a meta over the size limit, a timeout of 0); they stand
+for anything written before a rule was tightened. Real WAL files, real SQLite stores.
+"""
+
+import os
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from timemachine.cluster.shardlog import LOCAL_TERM, LocalShardLog
+from timemachine.domain.codec import decode_command, encode_command
+from timemachine.domain.commands import Configure, PutJobs, PutRoute
+from timemachine.domain.errors import InvalidField
+from timemachine.domain.jobs import MAX_META_BYTES, JobSpec
+from timemachine.domain.records import from_record
+from timemachine.domain.routes import Route
+from timemachine.storage.store import ClusterStore, VnodeStore
+from timemachine.storage.wal import WriteAheadLog
+
+OLD_ROUTE = from_record(Route, "old", "http", webhook_url="http://hooks:99999/\tx", timeout_ms=0)
+OLD_META = '"' + "x" * MAX_META_BYTES + '"'
+OLD_JOB = from_record(JobSpec, "c", "old id", 2_000_000_000_000, OLD_META, "old")
+# A shard count above today's limit: the cluster settings replay as written.
+OLD_CONFIG = from_record(Configure, 5000, 1, ())
+
+
+class RecordsTests(unittest.TestCase):
+    def test_the_old_records_break_todays_rules(self):
+        with self.assertRaises(InvalidField):
+            Route(OLD_ROUTE.id, OLD_ROUTE.type, webhook_url=OLD_ROUTE.webhook_url)
+        with self.assertRaises(InvalidField):
+            JobSpec(
+                *(getattr(OLD_JOB, f) for f in ("collection", "id", "trigger_ms", "meta", "route"))
+            )
+        with self.assertRaises(InvalidField):
+            Configure(5000, 1)
+
+    def test_decoding_does_not_validate(self):
+        for command in [PutRoute(OLD_ROUTE), PutJobs((OLD_JOB,)), OLD_CONFIG]:
+            self.assertEqual(decode_command(encode_command(command)), command)
+
+    def test_from_record_takes_what_the_constructor_takes(self):
+        self.assertEqual(
+            from_record(Route, "r", "http", webhook_url="http://h/"),
+            Route("r", "http", webhook_url="http://h/"),
+        )
+        with self.assertRaises(TypeError):
+            from_record(Route, "r")
+        with self.assertRaises(TypeError):
+            from_record(Route, "r", "http", colour="red")
+        with self.assertRaises(TypeError):
+            from_record(Route, "r", "http", id="s")
+
+
+class ReplayTests(unittest.TestCase):
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+
+    @defer.inlineCallbacks
+    def write_wal(self, name, commands):
+        wal = WriteAheadLog(os.path.join(self.directory, name), reactor)
+        yield wal.open()
+        for index, command in enumerate(commands, 1):
+            yield wal.append(index, LOCAL_TERM, encode_command(command))
+        yield wal.close()
+
+    @defer.inlineCallbacks
+    def open_log(self, name, store):
+        log = LocalShardLog(name, WriteAheadLog(os.path.join(self.directory, name), reactor), store)
+        yield log.open()
+        return log
+
+    @defer.inlineCallbacks
+    def test_meta_log_replays_and_its_store_reloads(self):
+        yield self.write_wal("meta", [PutRoute(OLD_ROUTE), OLD_CONFIG])
+        path = os.path.join(self.directory, "cluster.sqlite")
+        for _ in ("replayed from the WAL", "loaded from the store"):
+            log = yield self.open_log("meta", ClusterStore(path, reactor))
+            self.assertEqual(log.applied_index, 2)
+            self.assertEqual(log.store.route("old"), OLD_ROUTE)
+            self.assertEqual(log.store.config, OLD_CONFIG)
+            yield log.close()
+
+    @defer.inlineCallbacks
+    def test_shard_log_replays_a_job_of_yesterdays_rules(self):
+        yield self.write_wal("shard", [PutJobs((OLD_JOB,))])
+        log = yield self.open_log(
+            "shard", VnodeStore(os.path.join(self.directory, "j.sqlite"), reactor)
+        )
+        self.addCleanup(log.close)
+        self.assertEqual(log.applied_index, 1)
+        job = yield log.store.get("c", "old id")
+        self.assertEqual((job.meta, job.version), (OLD_META, 1))
