@@ -29,7 +29,14 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from timemachine.domain.errors import InvalidField, TimeMachineError
 from timemachine.domain.names import MAX_COLLECTION, check_name
-from timemachine.http.api import MAX_BATCH, job_spec, make_site, read_json, respond
+from timemachine.http.api import (
+    JOB_RAW_MEMBERS,
+    MAX_BATCH,
+    job_spec,
+    make_site,
+    read_json,
+    respond,
+)
 from timemachine.metrics import Metrics
 
 
@@ -49,7 +56,7 @@ class NoopAPI:
     @app.route("/job/<collection>", methods=["POST"])
     async def create_jobs(self, request, collection):
         check_name("collection", collection, MAX_COLLECTION)
-        body = read_json(request)
+        body = read_json(request, JOB_RAW_MEMBERS)
         if isinstance(body, list):
             return self._create_batch(request, collection, body)
         job_spec(collection, body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 
 from treq.client import HTTPClient
 from treq.testing import StubTreq
@@ -17,11 +18,13 @@ from twisted.web.client import UNKNOWN_LENGTH, Agent, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from tests.support import free_port
+from tests.support import fill_disk_under, free_port
 from timemachine.cluster.ring import shard_of
+from timemachine.domain.errors import StorageError
 from timemachine.domain.jobs import MAX_META_BYTES
 from timemachine.http.api import MAX_BATCH, MAX_BODY_BYTES
 from timemachine.node import Node
+from timemachine.storage.wal import segment_name
 
 HOUR_MS = 3600 * 1000
 SHARDS = 4
@@ -320,6 +323,18 @@ class RouteTests(APITestCase):
             ({"id": "r", "type": "http", "webhook_url": "ftp://x/"}, "webhook_url"),
             ({"id": "r", "type": "http"}, "webhook_url"),
             ({"id": "r", "type": "redis", "redis_url": "http://x"}, "redis_url"),
+            ({"id": "r", "type": "http", "webhook_url": "http://x:99999/"}, "webhook_url"),
+            ({"id": "r", "type": "http", "webhook_url": "http://x:0/"}, "webhook_url"),
+            ({"id": "r", "type": "http", "webhook_url": "http://x/\x00"}, "webhook_url"),
+            ({"id": "r", "type": "http", "webhook_url": "http://x/a\nb"}, "webhook_url"),
+            (
+                {"id": "r", "type": "redis", "redis_url": "redis://h:1/zero", "key": "k"},
+                "redis_url",
+            ),
+            (
+                {"id": "r", "type": "redis", "redis_url": "redis://h:65536/0", "key": "k"},
+                "redis_url",
+            ),
             ({"id": "r", "type": "redis", "redis_url": "redis://h:1/0"}, "key"),
             (
                 {
@@ -412,11 +427,28 @@ class JobTests(APITestCase):
             self.assertEqual(job["meta"], meta)
 
     @defer.inlineCallbacks
-    def test_meta_is_stored_as_compact_json(self):
-        yield self.ok("POST", "/job/orders", self.job("a", meta={"a": [1, 2], "b": "é"}))
+    def test_meta_is_stored_and_shown_as_the_clients_text(self):
+        meta = '{"z": 1.0e2, "a": [0.10, -0, 1E3], "e": "caf\\u00e9 é \\/", "n": null}'
+        for job_id, data in [
+            ("a", f'{{"id": "a", "trigger_ms": {now_ms() + HOUR_MS}, "route": "billing",'
+             f' "meta": {meta}}}'),
+            ("b", f'[{{"id": "b", "trigger_ms": {now_ms() + HOUR_MS}, "route": "billing",'
+             f' "meta":  {meta} }}]'),
+        ]:
+            yield self.ok("POST", "/job/orders", data=data.encode("utf-8"))
+            _, store = self.node.shard_logs[shard_of(job_id, SHARDS)]
+            job = yield store.get("orders", job_id)
+            self.assertEqual(job.meta, meta)
+            answer = yield self.call("GET", f"/job/orders/{job_id}")
+            self.assertIn(f'"meta": {meta}}}'.encode(), answer.raw)
+            self.assertEqual(answer.body["meta"]["z"], 100.0)
+            page = yield self.call("GET", "/job/orders?limit=10")
+            self.assertIn(f'"meta": {meta}}}'.encode(), page.raw)
+        put = f'{{"trigger_ms": {now_ms() + HOUR_MS}, "route": "billing", "meta": 0.10}}'
+        yield self.ok("PUT", "/job/orders/a", data=put.encode())
         _, store = self.node.shard_logs[shard_of("a", SHARDS)]
         job = yield store.get("orders", "a")
-        self.assertEqual(job.meta, '{"a":[1,2],"b":"é"}')
+        self.assertEqual(job.meta, "0.10")
 
     @defer.inlineCallbacks
     def test_meta_size_limit(self):
@@ -559,10 +591,24 @@ class JobTests(APITestCase):
             b"   ",
             b"{'id': 'a'}",
             b'{"id": "a", "meta": NaN}',
+            b'{"id": "a", "trigger_ms": 1, "route": "billing", "meta": 1e400}',
+            b'{"id": "a", "trigger_ms": 1e400, "route": "billing"}',
+            b'{"id": "a", "trigger_ms": 1, "route": "billing", "meta": [-Infinity]}',
+            b'[{"id": "a", "trigger_ms": 1, "route": "billing", "meta": {"x": 1E999}}]',
+            b'{"id": "a", "trigger_ms": 1, "route": "billing", "meta": ' + b"7" * 5000 + b"}",
+            b'{"id": "a", "trigger_ms": ' + b"7" * 5000 + b', "route": "billing"}',
             b"\xff\xfe{}",
             b'{"id": "a", "meta": "\\ud800"}',
         ]:
             yield self.error("POST", "/job/orders", data=data, code="E_BAD_JSON")
+            yield self.error("PUT", "/job/orders/a", data=data, code="E_BAD_JSON")
+        yield self.error(
+            "POST",
+            "/route",
+            data=b'{"id": "r", "type": "http", "webhook_url": "http://x/", "timeout_ms": 1e400}',
+            code="E_BAD_JSON",
+        )
+        yield self.error("POST", "/cluster/configure", data=b'{"shards": 1e999}', code="E_BAD_JSON")
         yield self.assert_no_job("orders", "a")
         self.assertEqual((yield self.list_ids("orders")), [])
 
@@ -705,6 +751,26 @@ class BatchTests(APITestCase):
         self.assertTrue(all(r["status"] == "ok" for r in body["results"]))
         self.assertEqual(len({shard_of(item["id"], SHARDS) for item in items}), SHARDS)
         self.assertEqual(len((yield self.list_ids("orders"))), 200)
+
+    @defer.inlineCallbacks
+    def test_a_shard_that_fails_answers_for_its_own_items_only(self):
+        in_shard_0 = [f"job-{i}" for i in range(100) if shard_of(f"job-{i}", SHARDS) == 0]
+        yield self.ok("POST", "/job/orders", self.job(in_shard_0[0]))
+        # Shard 0's disk fills up: its log fails the write, the other shards' logs do not.
+        fill_disk_under(os.path.join(self.node.data_dir, "shards", "0", "wal", segment_name(1)))
+        items = [self.job(f"job-{i}") for i in range(40)]
+        body = yield self.ok("POST", "/job/orders", items)
+        self.flushLoggedErrors(OSError, StorageError)
+        outcomes = {r["id"]: (r["status"], r.get("code")) for r in body["results"]}
+        self.assertEqual(list(outcomes), [item["id"] for item in items])
+        for job_id, outcome in outcomes.items():
+            if job_id in in_shard_0:
+                self.assertEqual(outcome, ("error", "E_UNAVAILABLE"), job_id)
+            else:
+                self.assertEqual(outcome, ("ok", None), job_id)
+                yield self.ok("GET", f"/job/orders/{job_id}")
+        self.assertIn(("error", "E_UNAVAILABLE"), outcomes.values())
+        self.assertIn(("ok", None), outcomes.values())
 
 
 class ListTests(APITestCase):

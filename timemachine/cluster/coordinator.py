@@ -11,6 +11,7 @@ import heapq
 from collections import defaultdict
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from timemachine.domain.commands import DeleteJob, DeleteRoute, PutJobs, PutRoute
 from timemachine.domain.errors import (
@@ -18,6 +19,7 @@ from timemachine.domain.errors import (
     NotFound,
     TimeMachineError,
     TriggerInPast,
+    Unavailable,
     UnknownRoute,
 )
 from timemachine.domain.jobs import Job, JobSpec
@@ -33,6 +35,8 @@ class Coordinator:
     ``shards`` maps shard number -> (log, store) for the shards this node serves;
     ``meta_log`` / ``cluster_store`` are the meta group's log and state machine.
     """
+
+    log = Logger()
 
     def __init__(self, reactor, node_id, ring, shards, meta_log, cluster_store, metrics=None):
         self._reactor = reactor
@@ -80,7 +84,9 @@ class Coordinator:
         """Create or replace a batch; each item is a `JobSpec` or a `TimeMachineError`.
 
         Fires with one entry per item, in order: a stored `Job` or the item's error.
-        Items are grouped into one proposal per shard, proposed concurrently.
+        Items are grouped into one proposal per shard, proposed concurrently; a shard
+        that fails answers its own items (a storage failure as `Unavailable`), and
+        the others' items stand.
         """
         results: list = list(items)
         by_shard: dict[int, list[int]] = defaultdict(list)
@@ -98,7 +104,7 @@ class Coordinator:
             log, _ = self.shards[shard]
             d = log.propose(PutJobs(tuple(items[p] for p in positions)))
             d.addCallback(lambda index_jobs: (positions, index_jobs[1], None))
-            d.addErrback(lambda failure: (positions, None, failure.value))
+            d.addErrback(lambda failure: (positions, None, self._item_error(shard, failure)))
             return d
 
         answers = yield defer.gatherResults(
@@ -107,8 +113,6 @@ class Coordinator:
         created = 0
         for positions, jobs, error in answers:
             if error is not None:
-                if not isinstance(error, TimeMachineError):
-                    raise error
                 for p in positions:
                     results[p] = error
                 continue
@@ -118,6 +122,15 @@ class Coordinator:
             created += len(positions)
         self._count_created(created)
         return results
+
+    def _item_error(self, shard: int, failure) -> TimeMachineError:
+        """What the items of a failed shard proposal answer."""
+        if isinstance(failure.value, TimeMachineError):
+            return failure.value
+        # A local disk or store failure: logged here with its details, which the
+        # client does not get (as the API does for a request that fails whole).
+        self.log.failure("shard {shard} failed a batch write", failure, shard=shard)
+        return Unavailable(f"shard {shard} cannot store jobs now (storage failure)")
 
     def _count_created(self, n: int):
         if self._metrics is not None:

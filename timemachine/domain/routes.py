@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from timemachine.domain.errors import InvalidField
 from timemachine.domain.names import MAX_ROUTE_ID, check_int, check_name
@@ -16,6 +18,73 @@ MAX_BACKOFF_MS = 5 * 60 * 1000
 
 ROUTE_TYPES = ("http", "redis")
 REDIS_MODES = ("xadd", "lpush", "publish")
+DEFAULT_REDIS_PORT = 6379
+
+# C0 controls, space, DEL and C1 controls: never part of a URL (RFC 3986 section 2),
+# and urlsplit would silently drop a tab or newline rather than refuse it.
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f-\x9f]")
+# A registered name (RFC 3986 section 3.2.2): unreserved, percent-encoded, sub-delims.
+_REG_NAME = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=]+")
+
+
+def _split_url(url, schemes: tuple[str, ...]) -> SplitResult:
+    """``url`` split into its parts, each checked; raises ValueError saying what is wrong.
+
+    The scheme is one of ``schemes``, the host a name or an IP address, the port (if
+    any) 1-65535, and no character is a control character or a space.
+    """
+    if not isinstance(url, str):
+        raise ValueError("must be a string")
+    bad = _NOT_IN_URL.search(url)
+    if bad is not None:
+        raise ValueError(f"holds a control character or space at position {bad.start()}")
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        raise ValueError(f"must start with {' or '.join(s + '://' for s in schemes)}")
+    host = parts.hostname
+    if not host:
+        raise ValueError("has no host")
+    if ":" in host:
+        ipaddress.IPv6Address(host.partition("%")[0])
+    elif not _REG_NAME.fullmatch(host):
+        raise ValueError(f"host {host!r} is not a host name or IP address")
+    port = parts.port  # raises ValueError when not a number or above 65535
+    if port == 0:
+        raise ValueError("port must be between 1 and 65535")
+    return parts
+
+
+def check_webhook_url(url) -> None:
+    """Raise ValueError unless ``url`` is a complete http:// or https:// URL."""
+    _split_url(url, ("http", "https"))
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """A parsed ``redis://[[user]:password@]host[:port][/db]``."""
+
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url) -> RedisAddress:
+        """The address ``url`` names; raises ValueError saying what is wrong."""
+        parts = _split_url(url, ("redis",))
+        db = parts.path.strip("/") or "0"
+        if not (db.isascii() and db.isdigit()):
+            raise ValueError(f"database {db!r} is not a number")
+        if parts.query or parts.fragment:
+            raise ValueError("takes no query or fragment")
+        return cls(
+            host=parts.hostname,
+            port=parts.port or DEFAULT_REDIS_PORT,
+            db=int(db),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password is not None else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +107,15 @@ class Route:
         if self.type not in ROUTE_TYPES:
             raise InvalidField("type", "must be 'http' (or 'REST') or 'redis'")
         if self.type == "http":
-            if not isinstance(self.webhook_url, str) or not re.match(
-                r"\Ahttps?://[^\s/]+", self.webhook_url
-            ):
-                raise InvalidField("webhook_url", "must be an http:// or https:// URL")
+            try:
+                check_webhook_url(self.webhook_url)
+            except ValueError as e:
+                raise InvalidField("webhook_url", f"is not a usable URL: {e}") from None
         else:
-            if not isinstance(self.redis_url, str) or not re.match(
-                r"\Aredis://[^\s/]+", self.redis_url
-            ):
-                raise InvalidField("redis_url", "must be a redis://host:port/db URL")
+            try:
+                RedisAddress.parse(self.redis_url)
+            except ValueError as e:
+                raise InvalidField("redis_url", f"is not a redis://host:port/db URL: {e}") from None
             if not isinstance(self.key, str) or not self.key or len(self.key) > 1024:
                 raise InvalidField("key", "must be a non-empty string of at most 1024 bytes")
             if self.mode not in REDIS_MODES:

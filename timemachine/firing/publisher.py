@@ -18,7 +18,6 @@ import json
 from dataclasses import dataclass
 from datetime import timezone
 from http.cookiejar import DefaultCookiePolicy
-from urllib.parse import unquote, urlsplit
 
 import treq
 import txredisapi
@@ -34,7 +33,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProduce
 from zope.interface import implementer
 
 from timemachine.domain.jobs import Job
-from timemachine.domain.routes import Route
+from timemachine.domain.routes import RedisAddress, Route
 from timemachine.interfaces import IPublisher
 
 # How much of a receiver's answer goes into an error message.
@@ -227,7 +226,7 @@ class Publisher:
         retrying would only delay the dead letter that tells an operator to fix it.
         """
         try:
-            target = _RedisTarget.parse(route.redis_url)
+            target = RedisAddress.parse(route.redis_url)
         except ValueError as e:
             return Failed(f"bad redis_url: {e}")
         link = self._redis.get(route.redis_url)
@@ -247,13 +246,10 @@ class Publisher:
             for name, value in [*fields.items(), ("meta", job.meta)]:
                 command += [name, value]
         else:
-            try:
-                meta = json.loads(job.meta)
-            except ValueError:
-                return Failed("meta is not valid JSON")
-            message = json.dumps(
-                {**fields, "meta": meta}, separators=(",", ":"), ensure_ascii=False
-            )
+            # meta is spliced in as stored: decoding and encoding it again would
+            # rewrite the client's numbers, escapes and key order.
+            head = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+            message = f'{head[:-1]},"meta":{job.meta}}}'
             command = ["LPUSH" if route.mode == "lpush" else "PUBLISH", route.key, message]
         try:
             protocol = await self._until(
@@ -430,33 +426,6 @@ def _classify_redis_reply(e: txredisapi.ResponseError) -> Outcome:
     return Failed(f"redis: {message}")
 
 
-@dataclass(frozen=True, slots=True)
-class _RedisTarget:
-    """A parsed ``redis://[[user]:password@]host[:port][/db]``."""
-
-    host: str
-    port: int
-    db: int
-    username: str | None
-    password: str | None
-
-    @classmethod
-    def parse(cls, url: str) -> _RedisTarget:
-        parts = urlsplit(url)
-        if parts.scheme != "redis" or not parts.hostname:
-            raise ValueError(f"{url!r} is not redis://host:port/db")
-        db = parts.path.strip("/") or "0"
-        if not db.isdigit():
-            raise ValueError(f"database {db!r} is not a number")
-        return cls(
-            host=parts.hostname,
-            port=parts.port or 6379,  # .port raises ValueError when out of range
-            db=int(db),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password is not None else None,
-        )
-
-
 class _RedisSetupError(Exception):
     """The server refused AUTH or SELECT of a new connection."""
 
@@ -471,7 +440,7 @@ class _RedisSetup(Factory):
 
     isLazy = False
 
-    def __init__(self, reactor, target: _RedisTarget):
+    def __init__(self, reactor, target: RedisAddress):
         self._reactor = reactor
         self._target = target
         self.ready = defer.Deferred()
@@ -512,7 +481,7 @@ class _RedisLink:
     many deliveries at once.
     """
 
-    def __init__(self, reactor, target: _RedisTarget):
+    def __init__(self, reactor, target: RedisAddress):
         self._reactor = reactor
         self._target = target
         self._protocol: txredisapi.RedisProtocol | None = None

@@ -7,8 +7,9 @@ the end of `TimeMachineAPI`, the one place that maps exceptions to statuses.
 
 Choices this module makes where API.md leaves room:
 
-* A job without ``meta`` carries JSON ``null``. ``meta`` is stored as compact JSON
-  text (no spaces, non-ASCII kept as is) and delivered as that text.
+* A job without ``meta`` carries JSON ``null``. ``meta`` is stored as the client's
+  JSON text of it, from its first to its last character, and delivered and shown
+  (GET) as that text.
 * ``trigger_ms`` must be a JSON integer. ``trigger_time`` is either a JSON integer
   (epoch ms) or an RFC 3339 string with a ``Z`` or ``+hh:mm`` offset; fractions of a
   millisecond are truncated. Giving both fields is an error.
@@ -34,7 +35,6 @@ from werkzeug import exceptions as http_exceptions
 
 from timemachine.domain.commands import Configure
 from timemachine.domain.errors import (
-    BadJSON,
     InvalidField,
     StorageError,
     TimeMachineError,
@@ -44,6 +44,7 @@ from timemachine.domain.errors import (
 from timemachine.domain.jobs import Job, JobSpec, JobStatus
 from timemachine.domain.names import MAX_COLLECTION, MAX_JOB_ID, MAX_ROUTE_ID, check_name
 from timemachine.domain.routes import Route
+from timemachine.http.parsing import decode_json
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_NODE_ID = 128
@@ -72,8 +73,8 @@ _RFC3339 = re.compile(
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MILLISECOND = timedelta(milliseconds=1)
 _LIMIT = re.compile(r"\A[0-9]{1,9}\Z")
-# Only a body with a \uD800-\uDFFF escape can decode to a lone surrogate.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# A job body's members kept as the client's JSON text.
+JOB_RAW_MEMBERS = frozenset({"meta"})
 
 
 # ---- the request body limit ------------------------------------------------------------
@@ -144,52 +145,35 @@ def make_site(api: TimeMachineAPI, metrics) -> server.Site:
 # ---- parsing ------------------------------------------------------------------------------
 
 
-def _refuse_nan(constant: str):
-    raise BadJSON(f"{constant} is not valid JSON")
+def read_json(request, raw_members: frozenset[str] = frozenset()):
+    """The JSON value of the request body; raises `TooLarge` or `BadJSON`.
 
-
-def read_json(request):
-    """The JSON value of the request body; raises `TooLarge` or `BadJSON`."""
+    Members named in ``raw_members`` come as `JSONText` (see `decode_json`).
+    """
     if getattr(request, "body_too_large", False):
         raise TooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
     # A request not made by `LimitedRequest` (tests over `resource()`) is checked here.
     data = request.content.read(MAX_BODY_BYTES + 1)
     if len(data) > MAX_BODY_BYTES:
         raise TooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
-    if not data.strip():
-        raise BadJSON("request body is empty: a JSON value is expected")
-    try:
-        value = json.loads(data.decode("utf-8"), parse_constant=_refuse_nan)
-    except UnicodeDecodeError as e:
-        raise BadJSON(f"request body is not UTF-8: {e}") from None
-    except json.JSONDecodeError as e:
-        raise BadJSON(f"request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise BadJSON("request body is nested too deeply") from None
-    if _SURROGATE_ESCAPE.search(data):
-        # Valid JSON syntax, but text that cannot be stored or delivered as UTF-8.
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadJSON("request body holds an unpaired UTF-16 surrogate escape") from None
-    return value
+    return decode_json(data, raw_members)
 
 
-def read_object(request) -> dict:
+def read_object(request, raw_members: frozenset[str] = frozenset()) -> dict:
     """The request body, which must be a JSON object."""
-    body = read_json(request)
+    body = read_json(request, raw_members)
     if not isinstance(body, dict):
         raise InvalidField("body", "must be a JSON object")
     return body
 
 
-def meta_text(value) -> str:
-    """The stored (and delivered) form of a job's ``meta``: compact JSON text."""
-    try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    except RecursionError:
-        raise InvalidField("meta", "is nested too deeply") from None
-    return text
+def meta_text(body: dict) -> str:
+    """The stored (and delivered) form of a job's ``meta``: the client's JSON text.
+
+    ``body`` was read with `JOB_RAW_MEMBERS`; a job without ``meta`` carries ``null``.
+    """
+    meta = body.get("meta")
+    return "null" if meta is None else meta.text
 
 
 def parse_rfc3339(text: str) -> int:
@@ -250,7 +234,7 @@ def job_spec(collection: str, body, url_id: str | None = None) -> JobSpec:
         collection=collection,
         id=job_id,
         trigger_ms=trigger_of(body),
-        meta=meta_text(body.get("meta")),
+        meta=meta_text(body),
         route=body.get("route"),
     )
 
@@ -295,17 +279,32 @@ def list_limit(raw: str | None) -> int:
 # ---- formatting ---------------------------------------------------------------------------
 
 
-def job_json(job: Job) -> dict:
-    """A job as the API shows it: `Job.to_json` with ``meta`` as a JSON value."""
-    body = job.to_json()
-    body["meta"] = json.loads(job.meta)
-    return body
+def job_json(job: Job) -> str:
+    """A job as the API shows it, as JSON text: `Job.to_json` and ``meta``.
+
+    ``meta`` is spliced in as stored: decoding and encoding it again would rewrite
+    the client's numbers, escapes and key order.
+    """
+    fields = json.dumps(job.to_json())
+    return f'{fields[:-1]}, "meta": {job.meta}}}'
+
+
+def jobs_page_json(jobs: list[Job], next_cursor: str | None) -> str:
+    """A page of a job list as JSON text: ``{"jobs": [...], "next_cursor": ...}``."""
+    listed = ", ".join(job_json(job) for job in jobs)
+    return f'{{"jobs": [{listed}], "next_cursor": {json.dumps(next_cursor)}}}'
 
 
 def respond(request, body, status: int = 200) -> bytes:
     """Set the status and JSON content type; return the encoded ``body``."""
     # ASCII escapes: any stored text encodes, whatever it holds.
-    data = json.dumps(body).encode("ascii")
+    return respond_text(request, json.dumps(body), status)
+
+
+def respond_text(request, text: str, status: int = 200) -> bytes:
+    """`respond` with a body that is JSON text already."""
+    # Stored meta text came from UTF-8 and holds no lone surrogate: it encodes.
+    data = text.encode("utf-8")
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
     request.setHeader(b"Content-Length", b"%d" % len(data))
@@ -343,7 +342,7 @@ class TimeMachineAPI:
     async def create_jobs(self, request, collection):
         """One job (an object) or a batch (an array), each item standing alone."""
         check_name("collection", collection, MAX_COLLECTION)
-        body = read_json(request)
+        body = read_json(request, JOB_RAW_MEMBERS)
         if isinstance(body, list):
             return await self._create_batch(request, collection, body)
         if not isinstance(body, dict):
@@ -387,9 +386,7 @@ class TimeMachineAPI:
         if cursor is not None:
             check_name("cursor", cursor, MAX_JOB_ID)
         jobs, next_cursor = await self._coordinator.list_jobs(collection, status, limit, cursor)
-        return respond(
-            request, {"jobs": [job_json(job) for job in jobs], "next_cursor": next_cursor}
-        )
+        return respond_text(request, jobs_page_json(jobs, next_cursor))
 
     @app.route("/job/<collection>/<job_id>", methods=["GET"])
     async def get_job(self, request, collection, job_id):
@@ -397,14 +394,14 @@ class TimeMachineAPI:
         check_name("collection", collection, MAX_COLLECTION)
         check_name("id", job_id, MAX_JOB_ID)
         job = await self._coordinator.get_job(collection, job_id)
-        return respond(request, job_json(job))
+        return respond_text(request, job_json(job))
 
     @app.route("/job/<collection>/<job_id>", methods=["PUT"])
     async def put_job(self, request, collection, job_id):
         """Create or replace the job named by the URL."""
         check_name("collection", collection, MAX_COLLECTION)
         check_name("id", job_id, MAX_JOB_ID)
-        spec = job_spec(collection, read_object(request), url_id=job_id)
+        spec = job_spec(collection, read_object(request, JOB_RAW_MEMBERS), url_id=job_id)
         index, _ = await self._coordinator.put_job(spec)
         return respond(request, {"status": "ok", "offset": index})
 
