@@ -20,6 +20,7 @@ class NodeTestCase(unittest.TestCase):
 
     shards = 4
     bootstrap = True
+    node_options: dict = {}  # more keyword arguments of Node, for a subclass
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -43,6 +44,7 @@ class NodeTestCase(unittest.TestCase):
             bootstrap=self.bootstrap,
             http_endpoint="tcp:0:interface=127.0.0.1",
             executor_options={"refresh_ms": 200},
+            **self.node_options,
         )
         yield self.node.startService()
         self.base = f"http://127.0.0.1:{self.node.port.getHost().port}"

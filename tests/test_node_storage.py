@@ -5,7 +5,6 @@ import os
 from twisted.internet import defer, reactor, task
 
 from tests.test_node import NodeTestCase
-from timemachine.node import Node
 
 
 def segment_files(directory):
@@ -14,24 +13,12 @@ def segment_files(directory):
 
 class StorageLifecycleTests(NodeTestCase):
     shards = 2
-    segment_bytes = 4096
-
-    @defer.inlineCallbacks
-    def start_node(self):
-        self.node = Node(
-            reactor,
-            "node1",
-            self.data_dir,
-            shards=self.shards,
-            http_endpoint="tcp:0:interface=127.0.0.1",
-            executor_options={"refresh_ms": 200},
-            wal_segment_bytes=self.segment_bytes,
-            retain_fired_ms=0,
-            compaction_options={"tail": 10, "every_entries": 50},
-            retention_options={"sweep_s": 0.05, "batch": 40},
-        )
-        yield self.node.startService()
-        self.base = f"http://127.0.0.1:{self.node.port.getHost().port}"
+    node_options = {
+        "wal_segment_bytes": 4096,
+        "retain_fired_ms": 0,
+        "compaction_options": {"tail": 10, "every_entries": 50},
+        "retention_options": {"sweep_s": 0.05, "batch": 40},
+    }
 
     @defer.inlineCallbacks
     def stored_jobs(self):

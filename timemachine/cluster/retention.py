@@ -54,42 +54,25 @@ class Retention:
         self._loop = task.LoopingCall(self.sweep)
         self._loop.clock = reactor
         self._sweep_s = sweep_s
-        self._sweeping: defer.Deferred | None = None
+        self._looping: defer.Deferred | None = None
         self.purged = 0
 
     def start(self) -> None:
         """Sweep every ``sweep_s`` seconds, the first time one period from now."""
-        self._loop.start(self._sweep_s, now=False).addErrback(
-            lambda failure: self.log.failure("retention stopped", failure)
-        )
+        self._looping = self._loop.start(self._sweep_s, now=False)
+        self._looping.addErrback(lambda failure: self.log.failure("retention stopped", failure))
 
     def stop(self):
         """Sweep no more; fires once the sweep in progress (if any) is done."""
-        if self._loop.running:
-            self._loop.stop()
-        if self._sweeping is None:
+        if not self._loop.running:
             return defer.succeed(None)
-        waiter = defer.Deferred()
-
-        def finished(result):
-            waiter.callback(None)
-            return result
-
-        self._sweeping.addBoth(finished)
-        return waiter
-
-    def sweep(self):
-        """Purge every expired job of the led shards; fires with how many went."""
-        self._sweeping = self._sweep()
-
-        def done(purged):
-            self._sweeping = None
-            return purged
-
-        return self._sweeping.addBoth(done)
+        # The loop's Deferred fires only after a sweep in progress has finished.
+        self._loop.stop()
+        return self._looping
 
     @defer.inlineCallbacks
-    def _sweep(self):
+    def sweep(self):
+        """Purge every expired job of the led shards; fires with how many went."""
         now_ms = int(self._reactor.seconds() * 1000)
         fired_before = now_ms - self.retain_fired_ms
         failed_before = now_ms - self.retain_failed_ms
