@@ -12,6 +12,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.support import HTTPReceiver, RedisServer, free_port
+from timemachine.domain.errors import TimeMachineError
 from timemachine.node import Node
 
 
@@ -235,3 +236,53 @@ class NoBootstrapTests(NodeTestCase):
         code, shards = yield self.call("GET", "/cluster/shards")
         self.assertEqual(len(shards["shards"]), 2)
         self.assertEqual(sum(s["jobs"] for s in shards["shards"]), 1)
+
+
+class ConcurrentConfigureTests(NodeTestCase):
+    @defer.inlineCallbacks
+    def test_concurrent_configure_calls_are_serialized_and_leave_the_node_serving(self):
+        yield self.route()
+        counts = [2, 3, 2, 5, 5, 1, 6]
+        answers = yield defer.gatherResults(
+            [
+                self.call("POST", "/cluster/configure", {"shards": n, "replicas": 1})
+                for n in counts
+            ]
+        )
+        self.assertEqual([code for code, _ in answers], [200] * len(counts), answers)
+        # Serialized: each call ran alone and got what it asked.
+        self.assertEqual([answer["shards"] for _, answer in answers], counts)
+        code, _ = yield self.call("GET", "/ready")
+        self.assertEqual(code, 200)
+        yield self.job("c", "after", self.now_ms() + 60_000)
+        code, shards = yield self.call("GET", "/cluster/shards")
+        self.assertEqual(code, 200)
+        self.assertIn(len(shards["shards"]), counts)
+        self.assertEqual(len(shards["shards"]), self.node.cluster_store.config.shards)
+        self.assertEqual(sum(s["jobs"] for s in shards["shards"]), 1)
+
+    @defer.inlineCallbacks
+    def test_requests_while_the_shards_change_are_refused_never_a_500(self):
+        yield self.route()
+        # Asked on every reactor turn while the node closes and opens its shards.
+        unexpected = []
+
+        def ask(job_id):
+            d = defer.maybeDeferred(self.node.coordinator.get_job, "c", job_id)
+            d.addErrback(lambda f: None if f.check(TimeMachineError) else unexpected.append(f))
+
+        configured = self.node.configure(6, 1)
+        done = []
+        configured.addBoth(lambda result: done.append(True) or result)
+        turns = 0
+        while not done and not unexpected:
+            # One read a turn, each turn a job of another shard (more would queue up
+            # on the store thread and slow the shards' opening down).
+            ask(f"j{turns % 16}")
+            turns += 1
+            yield task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(unexpected, [])
+        config = yield configured
+        self.assertEqual(config.shards, 6)
+        self.assertGreater(turns, 1)
+        yield self.job("c", "after", self.now_ms() + 60_000)

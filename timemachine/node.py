@@ -96,6 +96,7 @@ class Node(service.Service):
         self.api = None
         self.port = None
         self.ready = defer.Deferred()
+        self._configuring = defer.DeferredLock()
         # One writer thread for every log and one thread for every store of the node:
         # the work of all shards that queues up meanwhile crosses over in one hop.
         self.wal_io = IOThread(reactor, "wal-writer")
@@ -187,7 +188,6 @@ class Node(service.Service):
     @defer.inlineCallbacks
     def _open_shards(self, config: Configure):
         ring = Ring(config)
-        self.coordinator.ring = ring
         for shard in ring.shards_of(self.node_id):
             directory = self._shard_dir(shard)
             os.makedirs(directory, exist_ok=True)
@@ -198,6 +198,8 @@ class Node(service.Service):
             )
             yield log.open()
             self.shard_logs[shard] = (log, log.store)
+        # Only now: a request routed by the ring must find its shard's log open.
+        self.coordinator.ring = ring
         yield defer.gatherResults(
             [self.executor.add_shard(s, store, log) for s, (log, store) in self.shard_logs.items()]
         )
@@ -209,13 +211,17 @@ class Node(service.Service):
             yield log.close()
             del self.shard_logs[shard]
 
-    @defer.inlineCallbacks
     def configure(self, shards: int, replicas: int):
         """Set the shard count and replication factor (``POST /cluster/configure``).
 
         One node can hold one replica. The shard count changes only while the cluster
-        stores no jobs.
+        stores no jobs. Calls run one at a time, in the order they came: each closes
+        and opens the shards, which two at once would do over each other.
         """
+        return self._configuring.run(self._configure, shards, replicas)
+
+    @defer.inlineCallbacks
+    def _configure(self, shards: int, replicas: int):
         if replicas != 1:
             raise InvalidField("replicas", "must be at most the number of members (1)")
         current = self.cluster_store.config
