@@ -32,7 +32,11 @@ START_MS = 1_800_000_000_000
 
 @implementer(IPublisher)
 class ScriptedPublisher:
-    """Answers deliveries from a script of outcomes (Delivered when it runs out)."""
+    """Answers deliveries from a script of outcomes (Delivered when it runs out).
+
+    ``held``: a Deferred every delivery answers with, or a list of them, one per
+    delivery in turn, so a test decides when each delivery ends.
+    """
 
     def __init__(self):
         self.deliveries = []
@@ -41,6 +45,8 @@ class ScriptedPublisher:
 
     def deliver(self, route, job, attempt):
         self.deliveries.append((job.id, job.version, attempt))
+        if isinstance(self.held, list):
+            return self.held.pop(0)
         if self.held is not None:
             return self.held
         return defer.succeed(self.script.pop(0) if self.script else Delivered())
@@ -287,6 +293,85 @@ class ExecutorTests(unittest.TestCase):
         yield stopped
         job = yield self.store.get("c", "slow")
         self.assertEqual(job.status, JobStatus.FIRED)
+
+    @defer.inlineCallbacks
+    def test_a_new_version_firing_while_the_old_delivery_is_out_is_tracked_on_its_own(self):
+        old_delivery, new_delivery = defer.Deferred(), defer.Deferred()
+        self.publisher.held = [old_delivery, new_delivery]
+        yield self.executor.add_shard(0, self.store, self.log)
+        _, (v1,) = yield self.put("swap", 0)
+        self.clock.advance(0)
+        _, (v2,) = yield self.put("swap", 0)  # replaced while v1's delivery is out
+        self.clock.advance(0)
+        self.assertEqual(
+            self.publisher.deliveries, [("swap", v1.version, 1), ("swap", v2.version, 1)]
+        )
+        self.assertEqual(self.executor.in_flight(), 2)
+        old_delivery.callback(Delivered())
+        yield self.settle(in_flight=1)
+        self.assertEqual(self.executor.in_flight(), 1)
+        # Shutting down waits for v2's outcome: it is recorded, not left to fire again.
+        stopped = self.executor.stop()
+        self.assertNoResult(stopped)
+        new_delivery.callback(Delivered())
+        yield stopped
+        job = yield self.store.get("c", "swap")
+        self.assertEqual((job.version, job.status), (v2.version, JobStatus.FIRED))
+        # A restart of firing over the same shard delivers nothing again.
+        restarted = Executor(self.clock, self.publisher, self.routes.get, window_ms=10_000)
+        self.addCleanup(restarted.stop)
+        yield restarted.add_shard(0, self.store, self.log)
+        self.clock.advance(1)
+        self.assertEqual(len(self.publisher.deliveries), 2)
+
+    @defer.inlineCallbacks
+    def test_a_loaded_window_is_taken_in_a_slice_per_reactor_turn(self):
+        self.executor = Executor(
+            self.clock, self.publisher, self.routes.get, window_ms=10_000, load_slice=10
+        )
+        self.addCleanup(self.executor.stop)
+        due = START_MS + 1000
+        specs = tuple(JobSpec("c", f"j{i:02d}", due + i, "{}", "hook") for i in range(35))
+        yield self.log.propose(PutJobs(specs))
+        loaded = self.executor.add_shard(0, self.store, self.log)
+        # The store's read comes back through the real reactor, and the first slice
+        # is taken in at once; each later one waits for a turn of the executor's
+        # reactor (this Clock), in turn with the observer below.
+        while self.executor.pending() == 0:
+            yield task.deferLater(reactor, 0.001, lambda: None)
+        taken = []
+
+        def observe():
+            taken.append(self.executor.pending())
+            if not loaded.called:
+                self.clock.callLater(0, observe)
+
+        observe()
+        self.clock.advance(0)
+        self.assertEqual(taken, [10, 20, 30, 35])
+        yield loaded
+        self.advance_to(2000)
+        self.assertEqual(self.fired_ids(), [f"j{i:02d}" for i in range(35)])
+
+    @defer.inlineCallbacks
+    def test_changes_heard_while_a_window_is_taken_in_win_over_the_read(self):
+        self.executor = Executor(
+            self.clock, self.publisher, self.routes.get, window_ms=10_000, load_slice=2
+        )
+        self.addCleanup(self.executor.stop)
+        specs = tuple(JobSpec("c", f"j{i}", START_MS + 1000, "{}", "hook") for i in range(6))
+        yield self.log.propose(PutJobs(specs))
+        loaded = self.executor.add_shard(0, self.store, self.log)
+        while self.executor.pending() == 0:
+            yield task.deferLater(reactor, 0.001, lambda: None)
+        self.assertEqual(self.executor.pending(), 2)  # j0, j1 taken in; j2..j5 to come
+        # Between slices: j4 is deleted and j5 moved out of the window.
+        yield self.log.propose(DeleteJob("c", "j4"))
+        yield self.put("j5", 60_000)
+        while not loaded.called:
+            self.clock.advance(0)
+        self.advance_to(61_000)
+        self.assertEqual(self.fired_ids(), ["j0", "j1", "j2", "j3"])
 
     @defer.inlineCallbacks
     def test_removed_shard_stops_firing(self):

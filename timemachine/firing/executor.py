@@ -30,6 +30,10 @@ from timemachine.interfaces import IExecutor
 DEFAULT_WINDOW_MS = 60_000
 DEFAULT_REFRESH_MS = 10_000
 DEFAULT_LOAD_LIMIT = 200_000
+# Jobs of a loaded window taken in per reactor turn: ~0.6 ms of work (p99 ~1.4 ms
+# with 200,000 due jobs on the 2-core dev machine), where taking the whole window
+# in at once held one turn for ~260 ms.
+DEFAULT_LOAD_SLICE = 500
 
 
 def backoff_ms(route: Route, attempt: int, rng: random.Random) -> int:
@@ -51,6 +55,19 @@ class _Shard:
     reload_all: bool = True
     active: bool = True
     jobs: dict[tuple[str, str], Job] = field(default_factory=dict)
+    # For each load taking in its read over several turns: the jobs the shard log
+    # changed since that read, which the read must no longer place.
+    changed_during_loads: list[set[tuple[str, str]]] = field(default_factory=list)
+
+
+def _keys_changed(command, result) -> list[tuple[str, str]]:
+    """The jobs an applied shard-log command changed (an outcome of a replaced
+    version changes nothing)."""
+    if isinstance(command, PutJobs):
+        return [spec.key for spec in command.jobs]
+    if isinstance(command, DeleteJob) or (isinstance(command, JobOutcome) and result is not None):
+        return [(command.collection, command.id)]
+    return []
 
 
 @implementer(IExecutor)
@@ -72,6 +89,7 @@ class Executor:
         window_ms: int = DEFAULT_WINDOW_MS,
         refresh_ms: int = DEFAULT_REFRESH_MS,
         load_limit: int = DEFAULT_LOAD_LIMIT,
+        load_slice: int = DEFAULT_LOAD_SLICE,
         rng: random.Random | None = None,
     ):
         self._reactor = reactor
@@ -81,13 +99,16 @@ class Executor:
         self._window_ms = window_ms
         self._refresh_ms = refresh_ms
         self._load_limit = load_limit
+        self._load_slice = load_slice
         self._rng = rng or random.Random()
         self._shards: dict[int, _Shard] = {}
         self._heap: list[tuple[int, int, int, tuple[str, str], int]] = []
         self._seq = itertools.count()
         self._timer = None
         self._refresher = None
-        self._firing: dict[tuple[int, tuple[str, str]], defer.Deferred] = {}
+        # Deliveries out, by (shard, job key, version): a replaced job's new version
+        # can fire while the old one's delivery is still out, and both are waited for.
+        self._firing: dict[tuple[int, tuple[str, str], int], defer.Deferred] = {}
         self._stopped = False
 
     def now_ms(self) -> int:
@@ -124,7 +145,8 @@ class Executor:
         The whole window is read on the first load and after an outcome could not be
         recorded (that job is still scheduled, below what was loaded). Otherwise only
         the slice between the last load's end and the new one is read, so a refresh
-        costs what enters the window, not the whole window again.
+        costs what enters the window, not the whole window again. What was read is
+        taken in `load_slice` jobs per reactor turn.
         """
         until = self.now_ms() + self._window_ms
         from_ms = 0 if state.reload_all else state.loaded_until_ms
@@ -138,14 +160,38 @@ class Executor:
         if len(jobs) == self._load_limit:
             # Only part of the window fit: the next refresh goes on from the last job.
             state.loaded_until_ms = jobs[-1].due_ms
+        # The store applies in order: every apply heard from now on is newer than
+        # the read, and wins over it.
+        changed: set[tuple[str, str]] = set()
+        state.changed_during_loads.append(changed)
+        try:
+            for start in range(0, len(jobs), self._load_slice):
+                if start:
+                    yield self._next_turn()
+                    if not state.active:
+                        return
+                self._take_in(state, jobs[start : start + self._load_slice], changed)
+        finally:
+            state.changed_during_loads.remove(changed)
+
+    def _next_turn(self) -> defer.Deferred:
+        """Fires on a later reactor turn, after what is waiting now has run."""
+        d = defer.Deferred()
+        self._reactor.callLater(0, d.callback, None)
+        return d
+
+    def _take_in(self, state: _Shard, jobs: list[Job], changed: set[tuple[str, str]]):
+        """Hold the jobs of a read the shard log has not changed since, if still new."""
         for job in jobs:
+            if job.key in changed:
+                continue
             current = state.jobs.get(job.key)
             if current is not None and (current.version, current.due_ms) >= (
                 job.version,
                 job.due_ms,
             ):
                 continue
-            if (state.number, job.key) in self._firing and current is None:
+            if (state.number, job.key, job.version) in self._firing and current is None:
                 continue
             self._hold(state, job)
         self._arm()
@@ -174,6 +220,8 @@ class Executor:
     def _applied(self, state: _Shard, command, result):
         if not state.active:
             return
+        for changed in state.changed_during_loads:
+            changed.update(_keys_changed(command, result))
         if isinstance(command, PutJobs):
             for job in result:
                 self._place(state, job)
@@ -258,7 +306,7 @@ class Executor:
             delivered = defer.succeed(None)
         else:
             delivered = self._publisher.deliver(route, job, attempt)
-        firing_key = (state.number, job.key)
+        firing_key = (state.number, job.key, job.version)
         d = delivered.addCallback(self._outcome, route, job, attempt)
         d.addCallback(state.log.propose)
         d.addCallback(self._recorded, route)
