@@ -77,4 +77,34 @@ class StorageError(Exception):
 
 
 class CorruptLog(StorageError):
-    """The write-ahead log holds a record that cannot be read back."""
+    """A durable log that cannot be trusted as it is: it refuses to open.
+
+    ``path`` and ``offset`` locate the damage when it is known (a segment file and the
+    byte where its first bad record starts). The counts say what a repair that cuts
+    there would keep and lose: ``intact_records`` readable before the damage,
+    ``records_beyond`` still readable after it, in ``segments_beyond`` later files.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: str | None = None,
+        offset: int | None = None,
+        intact_records: int | None = None,
+        records_beyond: int | None = None,
+        segments_beyond: tuple[str, ...] = (),
+    ):
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+        self.intact_records = intact_records
+        self.records_beyond = records_beyond
+        self.segments_beyond = segments_beyond
+
+
+class LogBehindCommit(CorruptLog):
+    """A Raft log ends below the commit index saved with it: committed entries are gone.
+
+    Starting anyway would mean forgetting entries a quorum was told are durable here;
+    the member refuses to start instead, naming the files and where the log ends.
+    """

@@ -4,6 +4,9 @@ The vote must survive a crash exactly as it was promised: a member that forgot i
 vote could vote twice in one term. Each save writes a temporary file, fsyncs it,
 renames it over the old one and fsyncs the directory, so a crash leaves either the
 old state or the new one, never a mix. A checksum catches a file damaged otherwise.
+
+The file is not the only copy: `timemachine.raft.disk` also writes the hard state into
+the WAL with the entries it covers, and a member starts from the `latest` of the two.
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ def decode(data: bytes, where: str) -> HardState:
         return HardState(term=fields["term"], vote=fields["vote"], commit=fields["commit"])
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptLog(f"{where}: unreadable hard state: {e}") from e
+
+
+def latest(a: HardState, b: HardState) -> HardState:
+    """The later of two hard states saved by one member (the WAL's and the file's).
+
+    A member's term, its vote within a term and its commit index only ever move
+    forward, so the later state is the field-wise maximum: the higher term with the
+    vote cast in it, and the higher commit index.
+    """
+    term = max(a.term, b.term)
+    votes = [s.vote for s in (a, b) if s.term == term and s.vote is not None]
+    return HardState(term=term, vote=votes[0] if votes else None, commit=max(a.commit, b.commit))
 
 
 def write_hard_state(directory: str, state: HardState) -> None:

@@ -119,6 +119,21 @@ class MemoryStorage:
         self._snapshot = snap
         return snap
 
+    def load_log(self, entries: list[Entry]) -> None:
+        """Hold ``entries``, read back from a disk, as the log after the snapshot.
+
+        The first entry becomes the compaction point (its index and term are kept, as
+        the dummy entry); it may lie below the snapshot, when the disk kept a tail of
+        entries before it for followers slightly behind.
+        """
+        first = entries[0]
+        if first.index > self._snapshot.index:
+            raise ValueError(
+                f"log read back from {first.index} leaves a gap after the snapshot at "
+                f"{self._snapshot.index}"
+            )
+        self._ents = [Entry(first.index, first.term), *entries[1:]]
+
     def compact(self, index: int) -> None:
         """Drop every entry up to ``index`` (which a snapshot must already cover)."""
         offset = self._ents[0].index
