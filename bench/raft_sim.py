@@ -2,19 +2,21 @@
 
 Prints:
 
-* the soak: how many seeds of `timemachine.raft.sim.chaos_run` ran (crashes, also in
-  the middle of a Ready, partitions, drops, duplicates, reordering, snapshots,
-  membership changes, then heal and prove a new proposal commits everywhere), how many
-  invariant violations they found (must be 0; the failing seeds and the first report
-  are printed) and how long it took;
+* the soak: how many seeds of `timemachine.raft.sim.chaos_run` ran (crashes, also at
+  every step of persisting a Ready - `timemachine.raft.sim.CRASH_POINTS` - partitions,
+  drops, duplicates, reordering, snapshots, membership changes, clocks drifting apart,
+  byte-bounded batches, then heal and prove a new proposal commits everywhere), how
+  many ticks they took, how many invariant violations they found (the lease checks
+  included; must be 0; the failing seeds and the first report are printed) and how
+  long it took;
 * throughput: entries committed per second of wall clock through a simulated 3-node
   cluster on a reliable network, proposals arriving every tick (the cost of the core
   and the simulation in Python, not of any disk or network).
 
 Usage (from the repository root)::
 
-    /work/venv/bin/python bench/raft_sim.py                # 10,000 seeds
-    /work/venv/bin/python bench/raft_sim.py --seeds 500 --jobs 2
+    .venv/bin/python bench/raft_sim.py                # 10,000 seeds
+    .venv/bin/python bench/raft_sim.py --seeds 500 --jobs 2
 """
 
 from __future__ import annotations

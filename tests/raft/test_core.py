@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from twisted.trial import unittest
 
+from timemachine.domain.errors import CorruptLog, LogBehindCommit
 from timemachine.raft.core import RaftCore
 from timemachine.raft.storage import MemoryStorage
 from timemachine.raft.types import (
@@ -153,6 +154,16 @@ class Net:
             if best is None or self.cores[i].term > self.cores[best].term:
                 best = i
         return best
+
+    def elect_unacknowledged(self) -> int:
+        """Elect a leader whose appends are never acknowledged (heartbeats are), so
+        its no-op does not commit; returns it."""
+        self.drop = lambda m: m.type == MT.APPEND_RESP
+        lead = None
+        while lead is None:
+            self.tick()
+            lead = self.leader()
+        return lead
 
     def elect(self, max_ticks: int = 200) -> int:
         """Tick until the connected majority has a leader; returns it."""
@@ -361,6 +372,48 @@ class ReplicationTests(unittest.TestCase):
         net.tick(2)
         self.assertEqual(len(net.sm[f]), 100)
         self.assertTrue(all(len(m.entries) <= 8 for m in net.delivered if m.type == MT.APPEND))
+
+    def test_appends_bounded_by_bytes(self):
+        # One append in flight at a time: the entries proposed meanwhile wait, and go
+        # out in batches as the acknowledgements come back.
+        net = Net(3, max_msg_entries=64, max_msg_bytes=250, max_inflight=1)
+        lead = net.elect()
+        net.tick()
+        for k in range(40):
+            net.cores[lead].propose(b"%03d" % k + b"x" * 97)  # 100 bytes each
+        net.tick(3)
+        appends = [m for m in net.delivered if m.type == MT.APPEND and m.entries]
+        self.assertEqual(max(len(m.entries) for m in appends), 2)
+        for i in net.cores:
+            self.assertEqual(len(net.sm[i]), 40)
+        # One entry larger than the bound still goes, alone.
+        net.cores[lead].propose(b"y" * 1000)
+        net.tick(2)
+        self.assertTrue(all(net.sm[i][-1] == b"y" * 1000 for i in net.cores))
+
+    def test_committed_entries_bounded_by_bytes(self):
+        net = Net(1, max_committed_bytes=250)
+        net.elect()
+        core = net.cores[1]
+        for k in range(10):
+            core.propose(b"%03d" % k + b"x" * 97)
+        batches = []
+        while core.has_ready():
+            rd = core.ready()
+            net.storages[1].append(rd.entries)
+            if rd.committed:
+                batches.append([e.data for e in rd.committed])
+            core.advance()
+        self.assertEqual([len(b) for b in batches], [2, 2, 2, 2, 2])
+        self.assertEqual([d[:3] for b in batches for d in b], [b"%03d" % k for k in range(10)])
+
+    def test_log_ending_below_its_commit_index_is_refused(self):
+        st = storage_with({1, 2, 3}, [1, 1, 1], hs_term=1, commit=5)
+        with self.assertRaises(LogBehindCommit) as caught:
+            RaftCore(1, st, random.Random(1))
+        self.assertIsInstance(caught.exception, CorruptLog)
+        self.assertIn("commit index 5", str(caught.exception))
+        self.assertIn("last log entry 3", str(caught.exception))
 
     def test_restart_from_storage_keeps_log_and_commit(self):
         net = Net(3)
@@ -757,11 +810,7 @@ class MembershipTests(unittest.TestCase):
         # Single-server changes are only safe once the leader committed an entry of its
         # own term (the fix to the bug found in single-server membership changes).
         net = Net(3)
-        net.drop = lambda m: m.type == MT.APPEND_RESP
-        lead = None
-        while lead is None:
-            net.tick()
-            lead = net.leader()
+        lead = net.elect_unacknowledged()
         core = net.cores[lead]
         self.assertEqual(core.commit_index, 0)
         self.assertFalse(core.propose_conf_change(ConfChange(ConfChangeKind.ADD_LEARNER, 7)))
@@ -878,13 +927,7 @@ class ReadTests(unittest.TestCase):
 
     def test_read_index_waits_for_commit_in_term(self):
         net = Net(3)
-        net.drop = lambda m: m.type == MT.APPEND_RESP
-        lead = None
-        for _ in range(100):
-            net.tick()
-            lead = net.leader()
-            if lead is not None:
-                break
+        lead = net.elect_unacknowledged()
         core = net.cores[lead]
         self.assertEqual(core.commit_index, 0)
         self.assertTrue(core.read_index(b"early"))
@@ -924,6 +967,41 @@ class ReadTests(unittest.TestCase):
         self.assertIsNotNone(lost_at)
         self.assertLess(lost_at, old.election_tick)
         self.assertTrue(net.leaders())
+
+    def test_no_lease_before_an_entry_of_the_leaders_term_is_applied(self):
+        # A new leader whose no-op is not acknowledged yet may hold entries its
+        # predecessor committed but not know it: heartbeats alone grant no lease.
+        net = Net(3)
+        lead = net.elect_unacknowledged()
+        core = net.cores[lead]
+        net.tick(3)
+        self.assertEqual(core.lease_applied_index, 1)
+        self.assertEqual(core.commit_index, 0)
+        self.assertFalse(core.lease_valid())
+        net.drop = None
+        net.tick(2)
+        self.assertGreaterEqual(core.applied_index, core.lease_applied_index)
+        self.assertTrue(core.lease_valid())
+        f = next(i for i in net.cores if i != lead)
+        self.assertEqual(net.cores[f].lease_applied_index, 0)
+
+    def test_lease_shrinks_with_the_clock_drift_allowed(self):
+        lost = {}
+        for drift in (0.0, 0.5):
+            net = Net(5, max_clock_drift=drift)
+            lead = net.elect()
+            net.tick(2)
+            core = net.cores[lead]
+            self.assertTrue(core.lease_valid())
+            net.isolated = {lead}
+            for t in range(1, 20):
+                net.tick()
+                if not core.lease_valid():
+                    lost[drift] = t
+                    break
+        # The last acknowledged round was sent as the leader was cut off: trusted for
+        # k ticks while (k + 1) * (1 + drift) < election_tick - 1.
+        self.assertEqual(lost, {0.0: 8, 0.5: 5})
 
     def test_lease_invalid_without_check_quorum_or_while_transferring(self):
         net = Net(3, check_quorum=False)

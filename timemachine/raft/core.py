@@ -32,8 +32,23 @@ Leases: with ``check_quorum`` a follower that heard from a leader within
 ``election_tick`` ticks ignores (pre-)vote requests, and a node ignores them for its
 first ``election_tick`` ticks after a (re)start, since it forgot whom it heard from. So
 once a quorum acknowledged a heartbeat the leader sent at tick ``t``, no other leader
-can be elected before ``t + election_tick`` on those members' clocks. `lease_valid`
-trusts this window minus one tick of margin; it assumes members tick at the same rate.
+can be elected before those members count ``election_tick`` ticks after it arrived.
+Clocks do not run at the same rate, though (Raft thesis §6.4.1): ``max_clock_drift`` is
+the bound assumed on how much faster one member's clock may run than another's (0.1:
+while the leader counts 100 ticks, no member counts more than 110). `lease_valid`
+trusts a heartbeat round for ``k`` ticks after it was sent only while
+``(k + 1) * (1 + max_clock_drift) < election_tick - 1``: one tick for the leader's
+partial tick, one for the follower's. A drift beyond the bound can give two members a
+lease at once; it never breaks the safety of the log.
+
+A lease is also held only once the leader applied the first entry of its term (its
+no-op, `lease_applied_index`): every entry an earlier leader committed is below it, so
+a state machine acting alone under the lease lacks no acknowledged write.
+
+Batches are bounded by count and by bytes of entry data: an append message carries at
+most ``max_msg_entries`` entries and ``max_msg_bytes`` bytes, a Ready at most
+``max_committed_bytes`` bytes of committed entries (each at least one entry, however
+large).
 """
 
 from __future__ import annotations
@@ -45,6 +60,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from timemachine.domain.errors import LogBehindCommit
 from timemachine.raft.log import RaftLog
 from timemachine.raft.types import (
     CompactedError,
@@ -297,18 +313,31 @@ class RaftCore:
         pre_vote: bool = True,
         check_quorum: bool = True,
         max_msg_entries: int = 64,
+        max_msg_bytes: int = 1024 * 1024,
+        max_committed_bytes: int = 8 * 1024 * 1024,
         max_inflight: int = 256,
         snapshot_chunk_bytes: int = 64 * 1024,
         max_snapshot_inflight: int = 16,
+        max_clock_drift: float = 0.1,
         applied: int = 0,
     ) -> None:
         if heartbeat_tick <= 0 or election_tick <= heartbeat_tick:
             raise ValueError("need 0 < heartbeat_tick < election_tick")
-        if min(max_msg_entries, max_inflight, snapshot_chunk_bytes, max_snapshot_inflight) <= 0:
+        limits = (
+            max_msg_entries,
+            max_msg_bytes,
+            max_committed_bytes,
+            max_inflight,
+            snapshot_chunk_bytes,
+            max_snapshot_inflight,
+        )
+        if min(limits) <= 0:
             raise ValueError(
-                "max_msg_entries, max_inflight, snapshot_chunk_bytes, max_snapshot_inflight "
-                "must be > 0"
+                "max_msg_entries, max_msg_bytes, max_committed_bytes, max_inflight, "
+                "snapshot_chunk_bytes, max_snapshot_inflight must be > 0"
             )
+        if not 0 <= max_clock_drift < 1:
+            raise ValueError(f"max_clock_drift must be in [0, 1), not {max_clock_drift}")
         self.id = id
         self.storage = storage
         self.rng = rng
@@ -317,6 +346,9 @@ class RaftCore:
         self.pre_vote = pre_vote
         self.check_quorum = check_quorum
         self.max_msg_entries = max_msg_entries
+        self.max_msg_bytes = max_msg_bytes
+        self.max_committed_bytes = max_committed_bytes
+        self.max_clock_drift = max_clock_drift
         self.max_inflight = max_inflight
         self.snapshot_chunk_bytes = snapshot_chunk_bytes
         self.max_snapshot_inflight = max_snapshot_inflight
@@ -331,7 +363,14 @@ class RaftCore:
         # again; ``applied`` may only say the state machine holds more than that.
         snap_index = storage.snapshot().index
         self.log.committed = max(self.log.committed, snap_index)
-        self.log.commit_to(min(hs.commit, self.log.last_index()))
+        if hs.commit > self.log.last_index():
+            # Entries this member was told are committed are gone: clamping would let
+            # it vote and lead without them.
+            raise LogBehindCommit(
+                f"member {id!r}: commit index {hs.commit} is past the last log entry "
+                f"{self.log.last_index()}"
+            )
+        self.log.commit_to(hs.commit)
         applied = max(applied, self.log.first_index() - 1, snap_index)
         if applied > self.log.committed:
             raise ValueError(f"applied {applied} is past the commit index {self.log.committed}")
@@ -355,6 +394,7 @@ class RaftCore:
         self.randomized_election_timeout = election_tick
         self.lead_transferee: NodeId | None = None
         self.pending_conf_index = 0
+        self._term_start = 0  # the index of a leader's first entry of its term
         self._votes: dict[NodeId, bool] = {}
         self._now = 0  # ticks since start: the clock of the lease
         self._hb_round = 0
@@ -487,23 +527,36 @@ class RaftCore:
         self._send(MT.READ_INDEX, self.lead, context=bytes(context))
         return True
 
-    def lease_valid(self) -> bool:
-        """Whether this leader may act alone: a quorum answered a heartbeat it sent less
-        than an election timeout (minus one tick of margin) ago.
+    @property
+    def lease_applied_index(self) -> int:
+        """The index a lease holder must have applied before it acts alone: the first
+        entry of its term, above every entry committed by earlier leaders (0 when not
+        leader). `lease_valid` waits for `advance` to acknowledge it; an application
+        whose state machine runs ahead of ``advance`` may compare its own index."""
+        return self._term_start if self._role == LEADER else 0
 
-        Always False without check-quorum (followers then grant no lease), while a
-        leadership transfer may have started in this term, and on non-leaders.
+    def lease_valid(self) -> bool:
+        """Whether this leader may act alone (serve reads, fire) from its state machine.
+
+        It may once it has applied the first entry of its term (`lease_applied_index`),
+        and while a quorum answered a heartbeat round it sent recently enough that no
+        other leader can have been elected since, whatever the clocks' drift within
+        ``max_clock_drift`` (see the module docstring). Always False without
+        check-quorum (followers then grant no lease), while a leadership transfer may
+        have started in this term, and on non-leaders.
         """
         if self._role != LEADER or not self.check_quorum or self._sent_timeout_now:
             return False
         if self.lead_transferee is not None:
+            return False
+        if self.log.applied < self._term_start:
             return False
         r = self._quorum_round()
         if r is None:
             return True
         for rnd, sent in self._round_sent:
             if rnd == r:
-                return self._now - sent < self.election_tick - 1
+                return (self._now - sent + 1) * (1 + self.max_clock_drift) < self.election_tick - 1
         return False
 
     def step(self, m: Message) -> None:
@@ -560,7 +613,7 @@ class RaftCore:
         hs = self.hard_state
         entries = tuple(self.log.unstable_entries())
         snap = self.log.unstable.snapshot
-        committed = tuple(self.log.next_committed_entries())
+        committed = tuple(self.log.next_committed_entries(self.max_committed_bytes))
         prev = self._prev_hs
         rd = Ready(
             hard_state=hs if hs != prev else None,
@@ -666,10 +719,11 @@ class RaftCore:
         self.prs[self.id].recent_active = True
         # The no-op of our term: commits (Figure 8) everything before it.
         self._append_entry([(b"", EntryKind.NORMAL)])
+        self._term_start = self.log.last_index()
         # No conf change until the no-op is applied: the previous leader may have left
         # one committed-but-unapplied (etcd's pendingConfIndex), and a single-server
         # change is only safe once the leader has committed an entry of its own term.
-        self.pending_conf_index = self.log.last_index()
+        self.pending_conf_index = self._term_start
 
     # -- ticks -----------------------------------------------------------------------------
 
@@ -986,7 +1040,7 @@ class RaftCore:
         prev = pr.next - 1
         try:
             prev_term = self.log.term(prev)
-            ents = self.log.entries(pr.next, self.max_msg_entries)
+            ents = self.log.entries(pr.next, self.max_msg_entries, self.max_msg_bytes)
         except CompactedError:
             return self._send_snapshot(to, pr)
         if not ents and not send_if_empty:

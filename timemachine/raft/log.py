@@ -9,6 +9,7 @@ cursors the core moves: ``committed`` (known durable on a quorum; never goes bac
 
 from __future__ import annotations
 
+from timemachine.raft.storage import limit_size
 from timemachine.raft.types import (
     CompactedError,
     Entry,
@@ -154,15 +155,18 @@ class RaftLog:
 
     # -- reading entries --------------------------------------------------------------------
 
-    def entries(self, lo: int, max_count: int | None = None) -> list[Entry]:
-        """Entries from ``lo`` to the end, at most ``max_count`` of them."""
+    def entries(
+        self, lo: int, max_count: int | None = None, max_bytes: int | None = None
+    ) -> list[Entry]:
+        """Entries from ``lo`` to the end: at most ``max_count`` of them and at most
+        ``max_bytes`` of data, but at least one if there is any."""
         last = self.last_index()
         if lo > last:
             return []
         hi = last + 1
         if max_count is not None:
             hi = min(hi, lo + max_count)
-        return self.slice(lo, hi)
+        return limit_size(self.slice(lo, hi), max_bytes)
 
     def slice(self, lo: int, hi: int) -> list[Entry]:
         """Entries ``[lo, hi)`` from storage and the unstable part."""
@@ -196,12 +200,13 @@ class RaftLog:
             return False
         return self.committed > max(self.applied, self.first_index() - 1)
 
-    def next_committed_entries(self) -> list[Entry]:
-        """Committed entries not applied yet, in order."""
+    def next_committed_entries(self, max_bytes: int | None = None) -> list[Entry]:
+        """Committed entries not applied yet, in order: at most ``max_bytes`` of data,
+        but at least one if there is any."""
         if not self.has_next_committed_entries():
             return []
         lo = max(self.applied + 1, self.first_index())
-        return self.slice(lo, self.committed + 1)
+        return limit_size(self.slice(lo, self.committed + 1), max_bytes)
 
     # -- conflicts and appending ----------------------------------------------------------
 

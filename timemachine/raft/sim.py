@@ -12,10 +12,17 @@
   every link between groups (also for messages already in flight). Messages to a
   crashed member are lost.
 * **The disk** of a member is its `MemoryStorage` (written only with what a Ready asks
-  to persist, in the Ready's order: snapshot, entries, hard state) plus its state
-  machine. ``crash(i)`` throws the core away; ``restart(i)`` builds a new core from the
-  disk alone. ``crash(i, at=...)`` arms a crash *inside* the next Ready handling, so
-  the parts of a Ready that were not yet persisted, sent or applied are lost.
+  to persist, in the steps of `timemachine.raft.disk.MemberDisk.persist`: an installed
+  snapshot, then the entries in one WAL batch whose first record carries the hard
+  state, then the hard-state file) plus its state machine. ``crash(i)`` throws the core
+  away; ``restart(i)`` builds a new core from the disk alone. ``crash(i, at=...)`` arms
+  a crash *inside* the next Ready handling (or the next one holding a conf change or a
+  snapshot, with ``when=``), so the parts of a Ready that were not yet persisted, sent
+  or applied are lost; what the disk holds then is what ``MemberDisk.load`` would read
+  back (`CRASH_POINTS`).
+* **Clocks** run at different rates with ``max_clock_drift`` > 0: each member ticks at
+  its own rate in ``[1 / (1 + max_clock_drift), 1]`` ticks per simulated tick (drawn
+  from its own seeded generator), and the cores are told that bound for their leases.
 * **The state machine** records the data of applied NORMAL entries (its *applied
   history*; leader no-ops and conf changes only move ``applied_index``). Every
   ``snapshot_every`` applied entries it is snapshotted and the log is compacted, so a
@@ -34,8 +41,10 @@ follow the same term); leader completeness (a leader's log holds every entry tha
 committed in an earlier term); state-machine safety (every member applies the same
 entry at an index, applies each index once and in order, so applied histories are
 prefixes of one another); commit indexes and persisted terms never go back; applied
-entries never change. Its message carries the seed and the trace of steps taken, which
-`SimCluster.replay` runs again to the same failure::
+entries never change. Every tick also checks the leases: at most one member holds one,
+and a holder has applied every entry committed before that tick. Its message carries
+the seed and the trace of steps taken, which `SimCluster.replay` runs again to the same
+failure::
 
     c = SimCluster(n=5, seed=42)
     c.run_until(lambda: c.leader() is not None, 100)
@@ -56,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from timemachine.raft.core import RaftCore
+from timemachine.raft.hardstate import latest
 from timemachine.raft.storage import MemoryStorage
 from timemachine.raft.types import (
     CompactedError,
@@ -75,6 +85,7 @@ from timemachine.raft.types import (
 
 __all__ = [
     "CRASH_POINTS",
+    "CRASH_WHEN",
     "ChaosResult",
     "SimCluster",
     "chaos_run",
@@ -82,11 +93,40 @@ __all__ = [
     "encode_history",
 ]
 
-#: Where an armed crash stops the handling of a Ready (see `SimCluster.crash`):
-#: nothing of it done; only the snapshot and entries persisted (the WAL was fsync'd,
-#: the hard-state file was not renamed yet); all of it persisted; persisted and sent;
-#: persisted, sent and applied, but the core not told (no ``advance()``).
-CRASH_POINTS = ("before_persist", "after_entries", "after_persist", "after_send", "after_apply")
+#: Where an armed crash stops the handling of a Ready (see `SimCluster.crash`), with
+#: the steps of ``MemberDisk.persist``: nothing of it done; only an installed snapshot
+#: persisted (the log it replaces still on disk: loading completes the install); the
+#: WAL batch torn, only the first half of the entries durable (with the hard state
+#: their first record carries, which vouches only for what survived); the WAL batch
+#: durable, the hard-state file not replaced yet; all of it persisted; persisted and
+#: sent; persisted, sent and applied, but the core not told (no ``advance()``).
+CRASH_POINTS = (
+    "before_persist",
+    "after_snapshot",
+    "torn_entries",
+    "after_entries",
+    "after_persist",
+    "after_send",
+    "after_apply",
+)
+
+#: The Readys a crash armed with ``when=`` waits for.
+CRASH_WHEN: dict[str, Callable[[Ready], bool]] = {
+    "conf_change": lambda rd: any(e.kind == EntryKind.CONF_CHANGE for e in rd.entries),
+    "snapshot": lambda rd: rd.snapshot is not None,
+}
+
+# The crash points the soak first drew from (see `chaos_run`).
+_FIRST_SOAK_CRASH_POINTS = (
+    "before_persist",
+    "after_entries",
+    "after_persist",
+    "after_send",
+    "after_apply",
+)
+
+# How far a crash point gets through persisting a Ready.
+_PERSIST_STEP = {"after_snapshot": "snapshot", "torn_entries": "torn", "after_entries": "wal"}
 
 _RECORD = struct.Struct(">QQI")
 
@@ -146,6 +186,9 @@ class _Member:
     retired: bool = False  # removed from the group and shut down for good
     last_conf_proposal: int = -(10**9)
     verified_history: int = 0  # how much of the applied history check() compared
+    # Its clock: core ticks per simulated tick, and the fraction of a tick accrued.
+    rate: float = 1.0
+    clock: float = 0.0
 
 
 @dataclass(order=True)
@@ -159,7 +202,10 @@ class SimCluster:
     """N Raft cores, a simulated network and simulated disks, deterministic for a seed.
 
     Members are numbered ``0 .. n-1``; `add_node` hands out the next numbers. Every
-    public step is recorded in `trace`; `replay` runs a trace again.
+    public step is recorded in `trace`; `replay` runs a trace again. The core options
+    (election and heartbeat ticks, batch bounds by count and bytes, ``max_clock_drift``)
+    are passed to every core; ``max_clock_drift`` also sets how far apart the members'
+    clock rates are drawn (`set_clock_rate` sets one).
     """
 
     def __init__(
@@ -172,8 +218,11 @@ class SimCluster:
         pre_vote: bool = True,
         check_quorum: bool = True,
         max_msg_entries: int = 64,
+        max_msg_bytes: int = 1024 * 1024,
+        max_committed_bytes: int = 8 * 1024 * 1024,
         max_inflight: int = 256,
         snapshot_chunk_bytes: int = 64 * 1024,
+        max_clock_drift: float = 0.0,
         snapshot_every: int | None = None,
         durable_state_machine: bool = True,
         auto_check: bool = True,
@@ -186,8 +235,11 @@ class SimCluster:
             "pre_vote": pre_vote,
             "check_quorum": check_quorum,
             "max_msg_entries": max_msg_entries,
+            "max_msg_bytes": max_msg_bytes,
+            "max_committed_bytes": max_committed_bytes,
             "max_inflight": max_inflight,
             "snapshot_chunk_bytes": snapshot_chunk_bytes,
+            "max_clock_drift": max_clock_drift,
         }
         self.config = {
             "n": n,
@@ -198,6 +250,7 @@ class SimCluster:
             "catch_up_lag": catch_up_lag,
         }
         self.election_tick = election_tick
+        self.max_clock_drift = max_clock_drift
         self.snapshot_every = snapshot_every
         self.durable_state_machine = durable_state_machine
         self.auto_check = auto_check
@@ -259,7 +312,7 @@ class SimCluster:
             elif name == "set_network":
                 c.set_network(**args[0])
             elif name == "crash":
-                c.crash(args[0], at=args[1])
+                c.crash(*args)
             else:
                 getattr(c, name)(*args)
         c.check()
@@ -278,7 +331,13 @@ class SimCluster:
         # A founding member's disk starts with the membership and nothing else, as a
         # freshly bootstrapped server's would; a joining member's with nothing at all.
         storage = MemoryStorage(ConfState(voters=voters))
-        return _Member(node_id, storage, _StateMachine())
+        m = _Member(node_id, storage, _StateMachine())
+        if self.max_clock_drift:
+            # Its own generator: the network's draws stay what they were without drift.
+            rng = random.Random(f"{self.seed}/clock/{node_id}")
+            slowest = 1 / (1 + self.max_clock_drift)
+            m.rate = rng.choice((slowest, 1.0, rng.uniform(slowest, 1.0)))
+        return m
 
     def _start(self, m: _Member) -> None:
         m.incarnation += 1
@@ -382,16 +441,22 @@ class SimCluster:
     # ------------------------------------------------------------------ steps
 
     def tick(self) -> None:
-        """One tick: deliver the due messages, then tick every live member."""
+        """One tick: deliver the due messages, then tick every live member (each as
+        often as its clock rate says: once, or not at all this time), then check the
+        leases."""
         self._record("tick", 1)
         self.now += 1
+        committed_before = self._commit_tagged
         while self._in_flight and self._in_flight[0].deliver_at <= self.now:
             self._deliver(heapq.heappop(self._in_flight).msg)
         for m in self._live():
-            if m.core is not None:  # an armed crash may have stopped it this tick
+            m.clock += m.rate
+            if m.clock >= 1 and m.core is not None:  # an armed crash may have stopped it
+                m.clock -= 1
                 m.core.tick()
                 self._drain(m)
         self._drive_membership()
+        self._check_leases(committed_before)
         if self.auto_check:
             self.check()
 
@@ -477,18 +542,31 @@ class SimCluster:
             raise ValueError(f"bad delay range {delay!r}")
         self.drop, self.duplicate, self.delay, self.reorder = drop, duplicate, tuple(delay), reorder
 
-    def crash(self, i: int, at: str | None = None) -> None:
+    def set_clock_rate(self, i: int, rate: float) -> None:
+        """Make member ``i``'s clock run at ``rate`` core ticks per simulated tick; the
+        rate must be within the drift the cores assume, ``[1 / (1 + drift), 1]``."""
+        self._record("set_clock_rate", i, rate)
+        slowest = 1 / (1 + self.max_clock_drift)
+        if not slowest - 1e-12 <= rate <= 1:
+            raise ValueError(f"clock rate {rate} outside [{slowest}, 1]")
+        self.members[i].rate = rate
+
+    def crash(self, i: int, at: str | None = None, when: str | None = None) -> None:
         """Crash member ``i``: its core and unpersisted state are gone, its disk stays.
 
         With ``at`` (one of `CRASH_POINTS`) the crash is armed instead, and happens
-        in the middle of the member's next Ready handling, at that point.
+        in the middle of the member's next Ready handling, at that point; with
+        ``when`` (a key of `CRASH_WHEN`) of the next Ready holding a conf change or a
+        snapshot.
         """
-        self._record("crash", i, at)
+        self._record("crash", i, at, when)
         m = self.members[i]
         if at is not None:
             if at not in CRASH_POINTS:
                 raise ValueError(f"unknown crash point {at!r}")
-            m.armed_crash = (at, None)
+            if when is not None and when not in CRASH_WHEN:
+                raise ValueError(f"unknown crash condition {when!r}")
+            m.armed_crash = (at, None if when is None else CRASH_WHEN[when])
             return
         m.core = None
         m.armed_crash = None
@@ -623,8 +701,8 @@ class SimCluster:
                     crash_at = point
             if crash_at == "before_persist":
                 return self._crash_now(m)
-            self._persist(m, rd, hard_state=crash_at != "after_entries")
-            if crash_at in ("after_entries", "after_persist"):
+            self._persist(m, rd, _PERSIST_STEP.get(crash_at, "all"))
+            if crash_at in _PERSIST_STEP or crash_at == "after_persist":
                 return self._crash_now(m)
             for msg in rd.messages:
                 self._send(msg)
@@ -646,26 +724,42 @@ class SimCluster:
         m.core = None
         m.armed_crash = None
 
-    def _persist(self, m: _Member, rd: Ready, *, hard_state: bool) -> None:
+    def _persist(self, m: _Member, rd: Ready, upto: str) -> None:
+        """Persist ``rd`` as ``MemberDisk.persist`` does, up to step ``upto``: "snapshot",
+        "torn" (half the WAL batch), "wal" (the whole batch) or "all" (the file too);
+        the disk is left as ``MemberDisk.load`` would read it back."""
         # Even at index 0: a joining member learns the group's first membership from
-        # the leader's bootstrap snapshot, which is not in the log.
+        # the leader's bootstrap snapshot, which is not in the log. (Stopped right after
+        # the snapshot, the disk still holds the old log; loading completes the install.)
         if rd.snapshot is not None:
             m.storage.apply_snapshot(rd.snapshot)
-        if rd.entries and self._check_new_entries(m, rd.entries):
-            m.storage.append(list(rd.entries))
-        if hard_state and rd.hard_state is not None:
-            hs = rd.hard_state
-            old = m.disk_hard_state
-            if hs.term < old.term:
-                self._violation(f"member {m.id} persisted term {hs.term} after {old.term}")
-            if hs.commit < old.commit:
-                self._violation(f"member {m.id} persisted commit {hs.commit} after {old.commit}")
-            if hs.term == old.term and old.vote is not None and hs.vote != old.vote:
-                self._violation(
-                    f"member {m.id} changed its vote in term {hs.term}: {old.vote}->{hs.vote}"
-                )
-            m.storage.set_hard_state(hs)
-            m.disk_hard_state = hs
+        if upto == "snapshot":
+            return
+        entries = rd.entries[: len(rd.entries) // 2] if upto == "torn" else rd.entries
+        if entries and self._check_new_entries(m, entries):
+            m.storage.append(list(entries))
+        hs = rd.hard_state
+        if hs is None:
+            return
+        if upto != "all":
+            if not entries:
+                return
+            # Only the WAL batch's first record holds the hard state: it vouches for the
+            # commit of the entries of its batch that survived, no further.
+            hs = HardState(hs.term, hs.vote, min(hs.commit, entries[-1].index))
+        old = m.disk_hard_state
+        if hs.term < old.term:
+            self._violation(f"member {m.id} persisted term {hs.term} after {old.term}")
+        if hs.commit < old.commit:
+            self._violation(f"member {m.id} persisted commit {hs.commit} after {old.commit}")
+        if hs.term == old.term and old.vote is not None and hs.vote != old.vote:
+            self._violation(
+                f"member {m.id} changed its vote in term {hs.term}: {old.vote}->{hs.vote}"
+            )
+        # What loading reads back from the file and the WAL's copy.
+        hs = latest(old, hs)
+        m.storage.set_hard_state(hs)
+        m.disk_hard_state = hs
 
     def _install(self, m: _Member, snap: Snapshot) -> None:
         """Load ``snap`` into ``m``'s state machine."""
@@ -783,6 +877,19 @@ class SimCluster:
                 self._commit_tagged += 1
                 self._commit_term[self._commit_tagged] = core.term
 
+    def _check_leases(self, committed_before: int) -> None:
+        """At most one lease holder now, and a holder's state machine has applied every
+        entry committed before this tick (what it serves alone lacks no write)."""
+        holders = [m for m in self._live() if m.core.lease_valid()]
+        if len(holders) > 1:
+            self._violation(f"lease held by {[m.id for m in holders]} at once")
+        for m in holders:
+            if m.sm.applied_index < committed_before:
+                self._violation(
+                    f"lease holder {m.id} has applied {m.sm.applied_index}, but entries up "
+                    f"to {committed_before} were committed before"
+                )
+
     def _check_leader_completeness(self, m: _Member) -> None:
         core = m.core
         key = (m.id, core.term, m.incarnation)
@@ -841,6 +948,58 @@ class SimCluster:
         )
 
 
+class _LeftBehind:
+    """`chaos_run`'s left-behind episode (issue 6, 3a), driven by what happens.
+
+    At tick ``start`` a founder X of a 3-node group is cut off and two nodes are added;
+    once the group has 5 voters, X is reconnected with a crash armed in the Ready that
+    persists a conf change (the WAL batch durable, the hard-state file not, or the batch
+    torn); once X is down it restarts into a partition with the founder that does not
+    lead, and for a while every member that believes it leads is given proposals, as
+    clients of a stale leader would. The other faults wait while it runs.
+    """
+
+    def __init__(self, c: SimCluster, rng: random.Random, start: int) -> None:
+        self.c, self.rng, self.start = c, rng, start
+        self.member: int | None = None
+        self.phase = "waiting"
+        self.proposing_until = 0
+
+    def step(self, t: int) -> None:
+        c = self.c
+        if self.phase == "waiting" and t >= self.start:
+            self.phase = "done"
+            live = [i for i in range(3) if i in c.members and not c.members[i].retired]
+            if len(c.members) == 3 and len(live) == 3:
+                self.member = live[self.rng.randrange(3)]
+                new = [c.add_node(), c.add_node()]
+                rest = [i for i in live if i != self.member] + new
+                c.partition([[self.member], rest])
+                self.phase = "growing"
+        elif self.phase == "growing" and len(c.voters()) >= 5:
+            c.heal()
+            point = self.rng.choice(("after_entries", "torn_entries"))
+            c.crash(self.member, at=point, when="conf_change")
+            self.phase = "armed"
+        elif self.phase == "armed" and c.state(self.member) == "crashed":
+            c.restart(self.member)
+            lead = c.leader()
+            others = [i for i in range(3) if i not in (self.member, lead)]
+            pair = [self.member, others[0]]
+            c.partition([pair, [i for i in c.members if i not in pair]])
+            self.phase = "split"
+            self.proposing_until = t + 30
+        elif self.phase == "split" and t <= self.proposing_until and t % 5 == 0:
+            for lead in c.leaders():
+                c.propose_to(lead, f"{c.seed}/behind/{t}/{lead}".encode())
+
+    def running(self, t: int) -> bool:
+        """Whether the episode is under way at tick ``t``."""
+        return self.phase in ("growing", "armed") or (
+            self.phase == "split" and t <= self.proposing_until
+        )
+
+
 @dataclass
 class ChaosResult:
     """What one `chaos_run` did."""
@@ -866,13 +1025,21 @@ def chaos_run(
 
     The scenario's choices come from their own ``random.Random`` seeded from ``seed``,
     so the cluster's network randomness is untouched by them and a run is a pure
-    function of its arguments. With ``faults`` it mixes crashes (also in the middle of
-    a Ready), restarts, partitions, lossy/duplicating/reordering links, membership
-    changes and leadership transfers; every tick ends with ``check()``. Then every
-    fault is healed, and it asserts that a leader is elected, the asked-for membership
-    is reached, and a fresh proposal is applied on every live member.
+    function of its arguments. With ``faults`` it mixes crashes (in the middle of a
+    Ready too, at every point of `CRASH_POINTS`, some of them waiting for a Ready that
+    holds a conf change or a snapshot), restarts, partitions, lossy/duplicating/
+    reordering links, membership changes and leadership transfers, on members whose
+    clocks drift apart (up to the bound the cores are given) and with small byte bounds
+    on batches; some runs of 3 nodes also play the left-behind episode of issue 6, 3a
+    (`_LeftBehind`) at a random time. Every tick ends with ``check()``. Then every
+    fault is healed, and it
+    asserts that a leader is elected, the asked-for membership is reached, and a fresh
+    proposal is applied on every live member.
     """
     rng = random.Random(f"chaos/{seed}")
+    # The choices added since the first soak draw from a second generator, so the
+    # scenarios of seeds found earlier (regression tests name them) stay as they were.
+    more = random.Random(f"chaos/{seed}/more")
     n = n if n is not None else rng.choice((3, 5))
     c = SimCluster(
         n=n,
@@ -881,6 +1048,9 @@ def chaos_run(
         durable_state_machine=rng.random() < 0.5,
         max_msg_entries=rng.choice((1, 4, 64)),
         snapshot_chunk_bytes=rng.choice((8, 64 * 1024)),
+        max_msg_bytes=more.choice((16, 64, 1024 * 1024)),
+        max_committed_bytes=more.choice((16, 1024 * 1024)),
+        max_clock_drift=more.choice((0.0, 0.05, 0.3)) if faults else 0.0,
     )
     if faults:
         c.set_network(
@@ -894,17 +1064,30 @@ def chaos_run(
     def member_ids(pred: Callable[[_Member], bool]) -> list[int]:
         return [m.id for _, m in sorted(c.members.items()) if not m.retired and pred(m)]
 
-    for _ in range(ticks):
+    # In some runs of 3 nodes, an episode among the random faults: a founder is cut
+    # off while the group grows by two, crashes while persisting the conf changes it
+    # catches up on, and restarts into a partition with the other founder that does
+    # not lead (issue 6, 3a).
+    behind = None
+    if faults and membership and n == 3 and more.random() < 0.3:
+        behind = _LeftBehind(c, more, start=more.randint(5, 30))
+
+    for t in range(ticks):
+        if behind is not None:
+            behind.step(t)
         if rng.random() < propose_rate:
             c.propose(f"{seed}/{proposed}".encode())
             proposed += 1
-        if faults:
+        if faults and not (behind is not None and behind.running(t)):
             ev = rng.random()
             up = member_ids(lambda m: m.core is not None)
             down = member_ids(lambda m: m.core is None)
             if ev < 0.02 and up:
-                at = rng.choice((None, None, *CRASH_POINTS))
-                c.crash(rng.choice(up), at=at)
+                at = rng.choice((None, None, *_FIRST_SOAK_CRASH_POINTS))
+                if at is not None and more.random() < 0.5:
+                    at = more.choice(CRASH_POINTS)
+                when = more.choice((None, None, *CRASH_WHEN)) if at is not None else None
+                c.crash(rng.choice(up), at=at, when=when)
             elif ev < 0.045 and down:
                 c.restart(rng.choice(down))
             elif ev < 0.055:
