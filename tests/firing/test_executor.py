@@ -156,8 +156,10 @@ class ExecutorTests(unittest.TestCase):
     def test_jobs_stored_before_start_and_overdue_fire_at_once(self):
         yield self.put("overdue", -3000)
         yield self.put("soon", 500)
-        yield self.executor.add_shard(0, self.store, self.log)
-        self.clock.advance(0)
+        loaded = self.executor.add_shard(0, self.store, self.log)
+        yield self.store.count()  # queued after the window's read: it is back
+        self.clock.advance(0)  # the loader's turn, then the timer's
+        yield loaded
         self.assertEqual(self.fired_ids(), ["overdue"])
         self.advance_to(500)
         self.assertEqual(self.fired_ids(), ["overdue", "soon"])
@@ -334,11 +336,42 @@ class ExecutorTests(unittest.TestCase):
         specs = tuple(JobSpec("c", f"j{i:02d}", due + i, "{}", "hook") for i in range(35))
         yield self.log.propose(PutJobs(specs))
         loaded = self.executor.add_shard(0, self.store, self.log)
-        # The store's read comes back through the real reactor, and the first slice
-        # is taken in at once; each later one waits for a turn of the executor's
-        # reactor (this Clock), in turn with the observer below.
-        while self.executor.pending() == 0:
-            yield task.deferLater(reactor, 0.001, lambda: None)
+        yield self.store.count()  # queued after the window's read: it is back
+        taken = self.observe_turns(loaded)
+        self.assertEqual(taken, [0, 10, 20, 30, 35])
+        yield loaded
+        self.advance_to(2000)
+        self.assertEqual(self.fired_ids(), [f"j{i:02d}" for i in range(35)])
+
+    @defer.inlineCallbacks
+    def test_shards_loading_together_share_the_turns(self):
+        self.executor = Executor(
+            self.clock, self.publisher, self.routes.get, window_ms=10_000, load_slice=10
+        )
+        self.addCleanup(self.executor.stop)
+        directory = self.mktemp()
+        other_store = VnodeStore(directory + ".sqlite", reactor)
+        other_log = LocalShardLog("shard 1", WriteAheadLog(directory, reactor), other_store)
+        yield other_log.open()
+        self.addCleanup(other_log.close)
+        due = START_MS + 1000
+        for log, name in [(self.log, "a"), (other_log, "b")]:
+            yield log.propose(
+                PutJobs(tuple(JobSpec("c", f"{name}{i}", due, "{}", "hook") for i in range(20)))
+            )
+        loaded = defer.gatherResults(
+            [
+                self.executor.add_shard(0, self.store, self.log),
+                self.executor.add_shard(1, other_store, other_log),
+            ]
+        )
+        yield defer.gatherResults([self.store.count(), other_store.count()])
+        # One slice a turn in all, not one per shard.
+        self.assertEqual(self.observe_turns(loaded), [0, 10, 20, 30, 40])
+
+    def observe_turns(self, loaded):
+        """Jobs held after each turn of the executor's reactor (this Clock) until
+        ``loaded`` fires; the observer takes its turns in between the loader's."""
         taken = []
 
         def observe():
@@ -348,10 +381,7 @@ class ExecutorTests(unittest.TestCase):
 
         observe()
         self.clock.advance(0)
-        self.assertEqual(taken, [10, 20, 30, 35])
-        yield loaded
-        self.advance_to(2000)
-        self.assertEqual(self.fired_ids(), [f"j{i:02d}" for i in range(35)])
+        return taken
 
     @defer.inlineCallbacks
     def test_changes_heard_while_a_window_is_taken_in_win_over_the_read(self):
@@ -362,10 +392,9 @@ class ExecutorTests(unittest.TestCase):
         specs = tuple(JobSpec("c", f"j{i}", START_MS + 1000, "{}", "hook") for i in range(6))
         yield self.log.propose(PutJobs(specs))
         loaded = self.executor.add_shard(0, self.store, self.log)
-        while self.executor.pending() == 0:
-            yield task.deferLater(reactor, 0.001, lambda: None)
-        self.assertEqual(self.executor.pending(), 2)  # j0, j1 taken in; j2..j5 to come
-        # Between slices: j4 is deleted and j5 moved out of the window.
+        yield self.store.count()  # queued after the window's read: it is back
+        self.assertEqual(self.executor.pending(), 0)  # the loader has not had its turn
+        # After the read, before it is taken in: j4 is deleted, j5 moved out of the window.
         yield self.log.propose(DeleteJob("c", "j4"))
         yield self.put("j5", 60_000)
         while not loaded.called:

@@ -17,7 +17,7 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -60,6 +60,11 @@ class _Shard:
     changed_during_loads: list[set[tuple[str, str]]] = field(default_factory=list)
 
 
+def _one_step() -> bool:
+    """The loader's turn is over after one slice."""
+    return True
+
+
 def _keys_changed(command, result) -> list[tuple[str, str]]:
     """The jobs an applied shard-log command changed (an outcome of a replaced
     version changes nothing)."""
@@ -100,6 +105,13 @@ class Executor:
         self._refresh_ms = refresh_ms
         self._load_limit = load_limit
         self._load_slice = load_slice
+        # Takes in every shard's loaded windows, one slice per reactor turn in all:
+        # shards loading together (start-up) share the turns instead of each taking
+        # a slice in the same one.
+        self._loader = task.Cooperator(
+            terminationPredicateFactory=lambda: _one_step,
+            scheduler=lambda work: reactor.callLater(0, work),
+        )
         self._rng = rng or random.Random()
         self._shards: dict[int, _Shard] = {}
         self._heap: list[tuple[int, int, int, tuple[str, str], int]] = []
@@ -160,25 +172,25 @@ class Executor:
         if len(jobs) == self._load_limit:
             # Only part of the window fit: the next refresh goes on from the last job.
             state.loaded_until_ms = jobs[-1].due_ms
+        if not jobs:
+            return
         # The store applies in order: every apply heard from now on is newer than
         # the read, and wins over it.
         changed: set[tuple[str, str]] = set()
         state.changed_during_loads.append(changed)
         try:
-            for start in range(0, len(jobs), self._load_slice):
-                if start:
-                    yield self._next_turn()
-                    if not state.active:
-                        return
-                self._take_in(state, jobs[start : start + self._load_slice], changed)
+            yield self._loader.coiterate(self._slices(state, jobs, changed))
         finally:
             state.changed_during_loads.remove(changed)
 
-    def _next_turn(self) -> defer.Deferred:
-        """Fires on a later reactor turn, after what is waiting now has run."""
-        d = defer.Deferred()
-        self._reactor.callLater(0, d.callback, None)
-        return d
+    def _slices(self, state: _Shard, jobs: list[Job], changed: set[tuple[str, str]]):
+        """Take ``jobs`` in, a slice per step of the loader, while the shard is ours."""
+        for start in range(0, len(jobs), self._load_slice):
+            if start:
+                yield
+            if not state.active or self._stopped:
+                return
+            self._take_in(state, jobs[start : start + self._load_slice], changed)
 
     def _take_in(self, state: _Shard, jobs: list[Job], changed: set[tuple[str, str]]):
         """Hold the jobs of a read the shard log has not changed since, if still new."""
