@@ -119,13 +119,9 @@ def _array(text: str, pos: int, raw_members: frozenset[str]) -> tuple[list, int]
         else:
             item, pos = _value(text, pos)
         items.append(item)
-        pos = _skip(text, pos)
-        if text.startswith(",", pos):
-            pos = _skip(text, pos + 1)
-        elif text.startswith("]", pos):
-            return items, pos + 1
-        else:
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        pos, ended = _after_item(text, pos, "]")
+        if ended:
+            return items, pos
 
 
 def _object(text: str, pos: int, raw_members: frozenset[str]) -> tuple[dict, int]:
@@ -149,10 +145,16 @@ def _object(text: str, pos: int, raw_members: frozenset[str]) -> tuple[dict, int
         start = _skip(text, pos + 1)
         value, pos = _value(text, start)
         members[name] = JSONText(text[start:pos]) if name in raw_members else value
-        pos = _skip(text, pos)
-        if text.startswith(",", pos):
-            pos = _skip(text, pos + 1)
-        elif text.startswith("}", pos):
-            return members, pos + 1
-        else:
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        pos, ended = _after_item(text, pos, "}")
+        if ended:
+            return members, pos
+
+
+def _after_item(text: str, pos: int, close: str) -> tuple[int, bool]:
+    """Past the ``,`` after an item (False), or past ``close`` (True: the last one)."""
+    pos = _skip(text, pos)
+    if text.startswith(",", pos):
+        return _skip(text, pos + 1), False
+    if text.startswith(close, pos):
+        return pos + 1, True
+    raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
