@@ -1,11 +1,12 @@
-"""The state machines of the Raft groups, each in one SQLite file.
+"""The state machines of the logs: the queries and commands of each kind of store.
 
 `VnodeStore` holds the jobs of one shard (`IJobStore`); `ClusterStore` holds the routes
-and cluster settings of the meta group (`IClusterStore`). Both share `_SQLiteStore`: one
-SQLAlchemy Core engine used only on one thread (buildbot's ``db/pool.py`` shape): the
-store's own, or an `IOThread` a node shares among its stores. Public methods hop to
-that thread; the ``_thd_*`` methods are plain synchronous SQLAlchemy and turn rows
-into model objects before returning, so no `Result` ever crosses threads.
+and cluster settings of the meta group (`IClusterStore`). Both are a `_SQLiteStore`: a
+state machine (applied_index, batches of commands) in one `SQLiteFile`
+(`timemachine.storage.sqlite`: the engine, its thread, crash-safe copies), with the
+tables of `timemachine.storage.schema`. Public methods hop to the file's thread; the
+``_thd_*`` methods are plain synchronous SQLAlchemy and turn rows into domain objects
+before returning, so no `Result` ever crosses threads.
 
 Durability comes from the write-ahead log, not from SQLite: each batch of committed
 entries is one SQLite transaction that also stores ``applied_index``, and on start the
@@ -15,41 +16,16 @@ here: a power cut may lose the last few SQLite commits, never an acknowledged wr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from sqlalchemy import (
-    BigInteger,
-    CheckConstraint,
-    Column,
-    Index,
-    Integer,
-    MetaData,
-    PrimaryKeyConstraint,
-    String,
-    Table,
-    Text,
-    bindparam,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy import MetaData, Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import URL, Connection, Engine
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.engine import Connection
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -69,82 +45,19 @@ from timemachine.domain.jobs import Job, JobStatus, status_after_delivery
 from timemachine.domain.records import from_record
 from timemachine.domain.routes import Route
 from timemachine.interfaces import IClusterStore, IJobStore
-from timemachine.storage.durable import fsync_path
 from timemachine.storage.iothread import IOThread
-
-# ---- schema ---------------------------------------------------------------------
-
-
-def _meta_table(metadata: MetaData) -> Table:
-    # Key/value rows: ``schema_version``, ``store`` (which kind of store made the file)
-    # and ``applied_index``.
-    return Table(
-        "meta",
-        metadata,
-        Column("key", String, primary_key=True),
-        Column("value", String, nullable=False),
-    )
-
-
-vnode_metadata = MetaData()
-
-jobs_table = Table(
-    "jobs",
+from timemachine.storage.schema import (
+    JOB_COLUMNS,
+    SCHEMA_VERSION,
+    cluster_meta_table,
+    cluster_metadata,
+    config_table,
+    jobs_table,
+    routes_table,
+    vnode_meta_table,
     vnode_metadata,
-    Column("collection", String, nullable=False),
-    Column("id", String, nullable=False),
-    Column("version", BigInteger, nullable=False),
-    Column("trigger_ms", BigInteger, nullable=False),
-    Column("due_ms", BigInteger, nullable=False),
-    Column("meta", Text, nullable=False),
-    Column("route", String, nullable=False),
-    Column("status", String, nullable=False),
-    Column("attempts", Integer, nullable=False),
-    Column("last_error", Text),
-    Column("fired_at_ms", BigInteger),
-    PrimaryKeyConstraint("collection", "id"),
 )
-# The executor's scan (`VnodeStore.due`): equality on status, range and order on due_ms.
-jobs_status_due_index = Index("ix_jobs_status_due", jobs_table.c.status, jobs_table.c.due_ms)
-
-vnode_meta_table = _meta_table(vnode_metadata)
-
-cluster_metadata = MetaData()
-
-routes_table = Table(
-    "routes",
-    cluster_metadata,
-    Column("id", String, primary_key=True),
-    # Every field of the `Route` as JSON: routes are read whole, never queried by field.
-    Column("spec", Text, nullable=False),
-)
-
-config_table = Table(
-    "config",
-    cluster_metadata,
-    Column("id", Integer, primary_key=True),
-    Column("shards", Integer, nullable=False),
-    Column("replicas", Integer, nullable=False),
-    Column("placement", Text, nullable=False),
-    CheckConstraint("id = 1", name="config_single_row"),
-)
-
-cluster_meta_table = _meta_table(cluster_metadata)
-
-# The order in which `_job_from_row` unpacks a row of `jobs`.
-_JOB_COLUMNS = (
-    jobs_table.c.collection,
-    jobs_table.c.id,
-    jobs_table.c.trigger_ms,
-    jobs_table.c.meta,
-    jobs_table.c.route,
-    jobs_table.c.version,
-    jobs_table.c.status,
-    jobs_table.c.due_ms,
-    jobs_table.c.attempts,
-    jobs_table.c.last_error,
-    jobs_table.c.fired_at_ms,
-)
+from timemachine.storage.sqlite import SQLiteFile, compiled, driver_cursor
 
 # A replace starts the job over: every column is rewritten, nothing of the old row stays.
 _UPSERT_JOB = sqlite_insert(jobs_table)
@@ -158,20 +71,11 @@ _UPSERT_JOB = _UPSERT_JOB.on_conflict_do_update(
 )
 
 
-# The statements of every apply, compiled once from the schema above and run on the
-# driver's connection inside SQLAlchemy's transaction. Executing a Core statement costs
-# ~100 us of Python per call (cache-key build, events, result setup) against ~15 us for
-# SQLite itself; applies are the write path of every request and every firing, so
-# they skip that layer. Everything else goes through Core.
-_NAMED_PARAMS = sqlite_dialect.dialect(paramstyle="named")
-
-
-def _sql(statement) -> str:
-    return str(statement.compile(dialect=_NAMED_PARAMS))
-
-
-_UPSERT_JOB_SQL = _sql(_UPSERT_JOB)
-_DELETE_JOB_SQL = _sql(
+# The statements of every apply, compiled once from the schema (see `compiled`):
+# applies are the write path of every request and every firing. Everything else goes
+# through Core.
+_UPSERT_JOB_SQL = compiled(_UPSERT_JOB)
+_DELETE_JOB_SQL = compiled(
     delete(jobs_table)
     .where(jobs_table.c.collection == bindparam("collection"))
     .where(jobs_table.c.id == bindparam("id"))
@@ -179,7 +83,7 @@ _DELETE_JOB_SQL = _sql(
 # Retention removes a finished (fired or failed) job only at the version that
 # finished: a replace that landed after the leader picked it is a new, scheduled
 # version, and stays.
-_PURGE_JOB_SQL = _sql(
+_PURGE_JOB_SQL = compiled(
     delete(jobs_table)
     .where(jobs_table.c.collection == bindparam("collection"))
     .where(jobs_table.c.id == bindparam("id"))
@@ -190,14 +94,14 @@ _PURGE_JOB_SQL = _sql(
 
 def _outcome_sql(*columns: str) -> str:
     """UPDATE of ``columns`` (params ``new_<column>``) of the one scheduled version."""
-    return _sql(
+    return compiled(
         update(jobs_table)
         .where(jobs_table.c.collection == bindparam("collection"))
         .where(jobs_table.c.id == bindparam("id"))
         .where(jobs_table.c.version == bindparam("version"))
         .where(jobs_table.c.status == bindparam("scheduled"))
         .values({name: bindparam(f"new_{name}") for name in columns})
-        .returning(*_JOB_COLUMNS)
+        .returning(*JOB_COLUMNS)
     )
 
 
@@ -211,19 +115,15 @@ _OUTCOME_SQL = {
 
 
 def _set_applied_sql(meta_table: Table) -> str:
-    return _sql(
+    return compiled(
         update(meta_table)
         .where(meta_table.c.key == bindparam("key"))
         .values(value=bindparam("value"))
     )
 
 
-def _driver_cursor(conn: Connection) -> sqlite3.Cursor:
-    return conn.connection.driver_connection.cursor()
-
-
 def _job_from_row(row: Sequence[Any]) -> Job:
-    # _JOB_COLUMNS follows the field order of Job.
+    # JOB_COLUMNS follows the field order of Job.
     collection, job_id, trigger_ms, meta, route, version, status, *rest = row
     return Job(collection, job_id, trigger_ms, meta, route, version, JobStatus(status), *rest)
 
@@ -243,7 +143,7 @@ def _status_value(status) -> str | None:
 def due_query(before_ms: int, limit: int, from_ms: int = 0):
     """The statement behind `VnodeStore.due` (exposed so a test can EXPLAIN it)."""
     return (
-        select(*_JOB_COLUMNS)
+        select(*JOB_COLUMNS)
         .where(jobs_table.c.status == JobStatus.SCHEDULED.value)
         .where(jobs_table.c.due_ms >= from_ms)
         .where(jobs_table.c.due_ms < before_ms)
@@ -252,7 +152,7 @@ def due_query(before_ms: int, limit: int, from_ms: int = 0):
     )
 
 
-# ---- plumbing shared by both stores ------------------------------------------------
+# ---- what both stores share: a state machine in a SQLite file --------------------
 
 
 class _Applied(NamedTuple):
@@ -270,16 +170,11 @@ class _Loaded(NamedTuple):
     state: Any  # store-specific in-memory state (None for VnodeStore)
 
 
-def _unlink_if_exists(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 class _SQLiteStore:
-    """One SQLite file behind one thread; subclasses define the schema and commands.
+    """A state machine in one `SQLiteFile`; subclasses define the schema and commands.
 
-    Attributes touched only on the store's thread are the engine and
-    ``_thd_applied_index``; everything else belongs to the reactor. The reactor-side
+    Attributes touched only on the store's thread are ``_thd_applied_index`` and the
+    file's connection; everything else belongs to the reactor. The reactor-side
     ``applied_index`` moves when an apply's Deferred fires, after the commit, while the
     thread keeps its own copy so that batches queued back to back skip correctly.
     """
@@ -287,18 +182,11 @@ class _SQLiteStore:
     _metadata: MetaData
     _meta: Table
     _kind: str
-    SCHEMA_VERSION = 1
+    SCHEMA_VERSION = SCHEMA_VERSION
 
     def __init__(self, path: str, reactor, io: IOThread | None = None):
         self.path = path
-        self._reactor = reactor
-        # The store's thread: a node shares one among its stores; alone, a store has
-        # its own. Either way one thread, so SQLite always sees the same one.
-        self._shared_io = io
-        self._io: IOThread | None = None
-        self._shutdown_trigger = None
-        self._engine: Engine | None = None
-        self._connection: Connection | None = None
+        self._db = SQLiteFile(path, reactor, io)
         self._thd_applied_index = 0
         self.applied_index = 0
 
@@ -306,22 +194,13 @@ class _SQLiteStore:
 
     def open(self):
         """Create or open the file, check its schema version, load applied_index."""
-        if self._io is not None:
+        if self._db.started:
             return defer.fail(StorageError(f"{self.path}: store already open"))
-        if self._shared_io is not None:
-            self._io = self._shared_io
-        else:
-            self._io = IOThread(self._reactor, f"{type(self).__name__}({self.path})")
-            self._io.start()
-        # A safety net like buildbot's: a store left open must not keep the process
-        # alive after the reactor stops (its worker thread is not a daemon).
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "during", "shutdown", self._release_io
-        )
-        d = self._run(self._thd_open)
+        self._db.start()
+        d = self._db.run(self._thd_open)
 
         def failed(failure):
-            self._release_io()
+            self._db.stop()
             return failure
 
         d.addCallbacks(self._loaded, failed)
@@ -329,9 +208,9 @@ class _SQLiteStore:
 
     def close(self):
         """Close the database and stop the store's thread (a no-op when not open)."""
-        if self._io is None:
+        if not self._db.started:
             return defer.succeed(None)
-        d = self._run(self._thd_close)
+        d = self._db.run(self._db.thd_disconnect)
         d.addBoth(self._after_close)
         return d
 
@@ -341,28 +220,25 @@ class _SQLiteStore:
         ``applied_index`` (and any in-memory view) changes on the reactor when the
         returned Deferred fires, i.e. only ever to committed state.
         """
-        d = self._run(self._thd_apply, list(entries))
+        d = self._db.run(self._thd_apply, list(entries))
         d.addCallback(self._applied)
         return d
 
     def snapshot(self, path):
         """Write a consistent copy of the database to ``path`` (atomically replaced)."""
-        return self._run(self._thd_snapshot, path)
+        return self._db.run(self._db.thd_copy_to, path)
 
     def checkpoint(self):
         """Make every applied entry durable; fire with the applied_index now durable.
 
-        Commits run with ``synchronous=NORMAL``, so the last ones may live only in the
-        OS cache; a log must not be cut above what a power cut would leave. SQLite
-        syncs its WAL before a checkpoint and the database file after it, and
-        TRUNCATE also empties the -wal file, so the store takes no more disk than
-        its data.
+        A log must not be cut above what a power cut would leave of the store, and
+        commits run with ``synchronous=NORMAL`` (see `SQLiteFile.thd_checkpoint`).
         """
-        return self._run(self._thd_checkpoint)
+        return self._db.run(self._thd_checkpoint)
 
     def disk_bytes(self):
         """Fire with the bytes the store's files take on disk (database, -wal, -shm)."""
-        return self._run(self._thd_disk_bytes)
+        return self._db.run(self._db.thd_disk_bytes)
 
     def restore(self, path):
         """Replace the database with the copy at ``path``, reopen, reload the state.
@@ -370,28 +246,12 @@ class _SQLiteStore:
         A copy made by another kind of store, or with an unknown schema version, is
         refused with `StorageError` before anything is changed.
         """
-        d = self._run(self._thd_restore, path)
+        d = self._db.run(self._thd_restore, path)
         d.addCallback(self._loaded)
         return d
 
-    def _run(self, f: Callable, *args):
-        if self._io is None:
-            return defer.fail(StorageError(f"{self.path}: store is not open"))
-        return self._io.call(self._thd_call, f, *args)
-
-    def _release_io(self):
-        if self._shutdown_trigger is not None:
-            # Removing a trigger while the shutdown phase runs it is refused; ignore.
-            with contextlib.suppress(ValueError, KeyError):
-                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
-            self._shutdown_trigger = None
-        io, self._io = self._io, None
-        if io is not None and io is not self._shared_io:
-            # Joins a thread that has nothing left to do: its queue ran before us.
-            io.stop()
-
     def _after_close(self, result):
-        self._release_io()
+        self._db.stop()
         return result
 
     def _loaded(self, loaded: _Loaded) -> None:
@@ -413,47 +273,10 @@ class _SQLiteStore:
 
     # -- store thread side
 
-    def _thd_call(self, f: Callable, *args):
-        # Database and disk failures become StorageError; programming errors (ValueError
-        # for an unknown command) pass through unchanged.
-        try:
-            return f(*args)
-        except (DBAPIError, sqlite3.Error, OSError) as e:
-            raise StorageError(f"{self.path}: {e}") from e
-
-    def _thd_make_engine(self) -> Engine:
-        # StaticPool: the one thread uses one connection for the life of the store, so
-        # the pragmas are set once and no call pays for a reconnect.
-        engine = create_engine(URL.create("sqlite", database=self.path), poolclass=StaticPool)
-
-        @event.listens_for(engine, "connect")
-        def on_connect(dbapi_connection, _record):
-            # Let SQLAlchemy, not the driver, delimit transactions (the pysqlite recipe
-            # in SQLAlchemy's SQLite docs), so reads are transactions too.
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            # NORMAL: see the module docstring; the WAL of the shard log is the source
-            # of durability and the store replays from it above applied_index.
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def on_begin(connection):
-            connection.exec_driver_sql("BEGIN")
-
-        return engine
-
-    def _thd_engine(self) -> Engine:
-        if self._engine is None:
-            # Only after a restore whose reopen failed: the file is not usable.
-            raise StorageError(f"{self.path}: database is closed")
-        return self._engine
-
     def _thd_open(self) -> _Loaded:
-        engine = self._thd_make_engine()
+        self._db.thd_connect()
         try:
-            with engine.begin() as conn:
+            with self._db.thd_transaction() as conn:
                 tables = set(
                     conn.execute(
                         text("SELECT name FROM sqlite_master WHERE type = 'table'")
@@ -475,9 +298,8 @@ class _SQLiteStore:
                 self._check_meta(meta, self.path)
                 loaded = _Loaded(int(meta["applied_index"]), self._thd_load_state(conn))
         except BaseException:
-            engine.dispose()
+            self._db.thd_disconnect()
             raise
-        self._engine = engine
         self._thd_applied_index = loaded.applied_index
         return loaded
 
@@ -492,31 +314,11 @@ class _SQLiteStore:
                 f"(this code knows {self.SCHEMA_VERSION})"
             )
 
-    def _thd_close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
-
-    @contextlib.contextmanager
-    def _thd_transaction(self):
-        """The store's one connection, in a transaction committed on exit.
-
-        The connection is kept for the life of the store: checking one out of the
-        engine for every call costs more than many of the statements it runs.
-        """
-        if self._connection is None:
-            self._connection = self._thd_engine().connect()
-        with self._connection.begin():
-            yield self._connection
-
     def _thd_apply(self, entries) -> _Applied:
         results: list[Any] = []
         commands: list[Any] = []
         last = self._thd_applied_index
-        with self._thd_transaction() as conn:
+        with self._db.thd_transaction() as conn:
             for index, command in entries:
                 if index <= last:
                     # Already applied (a replay after a crash): applying it again would
@@ -527,7 +329,7 @@ class _SQLiteStore:
                 commands.append(command)
                 last = index
             if last != self._thd_applied_index:
-                _driver_cursor(conn).execute(
+                driver_cursor(conn).execute(
                     self._set_applied_sql, {"key": "applied_index", "value": str(last)}
                 )
         # Only after the commit: a batch that raised leaves the thread's index as it was.
@@ -541,58 +343,11 @@ class _SQLiteStore:
         return None
 
     def _thd_checkpoint(self) -> int:
-        raw = self._thd_engine().raw_connection()
-        try:
-            cursor = raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            busy, _, _ = cursor.fetchone()
-        finally:
-            raw.close()
-        if busy:
-            raise StorageError(f"{self.path}: checkpoint could not complete (database busy)")
+        self._db.thd_checkpoint()
         return self._thd_applied_index
 
-    def _thd_disk_bytes(self) -> int:
-        total = 0
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.path.getsize(self.path + suffix)
-        return total
-
-    def _thd_snapshot(self, path: str) -> None:
-        # VACUUM INTO reads in one transaction, so the copy is consistent, and leaves a
-        # compact, self-contained file (no -wal beside it). It neither overwrites nor
-        # fsyncs, hence the temporary name, the fsync and the rename.
-        tmp = f"{path}.tmp"
-        _unlink_if_exists(tmp)
-        raw = self._thd_engine().raw_connection()
-        try:
-            raw.driver_connection.execute("VACUUM INTO ?", (tmp,))
-        finally:
-            raw.close()
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(os.path.dirname(os.path.abspath(path)))
-
     def _thd_restore(self, path: str) -> _Loaded:
-        tmp = f"{self.path}.restore"
-        _unlink_if_exists(tmp)
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        try:
-            self._check_snapshot(tmp, path)
-        except BaseException:
-            _unlink_if_exists(tmp)
-            raise
-        self._thd_close()
-        # Closing the last connection checkpointed our -wal; drop what may remain
-        # *before* the rename, so the new file can never meet a stale log.
-        for suffix in ("-wal", "-shm"):
-            _unlink_if_exists(self.path + suffix)
-        os.replace(tmp, self.path)
-        fsync_path(os.path.dirname(os.path.abspath(self.path)))
+        self._db.thd_replace_with(path, lambda copy: self._check_snapshot(copy, path))
         return self._thd_open()
 
     def _check_snapshot(self, copy: str, origin: str) -> None:
@@ -626,12 +381,12 @@ class VnodeStore(_SQLiteStore):
 
     def get(self, collection, job_id):
         """Fire with the `Job` stored under ``(collection, job_id)``, or None."""
-        return self._run(self._thd_get, collection, job_id)
+        return self._db.run(self._thd_get, collection, job_id)
 
     def due(self, before_ms, limit, from_ms=0):
         """Fire with up to ``limit`` scheduled jobs with from_ms <= due_ms < before_ms,
         earliest first."""
-        return self._run(self._thd_due, before_ms, limit, from_ms)
+        return self._db.run(self._thd_due, before_ms, limit, from_ms)
 
     def list_jobs(self, collection, status=None, limit=100, cursor=None):
         """Fire with ``(jobs, next_cursor)``: jobs of ``collection`` ordered by id.
@@ -645,7 +400,7 @@ class VnodeStore(_SQLiteStore):
                 raise InvalidField("limit", "must be a positive integer")
         except InvalidField as e:
             return defer.fail(e)
-        return self._run(self._thd_list_jobs, collection, status, limit, cursor)
+        return self._db.run(self._thd_list_jobs, collection, status, limit, cursor)
 
     def expired(self, fired_before_ms, failed_before_ms, limit):
         """Fire with up to ``limit`` `JobVersion` of jobs whose retention has ended.
@@ -654,7 +409,7 @@ class VnodeStore(_SQLiteStore):
         (when the attempt that gave up started: the store keeps no give-up time).
         Either bound may be None to skip that kind.
         """
-        return self._run(self._thd_expired, fired_before_ms, failed_before_ms, limit)
+        return self._db.run(self._thd_expired, fired_before_ms, failed_before_ms, limit)
 
     def count(self, status=None):
         """Fire with the number of jobs, or of jobs in ``status`` when not None."""
@@ -662,7 +417,7 @@ class VnodeStore(_SQLiteStore):
             status = _status_value(status)
         except InvalidField as e:
             return defer.fail(e)
-        return self._run(self._thd_count, status)
+        return self._db.run(self._thd_count, status)
 
     # -- store thread side
 
@@ -670,13 +425,13 @@ class VnodeStore(_SQLiteStore):
         if isinstance(command, PutJobs):
             return self._thd_put_jobs(conn, index, command)
         if isinstance(command, DeleteJob):
-            cursor = _driver_cursor(conn)
+            cursor = driver_cursor(conn)
             cursor.execute(_DELETE_JOB_SQL, {"collection": command.collection, "id": command.id})
             return cursor.rowcount > 0
         if isinstance(command, JobOutcome):
             return self._thd_outcome(conn, command)
         if isinstance(command, PurgeJobs):
-            cursor = _driver_cursor(conn)
+            cursor = driver_cursor(conn)
             cursor.executemany(
                 _PURGE_JOB_SQL,
                 [
@@ -724,7 +479,7 @@ class VnodeStore(_SQLiteStore):
             }
             for job in jobs
         }
-        _driver_cursor(conn).executemany(_UPSERT_JOB_SQL, list(rows.values()))
+        driver_cursor(conn).executemany(_UPSERT_JOB_SQL, list(rows.values()))
         return jobs
 
     def _thd_outcome(self, conn, outcome: JobOutcome) -> Job | None:
@@ -746,32 +501,32 @@ class VnodeStore(_SQLiteStore):
             version=outcome.version,
             scheduled=JobStatus.SCHEDULED.value,
         )
-        row = _driver_cursor(conn).execute(_OUTCOME_SQL[outcome.kind], values).fetchone()
+        row = driver_cursor(conn).execute(_OUTCOME_SQL[outcome.kind], values).fetchone()
         return None if row is None else _job_from_row(row)
 
     def _thd_get(self, collection, job_id):
-        with self._thd_transaction() as conn:
+        with self._db.thd_transaction() as conn:
             row = conn.execute(
-                select(*_JOB_COLUMNS)
+                select(*JOB_COLUMNS)
                 .where(jobs_table.c.collection == collection)
                 .where(jobs_table.c.id == job_id)
             ).first()
         return None if row is None else _job_from_row(row)
 
     def _thd_due(self, before_ms, limit, from_ms):
-        with self._thd_transaction() as conn:
+        with self._db.thd_transaction() as conn:
             query = due_query(before_ms, limit, from_ms)
             return [_job_from_row(row) for row in conn.execute(query)]
 
     def _thd_list_jobs(self, collection, status, limit, cursor):
-        query = select(*_JOB_COLUMNS).where(jobs_table.c.collection == collection)
+        query = select(*JOB_COLUMNS).where(jobs_table.c.collection == collection)
         if status is not None:
             query = query.where(jobs_table.c.status == status)
         if cursor is not None:
             query = query.where(jobs_table.c.id > cursor)
         # One row more than asked tells whether another page exists.
         query = query.order_by(jobs_table.c.id).limit(limit + 1)
-        with self._thd_transaction() as conn:
+        with self._db.thd_transaction() as conn:
             jobs = [_job_from_row(row) for row in conn.execute(query)]
         if len(jobs) > limit:
             jobs = jobs[:limit]
@@ -781,7 +536,7 @@ class VnodeStore(_SQLiteStore):
     def _thd_expired(self, fired_before_ms, failed_before_ms, limit):
         found: list[JobVersion] = []
         columns = (jobs_table.c.collection, jobs_table.c.id, jobs_table.c.version)
-        with self._thd_transaction() as conn:
+        with self._db.thd_transaction() as conn:
             if fired_before_ms is not None:
                 # A job fires at or after it is due, so the (status, due_ms) index
                 # narrows the scan to candidates; fired_at_ms decides.
@@ -809,7 +564,7 @@ class VnodeStore(_SQLiteStore):
         query = select(func.count()).select_from(jobs_table)
         if status is not None:
             query = query.where(jobs_table.c.status == status)
-        with self._thd_transaction() as conn:
+        with self._db.thd_transaction() as conn:
             return conn.execute(query).scalar_one()
 
 
