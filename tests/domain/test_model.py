@@ -19,6 +19,7 @@ from timemachine.domain.jobs import (
     LIFECYCLE,
     MAX_META_BYTES,
     IllegalTransition,
+    Job,
     JobEvent,
     JobSpec,
     JobStatus,
@@ -103,6 +104,14 @@ class LifecycleTests(unittest.TestCase):
                     continue
                 with self.assertRaises(IllegalTransition, msg=(status, event)):
                     next_status(status, event)
+
+    def test_a_job_moves_through_the_table(self):
+        job = Job("c", "a", 1, "null", "r", version=3)
+        firing = job.moved(JobEvent.FIRE)
+        self.assertEqual((firing.status, firing.version), (JobStatus.FIRING, 3))
+        self.assertEqual(firing.moved(JobEvent.DELIVERED).status, JobStatus.FIRED)
+        self.assertRaises(IllegalTransition, job.moved, JobEvent.DELIVERED)
+        self.assertRaises(IllegalTransition, firing.moved(JobEvent.GIVE_UP).moved, JobEvent.FIRE)
 
     def test_a_stored_outcome_is_fire_then_its_event(self):
         self.assertEqual(status_after_delivery(JobEvent.DELIVERED), JobStatus.FIRED)

@@ -40,11 +40,13 @@ class ScriptedPublisher:
 
     def __init__(self):
         self.deliveries = []
+        self.statuses = []
         self.script = []
         self.held = None
 
     def deliver(self, route, job, attempt):
         self.deliveries.append((job.id, job.version, attempt))
+        self.statuses.append(job.status)
         if isinstance(self.held, list):
             return self.held.pop(0)
         if self.held is not None:
@@ -142,6 +144,14 @@ class ExecutorTests(unittest.TestCase):
         self.assertEqual((job.status, job.attempts, job.fired_at_ms),
                          (JobStatus.FIRED, 1, START_MS + 3000))
         self.assertEqual(self.executor.pending(), 0)
+
+    @defer.inlineCallbacks
+    def test_a_delivery_is_of_the_job_moved_to_firing(self):
+        yield self.executor.add_shard(0, self.store, self.log)
+        yield self.put("a", 1000)
+        self.advance_to(1000)
+        self.assertEqual(self.publisher.statuses, [JobStatus.FIRING])
+        yield self.settle()
 
     @defer.inlineCallbacks
     def test_one_timer_not_a_polling_tick(self):

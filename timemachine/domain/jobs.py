@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -115,6 +116,10 @@ class Job:
     @property
     def idempotency_key(self) -> str:
         return f"{self.collection}/{self.id}/{self.version}"
+
+    def moved(self, event: JobEvent) -> Job:
+        """This version of the job after ``event``; `IllegalTransition` if not allowed."""
+        return dataclasses.replace(self, status=next_status(self.status, event))
 
     def to_json(self) -> dict:
         """The job as the REST API shows it (meta decoded by the caller if needed)."""

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from timemachine.domain.commands import DeleteJob, JobOutcome, OutcomeKind, PutJobs
-from timemachine.domain.jobs import Job, JobStatus
+from timemachine.domain.jobs import Job, JobEvent, JobStatus
 from timemachine.domain.routes import MAX_BACKOFF_MS, Route
 from timemachine.firing.publisher import Delivered, RetryLater
 from timemachine.interfaces import IExecutor
@@ -310,6 +310,7 @@ class Executor:
     # ---- delivery --------------------------------------------------------------
 
     def _fire(self, state: _Shard, job: Job, now_ms: int):
+        job = job.moved(JobEvent.FIRE)
         if self._metrics is not None:
             self._metrics.firing_lateness.observe(max(0, now_ms - job.due_ms) / 1000)
         attempt = job.attempts + 1
