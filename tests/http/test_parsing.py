@@ -37,6 +37,12 @@ class DecodeTests(unittest.TestCase):
         self.assertEqual(body, {"x": {"meta": 1.0}, "meta": JSONText("null")})
         self.assertEqual(decode_json(b'{"meta": 1.50}'), {"meta": 1.5})
 
+    def test_escaped_names_and_odd_spacing_read_the_same(self):
+        body = decode_json(b'{"m\\u0065ta": 1.50}', META)
+        self.assertEqual(body, {"meta": JSONText("1.50")})
+        body = decode_json(b'{ "id" :"a" ,"x\\"y": 1,\n\t"meta"\r: [1.0] }', META)
+        self.assertEqual(body, {"id": "a", 'x"y': 1, "meta": JSONText("[1.0]")})
+
     def test_a_repeated_name_keeps_its_last_value(self):
         self.assertEqual(decode_json(b'{"meta": 1, "meta": [2]}', META), {"meta": JSONText("[2]")})
 

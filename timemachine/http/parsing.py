@@ -27,6 +27,11 @@ from timemachine.domain.errors import BadJSON
 
 # JSON's insignificant whitespace (RFC 8259 section 2), exactly: not str.isspace().
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+# The start of an object's first member and of each next one, up to its value, when
+# the name holds no escape or control character.
+_FIRST_MEMBER = re.compile(r'\{[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:[ \t\n\r]*')
+_NEXT_MEMBER = re.compile(r'[ \t\n\r]*,[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:[ \t\n\r]*')
+_OBJECT_END = re.compile(r"[ \t\n\r]*\}")
 # Only a body with a \uD800-\uDFFF escape can decode to a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -127,8 +132,32 @@ def _array(text: str, pos: int, raw_members: frozenset[str]) -> tuple[list, int]
 def _object(text: str, pos: int, raw_members: frozenset[str]) -> tuple[dict, int]:
     """The object at ``pos`` (its ``{``), with ``raw_members`` as `JSONText`.
 
-    As `json.loads`, a repeated name keeps its last value.
+    As `json.loads`, a repeated name keeps its last value. Member names without
+    escapes, and the separators around them, are matched in one step each: a batch
+    of 10,000 jobs is read in a few times what `json.loads` takes, not tens of
+    times. Anything else (an escaped name, an empty object, an error) is read by
+    `_object_carefully`.
     """
+    members: dict = {}
+    scan = _DECODER.scan_once
+    member = _FIRST_MEMBER.match(text, pos)
+    while member is not None:
+        name = member.group(1)
+        start = member.end()
+        try:
+            value, end = scan(text, start)
+        except StopIteration:
+            break
+        members[name] = JSONText(text[start:end]) if name in raw_members else value
+        closed = _OBJECT_END.match(text, end)
+        if closed is not None:
+            return members, closed.end()
+        member = _NEXT_MEMBER.match(text, end)
+    return _object_carefully(text, pos, raw_members)
+
+
+def _object_carefully(text: str, pos: int, raw_members: frozenset[str]) -> tuple[dict, int]:
+    """`_object`, one token at a time, with the decoder's error for what is wrong."""
     members: dict = {}
     pos = _skip(text, pos + 1)
     if text.startswith("}", pos):
