@@ -16,6 +16,8 @@ setup(
     package_dir={"": "."},
     packages=[*find_packages(include=["timemachine", "timemachine.*"]), "twisted.plugins"],
     package_data={"twisted.plugins": ["timemachine_plugin.py"]},
+    # Offline commands (repair); the node itself runs as `twistd timemachine`.
+    entry_points={"console_scripts": ["timemachine = timemachine.cli:main"]},
     install_requires=[
         "twisted[tls]>=23.10",
         "klein>=23.5",

@@ -17,11 +17,13 @@ Typical use in a trial test::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -431,3 +433,124 @@ def fill_disk_under(path: str) -> None:
     full = os.open("/dev/full", os.O_WRONLY)
     os.dup2(full, descriptors[0])
     os.close(full)
+
+
+def flip_byte(path: str, offset: int, mask: int = 0x01) -> None:
+    """Flip the bits ``mask`` of the byte at ``offset`` of ``path``: bit rot on disk."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ mask]))
+
+
+def tree_bytes(directory: str) -> dict[str, bytes]:
+    """Every file under ``directory`` with its content, to show that nothing changed.
+
+    SQLite's ``-wal`` and ``-shm`` companions are left out: opening a database may
+    create them without changing what it holds.
+    """
+    contents = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            if name.endswith(("-wal", "-shm")):
+                continue
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                contents[os.path.relpath(path, directory)] = f.read()
+    return contents
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def twistd_command() -> list[str]:
+    """``twistd`` of this interpreter's environment."""
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def timemachine_command() -> list[str]:
+    """The ``timemachine`` console script of this interpreter's environment."""
+    script = os.path.join(os.path.dirname(sys.executable), "timemachine")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-c", "from timemachine.cli import main; main()"]
+
+
+class NodeProcess:
+    """One ``twistd -n timemachine`` process on free ports of 127.0.0.1."""
+
+    def __init__(self, data_dir: str, log_file: str):
+        self.data_dir = data_dir
+        self.log_file = log_file
+        self.http_port = free_port()
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self):
+        env = dict(os.environ)
+        # The plugin in twisted/plugins/ of this checkout, installed or not.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(
+            [
+                *twistd_command(), "-n", "--pidfile=", "--logfile", self.log_file,
+                "timemachine", "--data-dir", self.data_dir, "--shards", "4",
+                "--http", f"tcp:{self.http_port}:interface=127.0.0.1",
+                "--peer", f"tcp:{free_port()}:interface=127.0.0.1",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.log_file) as f:
+                return f.read()[-3000:]
+        except OSError:
+            return ""
+
+
+@defer.inlineCallbacks
+def start_node_process(testcase, reactor, http, data_dir: str, until: str = "/ready"):
+    """A `NodeProcess` on ``data_dir`` once ``until`` answers 200 (over treq ``http``).
+
+    The process is killed at the test's cleanup; the test fails if it exits first or
+    does not answer within 30 s.
+    """
+    from twisted.internet import task
+
+    node = NodeProcess(data_dir, os.path.abspath(testcase.mktemp()) + ".log")
+    node.start()
+    testcase.addCleanup(node.kill)
+    for _ in range(600):
+        if node.process.poll() is not None:
+            testcase.fail(f"node exited with {node.process.returncode}:\n{node.log_tail()}")
+        try:
+            response = yield http.get(node.url + until)
+            yield response.content()
+            if response.code == 200:
+                return node
+        except Exception:
+            pass
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    testcase.fail(f"node did not answer {until}:\n{node.log_tail()}")
+
+
+@defer.inlineCallbacks
+def call_json(http, method: str, url: str, body=None):
+    """``(status, decoded JSON answer)`` of a request with an optional JSON ``body``."""
+    data = None if body is None else json.dumps(body).encode()
+    response = yield http.request(method, url, data=data)
+    content = yield response.content()
+    return response.code, json.loads(content)

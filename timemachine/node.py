@@ -28,7 +28,13 @@ from timemachine.cluster.retention import (
 from timemachine.cluster.ring import DEFAULT_SHARDS, Ring
 from timemachine.cluster.shardlog import LocalShardLog
 from timemachine.domain.commands import Configure
-from timemachine.domain.errors import AlreadyConfigured, InvalidField
+from timemachine.domain.errors import (
+    AlreadyConfigured,
+    CorruptLog,
+    InvalidField,
+    StorageError,
+    Unavailable,
+)
 from timemachine.firing.executor import Executor
 from timemachine.firing.publisher import Publisher
 from timemachine.http.api import TimeMachineAPI, make_site
@@ -77,6 +83,9 @@ class Node(service.Service):
         self.advertise = advertise
         self.executor_options = executor_options or {}
         self.shard_logs: dict[int, tuple[LocalShardLog, VnodeStore]] = {}
+        # Shards of this node whose log or store refused to open, with the reason:
+        # reported unavailable while the others serve.
+        self.unavailable_shards: dict[int, StorageError] = {}
         self.wal_segment_bytes = wal_segment_bytes
         self.compaction_options = compaction_options or {}
         self.metrics = Metrics()
@@ -131,7 +140,22 @@ class Node(service.Service):
         return d
 
     def _start_failed(self, failure):
-        self.log.failure("node {node} failed to start", failure, node=self.node_id)
+        if failure.check(CorruptLog):
+            # Without its meta log the node knows neither its shards nor its routes.
+            error = failure.value
+            self.log.critical(
+                "node {node} refuses to start: {error} -- see what a cut would lose with "
+                "`timemachine repair --data-dir {data_dir} --meta --dry-run`",
+                node=self.node_id,
+                error=error,
+                data_dir=self.data_dir,
+                path=error.path,
+                offset=error.offset,
+                intact_records=error.intact_records,
+                records_beyond=error.records_beyond,
+            )
+        else:
+            self.log.failure("node {node} failed to start", failure, node=self.node_id)
         if self.reactor.running:
             self.reactor.stop()
         return failure
@@ -158,7 +182,7 @@ class Node(service.Service):
         )
         self.coordinator = Coordinator(
             self.reactor, self.node_id, None, self.shard_logs, self.meta_log,
-            self.cluster_store, self.metrics,
+            self.cluster_store, self.metrics, unavailable_shards=self.unavailable_shards,
         )
         if self.cluster_store.config is None and self.bootstrap:
             yield self.meta_log.propose(Ring.single_node(self.node_id, self.initial_shards).config)
@@ -196,12 +220,31 @@ class Node(service.Service):
                 os.path.join(directory, "wal"),
                 VnodeStore(os.path.join(directory, "jobs.sqlite"), self.reactor, self.store_io),
             )
-            yield log.open()
+            try:
+                yield log.open()
+            except StorageError as error:
+                self._shard_unavailable(shard, error)
+                continue
             self.shard_logs[shard] = (log, log.store)
         # Only now: a request routed by the ring must find its shard's log open.
         self.coordinator.ring = ring
         yield defer.gatherResults(
             [self.executor.add_shard(s, store, log) for s, (log, store) in self.shard_logs.items()]
+        )
+
+    def _shard_unavailable(self, shard: int, error: StorageError):
+        self.unavailable_shards[shard] = error
+        self.log.error(
+            "shard {shard} is unavailable, the node serves its other shards: {error} -- "
+            "see what a cut would lose with "
+            "`timemachine repair --data-dir {data_dir} --shard {shard} --dry-run`",
+            shard=shard,
+            error=error,
+            data_dir=self.data_dir,
+            path=getattr(error, "path", None),
+            offset=getattr(error, "offset", None),
+            intact_records=getattr(error, "intact_records", None),
+            records_beyond=getattr(error, "records_beyond", None),
         )
 
     @defer.inlineCallbacks
@@ -210,6 +253,7 @@ class Node(service.Service):
             self.executor.remove_shard(shard)
             yield log.close()
             del self.shard_logs[shard]
+        self.unavailable_shards.clear()
 
     def configure(self, shards: int, replicas: int):
         """Set the shard count and replication factor (``POST /cluster/configure``).
@@ -227,6 +271,13 @@ class Node(service.Service):
         current = self.cluster_store.config
         if current is not None and current.shards == shards:
             return current
+        if self.unavailable_shards:
+            # A new shard count deletes every shard's files: never those of a shard
+            # whose jobs cannot even be counted.
+            raise Unavailable(
+                "the shard count cannot change while shards "
+                f"{sorted(self.unavailable_shards)} are unavailable; repair them first"
+            )
         # Built (and so validated) before anything is closed: a bad count changes nothing.
         config = Ring.single_node(self.node_id, shards).config
         if current is not None:

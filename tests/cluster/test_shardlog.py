@@ -6,11 +6,11 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from tests.support import fill_disk_under
+from tests.support import fill_disk_under, tree_bytes
 from timemachine.cluster.shardlog import LOCAL_TERM, LocalShardLog
 from timemachine.domain.codec import encode_command
 from timemachine.domain.commands import DeleteJob, PutJobs
-from timemachine.domain.errors import StorageError, Unavailable
+from timemachine.domain.errors import CorruptLog, StorageError, Unavailable
 from timemachine.domain.jobs import JobSpec
 from timemachine.interfaces import IShardLog
 from timemachine.storage.store import VnodeStore
@@ -91,3 +91,49 @@ class ShardLogTests(unittest.TestCase):
         index, _ = yield proposed
         self.assertEqual(index, 1)
         yield self.assertFailure(log.propose(put("b")), Unavailable)
+
+    @defer.inlineCallbacks
+    def assert_refused_to_open(self, fragment):
+        """The shard log refuses to open, closing its WAL and store, changing nothing."""
+        before = tree_bytes(self.directory)
+        log = LocalShardLog(
+            "shard 0",
+            WriteAheadLog(os.path.join(self.directory, "wal"), reactor),
+            VnodeStore(os.path.join(self.directory, "jobs.sqlite"), reactor),
+        )
+        self.addCleanup(log.close)
+        error = yield self.assertFailure(log.open(), CorruptLog)
+        self.assertIn(fragment, str(error))
+        self.assertEqual(error.path, os.path.join(self.directory, "wal"))
+        self.assertEqual(tree_bytes(self.directory), before)
+        return error
+
+    @defer.inlineCallbacks
+    def test_a_store_ahead_of_its_log_refuses_to_open(self):
+        """Entries 4 and 5 were applied, then lost from the log: that is corruption."""
+        log = yield self.open_log()
+        for job_id in "abcde":
+            yield log.propose(put(job_id))
+        yield log.close()
+        wal = WriteAheadLog(os.path.join(self.directory, "wal"), reactor)
+        yield wal.open()
+        yield wal.truncate_suffix(4)
+        yield wal.close()
+        error = yield self.assert_refused_to_open(
+            "has applied index 5, beyond the log's last entry 3"
+        )
+        self.assertEqual(error.intact_records, 3)
+
+    @defer.inlineCallbacks
+    def test_a_log_starting_above_the_store_refuses_to_open(self):
+        log = yield self.open_log()
+        for job_id in "abc":
+            yield log.propose(put(job_id))
+        yield log.close()
+        wal = WriteAheadLog(os.path.join(self.directory, "wal"), reactor)
+        yield wal.open()
+        yield wal.drop_prefix(4)
+        yield wal.append(6, LOCAL_TERM, encode_command(put("f")))
+        yield wal.close()
+        yield self.assert_refused_to_open("entries 4..5 are missing")
+

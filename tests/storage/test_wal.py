@@ -10,13 +10,19 @@ import os
 import shutil
 
 from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from tests.support import fill_disk_under
+from tests.support import fill_disk_under, flip_byte, tree_bytes
 from timemachine.domain.errors import CorruptLog, StorageError
 from timemachine.interfaces import IWriteAheadLog, WALRecord
-from timemachine.storage.wal import WriteAheadLog, segment_name
+from timemachine.storage.wal import (
+    WriteAheadLog,
+    plan_repair,
+    repair_log,
+    segment_name,
+)
 
 HEADER = 24  # length, CRC32C, index, term
 PAYLOAD = 10
@@ -289,32 +295,145 @@ class WriteAheadLogTests(unittest.TestCase):
                 yield wal.close()
 
     @defer.inlineCallbacks
-    def test_corrupt_record_ends_the_log(self):
-        """A flipped byte in a middle record drops it and everything after it."""
-        records = [record(i) for i in range(1, 11)]
-        yield self.written(records, segment_bytes=3 * RECORD)
-        # Record 5 is the second record of segment 4.
-        with open(os.path.join(self.directory, segment_name(4)), "r+b") as f:
-            f.seek(RECORD + HEADER + 3)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0x01]))
-        wal = yield self.open_wal(segment_bytes=3 * RECORD)
-        self.assertEqual((wal.first_index, wal.last_index), (1, 4))
-        self.assertEqual((yield wal.read(1, 11)), records[:4])
-        self.assertEqual(segment_files(self.directory), [segment_name(1), segment_name(4)])
-        self.assertEqual(os.path.getsize(os.path.join(self.directory, segment_name(4))), RECORD)
-        yield wal.append(*record(5, tag=b"n"))
-        self.assertEqual((yield wal.read(4, 6)), [records[3], record(5, tag=b"n")])
+    def test_a_flipped_bit_in_the_first_segment_refuses_to_open_and_deletes_nothing(self):
+        """The issue's finding: 58 fsync'd records and 7 later segments were cut silently.
+
+        Eight segments of eight records; one bit of record 7 flips. The log must refuse
+        to open, naming the file, the offset and the records around the damage, and
+        leave every file as it was.
+        """
+        records = [record(i) for i in range(1, 65)]
+        files = yield self.written(records, segment_bytes=8 * RECORD)
+        self.assertEqual(len(files), 8)
+        first = os.path.join(self.directory, segment_name(1))
+        flip_byte(first, 6 * RECORD + HEADER + 2)
+        before = tree_bytes(self.directory)
+        wal = WriteAheadLog(self.directory, reactor, segment_bytes=8 * RECORD)
+        self.addCleanup(wal.close)
+        error = yield self.assertFailure(wal.open(), CorruptLog)
+        self.assertEqual((error.path, error.offset), (first, 6 * RECORD))
+        self.assertEqual(error.intact_records, 6)
+        self.assertEqual(error.records_beyond, 57)
+        self.assertEqual(len(error.segments_beyond), 7)
+        self.assertIn(f"{first} at byte {6 * RECORD}", str(error))
+        self.assertEqual(tree_bytes(self.directory), before)
 
     @defer.inlineCallbacks
-    def test_gap_between_segments_ends_the_log(self):
+    def assert_refused(self, offset_in, segment_first, intact, beyond, **kwargs):
+        """Opening the test's log fails with CorruptLog at ``offset_in`` of a segment.
+
+        Nothing in the directory changes; the error carries the counts it reports.
+        """
+        before = tree_bytes(self.directory)
+        wal = WriteAheadLog(self.directory, reactor, **kwargs)
+        self.addCleanup(wal.close)
+        error = yield self.assertFailure(wal.open(), CorruptLog)
+        path = os.path.join(self.directory, segment_name(segment_first))
+        self.assertEqual((error.path, error.offset), (path, offset_in), str(error))
+        self.assertEqual((error.intact_records, error.records_beyond), (intact, beyond))
+        self.assertEqual(tree_bytes(self.directory), before)
+        return error
+
+    @defer.inlineCallbacks
+    def test_any_flipped_bit_of_a_middle_record_of_the_last_segment_refuses(self):
+        """Valid records follow: no position of the flip makes it look like a torn write.
+
+        Record 5 of a one-segment log of 10; its length, checksum, index, term and
+        payload each get flipped, the low and the high bit of every byte.
+        """
+        pristine = self.mktemp()
+        wal = yield self.open_wal(pristine)
+        yield self.append_all(wal, [record(i) for i in range(1, 11)])
+        yield wal.close()
+        start = 4 * RECORD
+        for offset in range(start, start + RECORD):
+            for mask in (0x01, 0x80):
+                self.directory = self.mktemp()
+                shutil.copytree(pristine, self.directory)
+                flip_byte(os.path.join(self.directory, segment_name(1)), offset, mask)
+                yield self.assert_refused(start, 1, 4, 5)
+
+    @defer.inlineCallbacks
+    def test_a_bad_last_record_is_damage_unless_it_is_unwritten(self):
+        """A complete last record failing its checksum is bit rot; zeros are a tear.
+
+        A torn write leaves sectors unwritten, which read as zeros: a last record
+        (or the file's tail) of zeros is cut when the log opens, and logged.
+        """
+        records = [record(i) for i in range(1, 5)]
+        yield self.written(records)
+        path = os.path.join(self.directory, segment_name(1))
+        flip_byte(path, 3 * RECORD + HEADER + 1)
+        yield self.assert_refused(3 * RECORD, 1, 3, 0)
+
+        # The same record with its bytes never written: zeros up to the end.
+        with open(path, "r+b") as f:
+            f.seek(3 * RECORD)
+            f.write(bytes(RECORD))
+            f.write(bytes(1000))  # a file extended past its data, still zero
+        logged = []
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        globalLogPublisher.addObserver(logged.append)
+        wal = yield self.open_wal()
+        self.assertEqual(wal.last_index, 3)
+        self.assertEqual(os.path.getsize(path), 3 * RECORD)
+        cuts = [e for e in logged if "torn last write" in e.get("log_format", "")]
+        self.assertEqual(
+            [(e["path"], e["offset"], e["size"], e["records"]) for e in cuts],
+            [(path, 3 * RECORD, RECORD + 1000, 3)],
+        )
+
+    @defer.inlineCallbacks
+    def test_a_segment_cut_short_before_a_later_one_refuses(self):
+        """Only the last segment can be torn: a later one exists, so this is damage."""
+        yield self.written([record(i) for i in range(1, 11)], segment_bytes=3 * RECORD)
+        os.truncate(os.path.join(self.directory, segment_name(4)), 3 * RECORD - 5)
+        error = yield self.assert_refused(2 * RECORD, 4, 5, 4, segment_bytes=3 * RECORD)
+        self.assertEqual(len(error.segments_beyond), 2)
+
+    @defer.inlineCallbacks
+    def test_a_gap_between_segments_refuses(self):
+        yield self.written([record(i) for i in range(1, 11)], segment_bytes=3 * RECORD)
+        os.unlink(os.path.join(self.directory, segment_name(4)))
+        error = yield self.assert_refused(0, 7, 3, 4, segment_bytes=3 * RECORD)
+        self.assertIn("record 4 is missing", str(error))
+
+    @defer.inlineCallbacks
+    def test_repair_cuts_at_the_first_bad_record_and_reports_what_went(self):
         records = [record(i) for i in range(1, 11)]
         yield self.written(records, segment_bytes=3 * RECORD)
-        os.unlink(os.path.join(self.directory, segment_name(4)))
+        flip_byte(os.path.join(self.directory, segment_name(4)), RECORD + HEADER + 3)
+        before = tree_bytes(self.directory)
+        # A store that applied up to 7: the records left after the cut (1..4) cannot
+        # continue it, so they go too; only 8..10 were never applied.
+        plan = plan_repair(self.directory, applied_index=7)
+        self.assertEqual((plan.empty_log, plan.lost_indexes), (True, (8, 10)))
+        self.assertIn("lost for good: indexes 8..10", "\n".join(plan.describe()))
+        self.assertEqual(tree_bytes(self.directory), before)
+
+        plan = plan_repair(self.directory, applied_index=2)
+        self.assertEqual((plan.empty_log, plan.lost_indexes), (False, (5, 10)))
+        damage = plan.survey.damage
+        self.assertEqual(
+            (damage.index, damage.intact_records, damage.records_beyond,
+             damage.last_index_beyond, damage.bytes_beyond),
+            (5, 4, 5, 10, 6 * RECORD),
+        )
+        self.assertEqual(
+            damage.segments_beyond,
+            tuple(os.path.join(self.directory, segment_name(i)) for i in (7, 10)),
+        )
+        self.assertIn("indexes 5..10", damage.describe())
+        self.assertEqual(tree_bytes(self.directory), before)
+        repair_log(plan)
+        self.assertEqual(segment_files(self.directory), [segment_name(1), segment_name(4)])
         wal = yield self.open_wal(segment_bytes=3 * RECORD)
-        self.assertEqual(wal.last_index, 3)
-        self.assertEqual(segment_files(self.directory), [segment_name(1)])
+        self.assertEqual((yield wal.read(1, 11)), records[:4])
+        yield wal.append(*record(5, tag=b"n"))
+        yield wal.close()
+        # An intact log that continues its store: the repair has nothing to do.
+        plan = plan_repair(self.directory, applied_index=5)
+        self.assertFalse(plan.changes_anything)
 
     # -- truncation -------------------------------------------------------------------
 

@@ -34,12 +34,18 @@ class Coordinator:
 
     ``shards`` maps shard number -> (log, store) for the shards this node serves;
     ``meta_log`` / ``cluster_store`` are the meta group's log and state machine.
+    ``unavailable_shards`` maps the shards of this node that could not open to the
+    reason: their reads and writes get `Unavailable`, and the node is not ready.
     """
 
     log = Logger()
 
-    def __init__(self, reactor, node_id, ring, shards, meta_log, cluster_store, metrics=None):
+    def __init__(
+        self, reactor, node_id, ring, shards, meta_log, cluster_store, metrics=None,
+        unavailable_shards=None,
+    ):
         self._reactor = reactor
+        self.unavailable_shards = {} if unavailable_shards is None else unavailable_shards
         self.node_id = node_id
         self.ring = ring
         self.shards = shards
@@ -68,7 +74,14 @@ class Coordinator:
 
     def _shard(self, job_id: str):
         self._require_config()
-        return self.shards[self.ring.shard_for(job_id)]
+        return self._serving(self.ring.shard_for(job_id))
+
+    def _serving(self, shard: int):
+        """The (log, store) of ``shard``; `Unavailable` when it could not open."""
+        error = self.unavailable_shards.get(shard)
+        if error is not None:
+            raise Unavailable(f"shard {shard} is unavailable: {error}")
+        return self.shards[shard]
 
     @defer.inlineCallbacks
     def put_job(self, spec: JobSpec):
@@ -101,7 +114,10 @@ class Coordinator:
             by_shard[self.ring.shard_for(item.id)].append(position)
 
         def propose(shard, positions):
-            log, _ = self.shards[shard]
+            try:
+                log, _ = self._serving(shard)
+            except Unavailable as error:
+                return defer.succeed((positions, None, error))
             d = log.propose(PutJobs(tuple(items[p] for p in positions)))
             d.addCallback(lambda index_jobs: (positions, index_jobs[1], None))
             d.addErrback(lambda failure: (positions, None, self._item_error(shard, failure)))
@@ -159,6 +175,8 @@ class Coordinator:
     def list_jobs(self, collection: str, status, limit: int, cursor):
         """Jobs of a collection across shards, ordered by id: ``(jobs, next_cursor)``."""
         self._require_config()
+        for shard in sorted(self.unavailable_shards):
+            self._serving(shard)  # a list missing a shard's jobs would look complete
         pages = yield defer.gatherResults(
             [
                 store.list_jobs(collection, status, limit, cursor)
@@ -200,27 +218,41 @@ class Coordinator:
     # ---- cluster -------------------------------------------------------------------
 
     def ready(self) -> bool:
-        return self.ring is not None and self.meta_log.is_leader() and all(
-            log.is_leader() for log, _ in self.shards.values()
+        return (
+            self.ring is not None
+            and self.meta_log.is_leader()
+            and not self.unavailable_shards
+            and all(log.is_leader() for log, _ in self.shards.values())
         )
 
     @defer.inlineCallbacks
     def shard_status(self):
-        """For each shard: replicas, leader, applied index, job count."""
+        """For each shard: replicas, leader, applied index, job count, status.
+
+        ``status`` is ``serving`` or ``unavailable``; a shard that could not open
+        says why in ``error`` and has no applied index or count.
+        """
         self._require_config()
-        shards = range(self.ring.shards)
+        serving = [s for s in range(self.ring.shards) if s not in self.unavailable_shards]
         # Asked together: the counts queue up on the store thread and come back in one hop.
-        counts = yield defer.gatherResults([self.shards[s][1].count(None) for s in shards])
+        counts = yield defer.gatherResults([self.shards[s][1].count(None) for s in serving])
+        count_of = dict(zip(serving, counts, strict=True))
         out = []
-        for shard, count in zip(shards, counts, strict=True):
-            log, _ = self.shards[shard]
-            out.append(
-                {
-                    "shard": shard,
-                    "replicas": list(self.ring.replicas(shard)),
-                    "leader": self.node_id if log.is_leader() else None,
-                    "applied_index": log.applied_index,
-                    "jobs": count,
-                }
-            )
+        for shard in range(self.ring.shards):
+            entry = {"shard": shard, "replicas": list(self.ring.replicas(shard))}
+            error = self.unavailable_shards.get(shard)
+            if error is not None:
+                entry.update(
+                    leader=None, applied_index=None, jobs=None, status="unavailable",
+                    error=str(error),
+                )
+            else:
+                log, _ = self.shards[shard]
+                entry.update(
+                    leader=self.node_id if log.is_leader() else None,
+                    applied_index=log.applied_index,
+                    jobs=count_of[shard],
+                    status="serving" if log.is_leader() else "unavailable",
+                )
+            out.append(entry)
         return out

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from timemachine.domain.codec import decode_command, encode_command
-from timemachine.domain.errors import StorageError, Unavailable
+from timemachine.domain.errors import CorruptLog, StorageError, Unavailable
 from timemachine.interfaces import IShardLog
 
 # A one-member group never changes term; Raft will write real terms here.
@@ -63,8 +63,20 @@ class LocalShardLog:
 
     @defer.inlineCallbacks
     def open(self):
+        """Open the WAL and the store and replay the entries the store lacks.
+
+        Fails with `CorruptLog` (closing both, changing nothing) when either log is
+        damaged, or the log does not reach back to the store's next entry or forward
+        to its applied index: entries the store has applied, or has yet to, are gone.
+        """
         yield self._wal.open()
-        yield self._store.open()
+        try:
+            yield self._store.open()
+            self._check_log_covers_store()
+        except Exception:
+            yield self._store.close()
+            yield self._wal.close()
+            raise
         applied = self._store.applied_index
         last = self._wal.last_index
         start = applied + 1
@@ -81,6 +93,31 @@ class LocalShardLog:
             compactor = self._compactor
             self.subscribe(lambda index, command, result: compactor.applied(1))
             yield compactor.start()
+
+    def _check_log_covers_store(self):
+        first, last = self._wal.first_index, self._wal.last_index
+        if first is None:
+            return  # an emptied log: the store holds everything (a snapshot, a cut)
+        applied = self._store.applied_index
+        if applied > last:
+            problem = (
+                f"its store {self._store.path} has applied index {applied}, "
+                f"beyond the log's last entry {last}"
+            )
+        elif first > applied + 1:
+            problem = (
+                f"the log starts at index {first}, but its store {self._store.path} "
+                f"has applied only up to {applied}: entries {applied + 1}..{first - 1} "
+                "are missing"
+            )
+        else:
+            return
+        raise CorruptLog(
+            f"{self.name}: write-ahead log {self._wal.directory} (entries {first}..{last}) "
+            f"does not match its store: {problem}",
+            path=self._wal.directory,
+            intact_records=last - first + 1,
+        )
 
     def subscribe(self, listener):
         self._listeners.append(listener)

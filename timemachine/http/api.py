@@ -459,7 +459,11 @@ class TimeMachineAPI:
 
     @app.route("/ready", methods=["GET"])
     def ready(self, request):
-        """200 once this node serves its shards, else 503 E_UNAVAILABLE."""
+        """200 once this node serves its shards, else 503 E_UNAVAILABLE (and why)."""
+        unavailable = self._coordinator.unavailable_shards
+        if unavailable:
+            reasons = "; ".join(f"shard {s}: {unavailable[s]}" for s in sorted(unavailable))
+            raise Unavailable(f"this node cannot serve shards {sorted(unavailable)}: {reasons}")
         if not self._coordinator.ready():
             raise Unavailable("this node does not serve its shards yet")
         return respond(request, _OK)

@@ -32,8 +32,9 @@ from array import array
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import crc32c
 from twisted.internet import defer
@@ -45,7 +46,18 @@ from timemachine.domain.errors import CorruptLog, StorageError
 from timemachine.interfaces import IWriteAheadLog, WALRecord
 from timemachine.storage.iothread import IOThread
 
-__all__ = ["DEFAULT_SEGMENT_BYTES", "WriteAheadLog", "segment_name"]
+__all__ = [
+    "DEFAULT_SEGMENT_BYTES",
+    "LogDamage",
+    "LogSurvey",
+    "RepairPlan",
+    "TornTail",
+    "WriteAheadLog",
+    "plan_repair",
+    "repair_log",
+    "segment_name",
+    "survey_log",
+]
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
@@ -110,6 +122,291 @@ class _Segment:
         return self.offsets[position] if position < len(self.offsets) else self.size
 
 
+# -- recovery: what a segment directory holds, read without changing it ---------------
+
+# A disk writes whole sectors: a write cut off by a crash leaves some sectors of its
+# range unwritten, and unwritten file space reads as zeros (etcd's minSectorSize).
+_SECTOR = 512
+_ZEROS = bytes(_SECTOR)
+# How many following indexes a search for readable records past a bad one tries.
+_RESYNC_INDEXES = 256
+
+
+class _Stop(NamedTuple):
+    """Why the records of a segment stop before its end."""
+
+    torn: bool  # the unfinished last write of the log (forgiven), not damage
+    reason: str
+
+
+def _unwritten(view: memoryview, pos: int, end: int) -> bool:
+    """Whether the record at ``[pos, end)`` overlaps space a torn write left unwritten.
+
+    Like etcd's ``isTornEntry``: the record is cut at sector boundaries and a piece
+    that reads all zeros was never written. The zeros must also reach the end of their
+    sector (or of the file), and a piece must be a header long unless the file ends
+    there: a flipped bit next to a few legitimately zero bytes is damage, not a tear.
+    """
+    start = pos
+    while start < end:
+        stop = min((start // _SECTOR + 1) * _SECTOR, len(view))
+        if (stop - start >= _HEADER.size or stop == len(view)) and view[start:stop] == _ZEROS[
+            : stop - start
+        ]:
+            return True
+        start = stop
+    return False
+
+
+def _resync(view: memoryview, pos: int, index: int) -> tuple[int, int] | None:
+    """The first intact record after a bad one at ``pos``: (offset, index), or None.
+
+    A record's index sits ``_CRC_START`` bytes in, so searching the bytes under
+    ``view`` for the next few indexes finds where readable records resume.
+    """
+    data = view.obj
+    for candidate in range(index + 1, index + 1 + _RESYNC_INDEXES):
+        needle = struct.pack(">Q", candidate)
+        at = data.find(needle, pos + 1 + _CRC_START)
+        while at != -1:
+            start = at - _CRC_START
+            if _record_end(view, start, candidate) is not None:
+                return start, candidate
+            at = data.find(needle, at + 1)
+    return None
+
+
+def _next_record(view: memoryview, pos: int, index: int, last_segment: bool) -> int | _Stop:
+    """End of the intact record ``index`` at ``pos`` (< the end), or why the log stops.
+
+    Only the last segment can end in a torn write: a segment is complete and fsync'd
+    before the next one is created. There, a record cut short by the end of the file,
+    or overlapping unwritten sectors, is torn; anywhere else, and for a checksum
+    mismatch on a complete record, it is damage (etcd's WAL decoder decides alike).
+    """
+    remaining = len(view) - pos
+    if remaining < _HEADER.size:
+        return _Stop(last_segment, f"is cut off after {remaining} bytes of its header")
+    length, crc, found_index, _term = _HEADER.unpack_from(view, pos)
+    end = pos + _HEADER.size + length
+    if end > len(view):
+        # A torn write leaves no readable record after the one it cut; a record that
+        # follows means the length field itself is damaged.
+        if last_segment and _resync(view, pos, index) is None:
+            return _Stop(True, f"of {length} bytes is cut off by the end of the file")
+        return _Stop(False, f"has a length ({length}) that runs past the end of the file")
+    if crc32c.crc32c(view[pos + _CRC_START : end]) != crc:
+        if last_segment and _unwritten(view, pos, end):
+            return _Stop(True, "overlaps unwritten (zeroed) sectors")
+        return _Stop(False, "fails its checksum")
+    if found_index != index:
+        return _Stop(False, f"holds index {found_index}")
+    return end
+
+
+def _count_intact(view: memoryview, pos: int, index: int) -> tuple[int, int | None]:
+    """Intact records from ``pos`` on, skipping bad ones: (how many, last index)."""
+    count, last = 0, None
+    while pos < len(view):
+        end = _record_end(view, pos, index)
+        if end is None:
+            found = _resync(view, pos, index)
+            if found is None:
+                break
+            pos, index = found
+            continue
+        count, last = count + 1, index
+        pos, index = end, index + 1
+    return count, last
+
+
+def _read_segment(path: str) -> memoryview:
+    with open(path, "rb") as f:
+        return memoryview(f.read())
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """The unfinished last write of a log: never acknowledged, cut when the log opens."""
+
+    path: str
+    offset: int
+    size: int  # bytes from ``offset`` to the end of the file
+    reason: str
+
+
+@dataclass(frozen=True)
+class LogDamage:
+    """The first bad record of a log, and what a cut there would lose.
+
+    ``records_beyond`` counts the records still readable after the damage (in its
+    segment, found by searching for the next indexes, and in ``segments_beyond``);
+    ``bytes_beyond`` is everything from ``offset`` to the end of the log's files.
+    """
+
+    path: str
+    offset: int
+    index: int  # the index the bad record should hold
+    reason: str
+    first_index: int | None  # of the log, if any record precedes the damage
+    intact_records: int
+    records_beyond: int
+    last_index_beyond: int | None
+    segments_beyond: tuple[str, ...]
+    bytes_beyond: int
+
+    def describe(self) -> str:
+        """The damage and the cost of cutting there, in one paragraph for people."""
+        if self.intact_records:
+            before = (
+                f"{self.intact_records} intact records before it "
+                f"(indexes {self.first_index}..{self.index - 1})"
+            )
+        else:
+            before = "no intact record before it"
+        if self.last_index_beyond is not None:
+            lost = f"indexes {self.index}..{self.last_index_beyond}"
+        else:
+            lost = f"index {self.index}"
+        return (
+            f"{self.path} at byte {self.offset}: record {self.index} {self.reason}; "
+            f"{before}; a cut there would lose {self.bytes_beyond} bytes, {lost}: "
+            f"{self.records_beyond} intact records beyond the damage and "
+            f"{len(self.segments_beyond)} later segment files"
+        )
+
+    def error(self) -> CorruptLog:
+        """The refusal to open a log with this damage."""
+        return CorruptLog(
+            f"corrupt write-ahead log: {self.describe()}",
+            path=self.path,
+            offset=self.offset,
+            intact_records=self.intact_records,
+            records_beyond=self.records_beyond,
+            segments_beyond=self.segments_beyond,
+        )
+
+
+@dataclass
+class LogSurvey:
+    """What a log directory holds: its intact segments, a torn tail, or damage.
+
+    ``segments`` hold the records a log opening (or a repair) keeps: with damage, the
+    intact ones before it.
+    """
+
+    directory: str
+    segments: list[_Segment]
+    torn: TornTail | None = None
+    damage: LogDamage | None = None
+
+    @property
+    def first_index(self) -> int | None:
+        return self.segments[0].first_index if self.segments else None
+
+    @property
+    def last_index(self) -> int:
+        return self.segments[-1].last_index if self.segments else 0
+
+    @property
+    def records(self) -> int:
+        return sum(len(segment.offsets) for segment in self.segments)
+
+
+def survey_log(directory: str) -> LogSurvey:
+    """Read every segment of ``directory`` and say what it holds; changes nothing.
+
+    The segments are read up to the first bad record, or to a torn tail of the last
+    segment. Segments must follow each other without a gap or an overlap in indexes.
+    """
+    firsts = sorted(
+        int(match.group(1))
+        for match in map(_SEGMENT_FILE.match, os.listdir(directory))
+        if match
+    )
+    paths = [os.path.join(directory, segment_name(first)) for first in firsts]
+    survey = LogSurvey(directory, [])
+    for position, (first, path) in enumerate(zip(firsts, paths, strict=True)):
+        last_segment = position == len(firsts) - 1
+        if survey.segments and first != survey.last_index + 1:
+            expected = survey.last_index + 1
+            reason = (
+                f"is missing: the next segment starts at index {first}"
+                if first > expected
+                else f"is in two segments: the next one starts at index {first}"
+            )
+            survey.damage = _damage(survey, paths[position:], path, 0, expected, reason)
+            return survey
+        view = _read_segment(path)
+        segment = _Segment(path, first)
+        pos, index = 0, first
+        while pos < len(view):
+            step = _next_record(view, pos, index, last_segment)
+            if isinstance(step, _Stop):
+                if step.torn:
+                    reason = f"record {index} {step.reason}"
+                    survey.torn = TornTail(path, pos, len(view) - pos, reason)
+                    break
+                # The records before the damage are part of the log a cut leaves.
+                segment.size = pos
+                if segment.offsets:
+                    survey.segments.append(segment)
+                survey.damage = _damage(
+                    survey, paths[position + 1 :], path, pos, index, step.reason, view
+                )
+                return survey
+            segment.offsets.append(pos)
+            pos, index = step, index + 1
+        segment.size = pos
+        if segment.offsets:
+            survey.segments.append(segment)
+        elif not last_segment:
+            survey.damage = _damage(
+                survey, paths[position + 1 :], path, 0, first, "is missing: its segment is empty"
+            )
+            return survey
+        elif survey.torn is None:
+            # Created, then the crash came before its first record was durable.
+            survey.torn = TornTail(path, 0, len(view), "an empty last segment")
+    return survey
+
+
+def _damage(
+    survey: LogSurvey,
+    later: list[str],
+    path: str,
+    offset: int,
+    index: int,
+    reason: str,
+    view: memoryview | None = None,
+) -> LogDamage:
+    """The damage at ``path``/``offset``, counting what lies beyond it.
+
+    ``later`` are the segment files wholly beyond the damage (``path`` itself when the
+    damage is a gap before it); a ``view`` of the damaged segment is searched past the
+    bad record. The survey's segments are the intact records before the damage.
+    """
+    beyond, last_beyond = 0, None
+    size = 0
+    if view is not None:
+        size = len(view) - offset
+        found = _resync(view, offset, index)
+        if found is not None:
+            beyond, last_beyond = _count_intact(view, *found)
+    for later_path in later:
+        later_view = _read_segment(later_path)
+        size += len(later_view)
+        first = int(os.path.basename(later_path)[:20])
+        count, last = _count_intact(later_view, 0, first)
+        beyond += count
+        last_beyond = last if last is not None else last_beyond
+    segments_beyond = tuple(p for p in later if p != path)
+    return LogDamage(
+        path, offset, index, reason, survey.first_index, survey.records, beyond, last_beyond,
+        segments_beyond, size,
+    )
+
+
 class _SegmentFiles:
     """The segment files of one log. Every method runs in the log's writer thread.
 
@@ -131,56 +428,43 @@ class _SegmentFiles:
 
     # -- recovery ---------------------------------------------------------------------
 
-    def recover(self) -> tuple[int | None, int]:
-        """Load the segments, cut the log at the first bad record; (first, last) index."""
+    def recover(self) -> LogSurvey:
+        """Load the segments and cut a torn tail; refuse a damaged log.
+
+        Raises `CorruptLog` (changing nothing) when a record other than the unfinished
+        last write is bad or segments do not follow each other. The survey returned
+        says which torn tail, if any, was cut.
+        """
         os.makedirs(self._directory, exist_ok=True)
-        firsts = sorted(
-            int(match.group(1))
-            for match in map(_SEGMENT_FILE.match, os.listdir(self._directory))
-            if match
-        )
-        self._segments = []
-        expected: int | None = None
-        cut = False
-        unlinked = False
-        for first in firsts:
-            path = self._path(first)
-            # After a bad record, or when a segment does not continue its predecessor,
-            # everything later is unreachable: Raft needs consecutive indexes.
-            if cut or (expected is not None and first != expected):
-                cut = True
-                os.unlink(path)
-                unlinked = True
-                continue
-            segment, file_size = self._scan(path, first)
-            expected = segment.last_index + 1
-            if segment.size < file_size:
-                cut = True
-                if segment.offsets:
-                    self._cut_file(path, segment.size)
-            if segment.offsets:
-                self._segments.append(segment)
+        survey = survey_log(self._directory)
+        if survey.damage is not None:
+            raise survey.damage.error()
+        self._segments = survey.segments
+        torn = survey.torn
+        if torn is not None:
+            if survey.segments and torn.path == survey.segments[-1].path:
+                self._cut_file(torn.path, torn.offset)
             else:
                 # Segments are named by their first record: an empty one must go, or
                 # a later append of another record at that index would clash with it.
-                os.unlink(path)
-                unlinked = True
-        if unlinked:
-            self._fsync_directory()
-        return self.first_index, self.last_index
+                os.unlink(torn.path)
+                self._fsync_directory()
+        return survey
 
-    def _scan(self, path: str, first: int) -> tuple[_Segment, int]:
-        with open(path, "rb") as f:
-            data = memoryview(f.read())
-        segment = _Segment(path, first)
-        pos = 0
-        index = first
-        while (end := _record_end(data, pos, index)) is not None:
-            segment.offsets.append(pos)
-            pos = end
-            index += 1
-        segment.size = pos
-        return segment, len(data)
+    def carry_out(self, plan: RepairPlan) -> None:
+        """Delete what ``plan`` says: the repair, run only when asked, fsync'd data included."""
+        damage = plan.survey.damage
+        if damage is not None:
+            for path in damage.segments_beyond:
+                os.unlink(path)
+            if damage.offset:
+                self._cut_file(damage.path, damage.offset)
+            else:
+                os.unlink(damage.path)
+        if plan.empty_log:
+            for segment in plan.survey.segments:
+                os.unlink(segment.path)
+        self._fsync_directory()
 
     # -- state ------------------------------------------------------------------------
 
@@ -316,7 +600,12 @@ class _SegmentFiles:
             for index in range(low, high):
                 record_end = _record_end(data, pos, index)
                 if record_end is None:
-                    raise CorruptLog(f"record {index} of {segment.path} fails its checksum")
+                    raise CorruptLog(
+                        f"record {index} of {segment.path} at byte {begin + pos} "
+                        "fails its checksum",
+                        path=segment.path,
+                        offset=begin + pos,
+                    )
                 _, _, _, term = _HEADER.unpack_from(data, pos)
                 records.append(WALRecord(index, term, bytes(data[pos + _HEADER.size : record_end])))
                 pos = record_end
@@ -364,6 +653,94 @@ class _SegmentFiles:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class RepairPlan:
+    """What a repair deletes from a log whose state machine has applied ``applied_index``.
+
+    The log is cut before its first bad record. When what is left can no longer
+    continue the state machine - it has applied past the log's end, or the log starts
+    beyond its next entry - every record left goes too: the state machine holds the
+    state, and the log starts again after ``applied_index``.
+    """
+
+    survey: LogSurvey
+    applied_index: int
+    empty_log: bool
+
+    @property
+    def changes_anything(self) -> bool:
+        return self.survey.damage is not None or self.empty_log
+
+    @property
+    def lost_indexes(self) -> tuple[int, int] | None:
+        """The first and last deleted index above ``applied_index``: gone for good."""
+        deleted = []
+        damage = self.survey.damage
+        if damage is not None:
+            last = damage.last_index_beyond
+            deleted.append((damage.index, damage.index if last is None else last))
+        if self.empty_log:
+            deleted.append((self.survey.first_index, self.survey.last_index))
+        lost = [(max(low, self.applied_index + 1), high) for low, high in deleted]
+        lost = [(low, high) for low, high in lost if low <= high]
+        if not lost:
+            return None
+        return min(low for low, _ in lost), max(high for _, high in lost)
+
+    def describe(self) -> list[str]:
+        """What the repair deletes and what that loses, line by line for people."""
+        survey = self.survey
+        lines = []
+        if survey.damage is not None:
+            lines.append(f"damage: {survey.damage.describe()}")
+        if self.empty_log:
+            why = (
+                "it ends before"
+                if self.applied_index > survey.last_index
+                else "it starts after the entry following"
+            )
+            lines.append(
+                f"then the {survey.records} records left (indexes {survey.first_index}.."
+                f"{survey.last_index}, {len(survey.segments)} segment files) go too: {why} "
+                f"the store's applied index {self.applied_index}"
+            )
+        lost = self.lost_indexes
+        if lost is None:
+            lines.append(
+                f"the store has applied every deleted entry (up to index {self.applied_index}): "
+                "no acknowledged write is lost"
+            )
+        else:
+            lines.append(
+                f"lost for good: indexes {lost[0]}..{lost[1]}, written to the log but never "
+                f"applied to the store (applied up to {self.applied_index})"
+            )
+        return lines
+
+
+def plan_repair(directory: str, applied_index: int) -> RepairPlan:
+    """Survey the log in ``directory`` and decide its repair; changes nothing. Blocks."""
+    survey = survey_log(directory)
+    first = survey.first_index
+    empty_log = first is not None and (
+        applied_index > survey.last_index or first > applied_index + 1
+    )
+    return RepairPlan(survey, applied_index, empty_log)
+
+
+def repair_log(plan: RepairPlan) -> None:
+    """Carry out ``plan``: the only code that deletes fsync'd records of a log.
+
+    For the offline ``timemachine repair`` command: nothing may have the log open
+    meanwhile. Blocks; never call it on a reactor.
+    """
+    files = _SegmentFiles(plan.survey.directory, DEFAULT_SEGMENT_BYTES)
+    try:
+        files.carry_out(plan)
+    finally:
+        files.close()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -476,14 +853,35 @@ class WriteAheadLog:
         )
         d = self._io.call(self._files.recover)
 
-        def recovered(indexes: tuple[int | None, int]) -> None:
-            self.first_index, self.last_index = indexes
+        def recovered(survey: LogSurvey) -> None:
+            self.first_index, self.last_index = survey.first_index, survey.last_index
+            torn = survey.torn
+            if torn is not None:
+                _log.warn(
+                    "write-ahead log {path}: cut a torn last write at byte {offset} "
+                    "({size} bytes, {reason}); kept {records} records",
+                    path=torn.path,
+                    offset=torn.offset,
+                    size=torn.size,
+                    reason=torn.reason,
+                    records=survey.records,
+                )
             self.bytes_on_disk = self._files.disk_bytes()
             self._ready = True
 
         def failed(failure: Failure) -> Failure:
             self._release_io()
             self._opened = False  # open() may be tried again
+            if failure.check(CorruptLog):
+                _log.error(
+                    "write-ahead log {directory} refuses to open: {error}",
+                    directory=self.directory,
+                    error=failure.value,
+                    path=failure.value.path,
+                    offset=failure.value.offset,
+                    intact_records=failure.value.intact_records,
+                    records_beyond=failure.value.records_beyond,
+                )
             return failure
 
         d.addCallbacks(recovered, failed)

@@ -1,0 +1,113 @@
+"""The ``timemachine`` command: offline work on a node's data directory.
+
+``timemachine repair --data-dir D --shard N`` (or ``--meta``) repairs a log that
+refuses to open (`timemachine.domain.errors.CorruptLog`): it cuts the log before its
+first bad record and, when what is left cannot continue the log's store, empties the
+log. ``--dry-run`` prints what would be deleted and lost, and changes nothing. Run it
+while the node is stopped: it is the only code that deletes fsync'd records.
+
+Exit status: 0 when the log needs nothing or was repaired, 1 when a dry run found
+something to repair or the store cannot be read, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from twisted.internet import defer, task, threads
+
+from timemachine.domain.errors import StorageError
+from timemachine.storage.store import ClusterStore, VnodeStore
+from timemachine.storage.wal import plan_repair, repair_log
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``timemachine`` console script."""
+    args = _parser().parse_args(argv)
+    task.react(args.command, [args])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="timemachine", description="Offline commands on a timeMachine node's data."
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    repair = commands.add_parser(
+        "repair",
+        help="cut a damaged log at its first bad record (the node must be stopped)",
+        description=(
+            "Cut a log that refuses to open at its first bad record; when what is left "
+            "cannot continue the log's store, empty the log. Run it while the node is "
+            "stopped: it deletes fsync'd records. Exit status 1 after a dry run that "
+            "found something to repair."
+        ),
+    )
+    repair.add_argument("--data-dir", required=True, help="the node's --data-dir")
+    which = repair.add_mutually_exclusive_group(required=True)
+    which.add_argument("--shard", type=int, metavar="N", help="repair shard N's log")
+    which.add_argument("--meta", action="store_true", help="repair the meta log")
+    repair.add_argument(
+        "--dry-run", action="store_true", help="print what would be lost; change nothing"
+    )
+    repair.set_defaults(command=_repair)
+    return parser
+
+
+@defer.inlineCallbacks
+def _repair(reactor, args):
+    if args.meta:
+        name, directory, store_class = "meta log", os.path.join(args.data_dir, "meta"), ClusterStore
+        store_path = os.path.join(directory, "cluster.sqlite")
+    else:
+        name, directory, store_class = (
+            f"shard {args.shard}",
+            os.path.join(args.data_dir, "shards", str(args.shard)),
+            VnodeStore,
+        )
+        store_path = os.path.join(directory, "jobs.sqlite")
+    wal_directory = os.path.join(directory, "wal")
+    if not os.path.isdir(wal_directory):
+        print(f"timemachine repair: no log of {name} at {wal_directory}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        applied = yield _applied_index(reactor, store_class, store_path)
+    except StorageError as e:
+        print(f"timemachine repair: cannot read the store of {name}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    # Reading every segment blocks: in a thread, as everywhere else.
+    plan = yield threads.deferToThread(plan_repair, wal_directory, applied)
+    survey = plan.survey
+    print(f"{name}: log {wal_directory}, store {store_path} (applied index {applied})")
+    if not plan.changes_anything:
+        span = (
+            f"indexes {survey.first_index}..{survey.last_index}" if survey.records else "empty"
+        )
+        print(f"the log is intact: {survey.records} records ({span}); nothing to repair")
+        if survey.torn is not None:
+            torn = survey.torn
+            print(
+                f"its unfinished last write ({torn.size} bytes at byte {torn.offset} of "
+                f"{torn.path}, never acknowledged) is cut when the node opens it"
+            )
+        return
+    for line in plan.describe():
+        print(line)
+    if args.dry_run:
+        print("dry run: nothing was changed; run without --dry-run to repair")
+        raise SystemExit(1)
+    yield threads.deferToThread(repair_log, plan)
+    print(f"repaired: {name} now opens with its store at applied index {applied}")
+
+
+@defer.inlineCallbacks
+def _applied_index(reactor, store_class, path: str):
+    """The applied index of the store at ``path``; 0 when there is no store yet."""
+    if not os.path.exists(path):
+        return 0  # opening would create it
+    store = store_class(path, reactor)
+    yield store.open()
+    applied = store.applied_index
+    yield store.close()
+    return applied
