@@ -384,6 +384,19 @@ class WriteAheadLogTests(unittest.TestCase):
         )
 
     @defer.inlineCallbacks
+    def test_a_few_zero_bytes_at_a_sector_end_do_not_make_a_tear(self):
+        """Zeros a torn write leaves fill the rest of a sector, not a byte or two.
+
+        The last record starts one byte before a sector boundary, so that byte is the
+        high byte of its length: zero. A flipped bit in its payload must still be
+        damage (etcd's rule, any all-zero piece of the record, would call it a tear).
+        """
+        first = WALRecord(1, 1, b"p" * (511 - HEADER))
+        yield self.written([first, record(2)])
+        flip_byte(os.path.join(self.directory, segment_name(1)), 511 + HEADER + 2)
+        yield self.assert_refused(511, 1, 1, 0)
+
+    @defer.inlineCallbacks
     def test_a_segment_cut_short_before_a_later_one_refuses(self):
         """Only the last segment can be torn: a later one exists, so this is damage."""
         yield self.written([record(i) for i in range(1, 11)], segment_bytes=3 * RECORD)
