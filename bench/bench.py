@@ -598,6 +598,77 @@ def receiver_count(receiver_base: str) -> int:
     return body["count"] if status == 200 else -1
 
 
+def lateness_figures(lateness: list[float]) -> dict:
+    """p50, p90, p99, p99.9, max and min (ms) of ascending lateness values, and how
+    many of them are early (negative)."""
+    return {
+        "lateness_p50_ms": rounded(percentile(lateness, 50), 2),
+        "lateness_p90_ms": rounded(percentile(lateness, 90), 2),
+        "lateness_p99_ms": rounded(percentile(lateness, 99), 2),
+        "lateness_p999_ms": rounded(percentile(lateness, 99.9), 2),
+        "lateness_max_ms": rounded(lateness[-1] if lateness else None, 2),
+        "lateness_min_ms": rounded(lateness[0] if lateness else None, 2),
+        "early": sum(1 for value in lateness if value < 0),
+    }
+
+
+def delivery_figures(records: list, scheduled: dict[str, int]) -> tuple[dict, dict[str, float]]:
+    """What the receiver's ``records`` say of the jobs ``scheduled`` ({id: trigger_ms}).
+
+    Returns the figures (delivered, lateness, early, duplicates, missing, retried,
+    trigger header mismatches, deliveries of other jobs) and each delivered job's
+    lateness: arrival of its first delivery - its trigger, in ms.
+    """
+    first_lateness: dict[str, float] = {}
+    deliveries: dict[str, int] = {}
+    header_mismatch = retried = foreign = 0
+    for job_id, trigger_header, arrival_s, attempt in records:
+        if job_id not in scheduled:
+            foreign += 1
+            continue
+        deliveries[job_id] = deliveries.get(job_id, 0) + 1
+        trigger_ms = scheduled[job_id]
+        if trigger_header is None or int(trigger_header) != trigger_ms:
+            header_mismatch += 1
+        if attempt not in (None, "1"):
+            retried += 1
+        if job_id not in first_lateness:
+            first_lateness[job_id] = arrival_s * 1000 - trigger_ms
+    figures = {
+        "delivered": len(first_lateness),
+        "deliveries_total": sum(deliveries.values()),
+        **lateness_figures(sorted(first_lateness.values())),
+        "duplicates": sum(count - 1 for count in deliveries.values()),
+        "missing": len(set(scheduled) - set(first_lateness)),
+        "retried_deliveries": retried,
+        "trigger_header_mismatch": header_mismatch,
+        "deliveries_of_other_jobs": foreign,
+    }
+    return figures, first_lateness
+
+
+def lateness_by_second(first_lateness: dict[str, float], scheduled: dict[str, int],
+                       origin_ms: int) -> list[dict]:
+    """Lateness per second of trigger time counted from ``origin_ms``.
+
+    Flat lateness points at the timer; lateness that grows second after second means
+    the node cannot deliver that many per second and a queue builds up.
+    """
+    by_second: dict[int, list[float]] = {}
+    for job_id, value in first_lateness.items():
+        by_second.setdefault((scheduled[job_id] - origin_ms) // 1000, []).append(value)
+    rows = []
+    for second in sorted(by_second):
+        values = sorted(by_second[second])
+        rows.append({
+            "second": second, "delivered": len(values),
+            "p50_ms": rounded(percentile(values, 50), 1),
+            "p99_ms": rounded(percentile(values, 99), 1),
+            "max_ms": rounded(values[-1], 1),
+        })
+    return rows
+
+
 def measure_firing(base: str, route: str, run_id: str, receiver_base: str, dump: Path,
                    batch_rate: float | None, node_pid: int | None, args) -> dict:
     """Schedule ``args.fire_jobs`` jobs over ``args.fire_spread_s`` s; measure lateness.
@@ -642,38 +713,8 @@ def measure_firing(base: str, route: str, run_id: str, receiver_base: str, dump:
     dumped = json.loads(dump.read_text())
     records = dumped["records"]
 
-    first_lateness: dict[str, float] = {}
-    deliveries: dict[str, int] = {}
-    header_mismatch = 0
-    retried = 0
-    foreign = 0
-    for job_id, trigger_header, arrival_s, attempt in records:
-        if job_id not in scheduled:
-            foreign += 1
-            continue
-        deliveries[job_id] = deliveries.get(job_id, 0) + 1
-        trigger_ms = scheduled[job_id]
-        if trigger_header is None or int(trigger_header) != trigger_ms:
-            header_mismatch += 1
-        if attempt not in (None, "1"):
-            retried += 1
-        if job_id not in first_lateness:
-            first_lateness[job_id] = arrival_s * 1000 - trigger_ms
-    lateness = sorted(first_lateness.values())
-    # Lateness per second of trigger time tells a timer problem (late from the first
-    # second on) from a throughput problem (lateness that grows as fires pile up).
-    by_second: dict[int, list[float]] = {}
-    for job_id, value in first_lateness.items():
-        by_second.setdefault((scheduled[job_id] - start_ms) // 1000, []).append(value)
-    per_second = []
-    for second in sorted(by_second):
-        values = sorted(by_second[second])
-        per_second.append({
-            "second": second, "delivered": len(values),
-            "p50_ms": rounded(percentile(values, 50), 1),
-            "p99_ms": rounded(percentile(values, 99), 1),
-            "max_ms": rounded(values[-1], 1),
-        })
+    delivered, first_lateness = delivery_figures(records, scheduled)
+    per_second = lateness_by_second(first_lateness, scheduled, start_ms)
     arrivals = [r[2] for r in records if r[0] in scheduled]
     result = {
         "jobs_scheduled": len(scheduled),
@@ -682,20 +723,7 @@ def measure_firing(base: str, route: str, run_id: str, receiver_base: str, dump:
         "create_seconds": creation["seconds"],
         "lead_after_last_ack_s": round(lead_s, 2),
         "spread_s": args.fire_spread_s,
-        "delivered": len(first_lateness),
-        "deliveries_total": sum(deliveries.values()),
-        "lateness_p50_ms": rounded(percentile(lateness, 50), 2),
-        "lateness_p90_ms": rounded(percentile(lateness, 90), 2),
-        "lateness_p99_ms": rounded(percentile(lateness, 99), 2),
-        "lateness_p999_ms": rounded(percentile(lateness, 99.9), 2),
-        "lateness_max_ms": rounded(lateness[-1] if lateness else None, 2),
-        "lateness_min_ms": rounded(lateness[0] if lateness else None, 2),
-        "early": sum(1 for value in lateness if value < 0),
-        "duplicates": sum(count - 1 for count in deliveries.values()),
-        "missing": len(set(scheduled) - set(first_lateness)),
-        "retried_deliveries": retried,
-        "trigger_header_mismatch": header_mismatch,
-        "deliveries_of_other_jobs": foreign,
+        **delivered,
         "delivery_window_s": round(max(arrivals) - min(arrivals), 2) if arrivals else None,
         "receiver_connections": dumped.get("connections"),
         "lateness_by_trigger_second": per_second,
