@@ -29,14 +29,11 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from timemachine.domain.errors import InvalidField, TimeMachineError
 from timemachine.domain.names import MAX_COLLECTION, check_name
-from timemachine.http.api import (
-    JOB_RAW_MEMBERS,
-    MAX_BATCH,
-    job_spec,
-    make_site,
-    read_json,
-    respond,
-)
+from timemachine.http.limits import MAX_BATCH
+from timemachine.http.parsing import JOB_RAW_MEMBERS, job_spec
+from timemachine.http.responses import respond
+from timemachine.http.routes import read_json
+from timemachine.http.site import make_site
 from timemachine.metrics import Metrics
 
 

@@ -37,7 +37,8 @@ from timemachine.domain.errors import (
 )
 from timemachine.firing.executor import Executor
 from timemachine.firing.publisher import Publisher
-from timemachine.http.api import TimeMachineAPI, make_site
+from timemachine.http.routes import TimeMachineAPI
+from timemachine.http.site import make_site
 from timemachine.metrics import Metrics
 from timemachine.storage.iothread import IOThread
 from timemachine.storage.store import ClusterStore, VnodeStore

@@ -22,7 +22,7 @@ from tests.support import fill_disk_under, free_port
 from timemachine.cluster.ring import shard_of
 from timemachine.domain.errors import StorageError
 from timemachine.domain.jobs import MAX_META_BYTES
-from timemachine.http.api import MAX_BATCH, MAX_BODY_BYTES
+from timemachine.http.limits import MAX_BATCH, MAX_BODY_BYTES
 from timemachine.node import Node
 from timemachine.storage.wal import segment_name
 

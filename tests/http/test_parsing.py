@@ -1,101 +1,86 @@
-"""The body reader on its own: bytes in, JSON values (and the client's text) out."""
+"""Parsing bodies into domain values, on its own: JSON values in, `JobSpec`/`Route` out."""
 
 from twisted.trial import unittest
 
-from timemachine.domain.errors import BadJSON
-from timemachine.http.parsing import JSONText, decode_json
+from timemachine.domain.errors import InvalidField
+from timemachine.http.limits import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
+from timemachine.http.parsing import (
+    JOB_RAW_MEMBERS,
+    check_address,
+    job_spec,
+    list_limit,
+    parse_rfc3339,
+    route_of,
+    trigger_of,
+)
+from timemachine.http.strictjson import decode_json
 
-META = frozenset({"meta"})
+
+def body(text: str) -> dict:
+    return decode_json(text.encode(), JOB_RAW_MEMBERS)
 
 
-class DecodeTests(unittest.TestCase):
-    def test_values_as_json_loads_gives_them(self):
+class JobSpecTests(unittest.TestCase):
+    def test_meta_is_the_clients_text_and_absent_meta_is_null(self):
+        text = '{"id": "a", "trigger_ms": 5, "route": "r", "meta": {"b":1.0e2}}'
+        spec = job_spec("c", body(text))
         self.assertEqual(
-            decode_json(b' {"a": [1, 2.5, "x", null, true], "b": {"c": {}}} \n'),
-            {"a": [1, 2.5, "x", None, True], "b": {"c": {}}},
+            (spec.collection, spec.id, spec.trigger_ms, spec.route), ("c", "a", 5, "r")
         )
-        self.assertEqual(decode_json(b"[]", META), [])
-        self.assertEqual(decode_json(b"{}", META), {})
-        self.assertEqual(decode_json(b'"text"', META), "text")
+        self.assertEqual(spec.meta, '{"b":1.0e2}')
+        self.assertEqual(job_spec("c", body('{"id": "a", "trigger_ms": 5, "route": "r"}')).meta,
+                         "null")
 
-    def test_raw_member_keeps_numbers_escapes_and_key_order(self):
-        text = (
-            '{"z": 1.0e2, "a": 0.10, "e": "caf\\u00e9 \\"q\\"", "n": -0,'
-            ' "big": 12345678901234567890123}'
+    def test_the_url_id_fills_in_and_must_match(self):
+        self.assertEqual(job_spec("c", body('{"trigger_ms": 5, "route": "r"}'), url_id="x").id, "x")
+        with self.assertRaises(InvalidField) as raised:
+            job_spec("c", body('{"id": "y", "trigger_ms": 5, "route": "r"}'), url_id="x")
+        self.assertEqual(raised.exception.field, "id")
+
+    def test_an_item_that_is_not_an_object(self):
+        with self.assertRaises(InvalidField) as raised:
+            job_spec("c", [1])
+        self.assertEqual(raised.exception.field, "job")
+
+
+class TriggerTests(unittest.TestCase):
+    def test_trigger_ms_or_trigger_time_never_both(self):
+        self.assertEqual(trigger_of({"trigger_ms": 7}), 7)
+        self.assertEqual(trigger_of({"trigger_time": 7}), 7)
+        self.assertEqual(trigger_of({"trigger_time": "1970-01-01T00:00:01.5Z"}), 1500)
+        for fields in ({"trigger_ms": 1, "trigger_time": 1}, {}, {"trigger_time": True}):
+            self.assertRaises(InvalidField, trigger_of, fields)
+
+    def test_rfc3339_offsets_and_bad_times(self):
+        self.assertEqual(parse_rfc3339("1970-01-01T01:00:00+01:00"), 0)
+        self.assertEqual(parse_rfc3339("1970-01-01 00:00:00.1239z"), 123)
+        for text in ("1970-01-01", "1970-13-01T00:00:00Z", "1970-01-01T00:00:00+24:00"):
+            with self.assertRaises(InvalidField, msg=text) as raised:
+                parse_rfc3339(text)
+            self.assertEqual(raised.exception.field, "trigger_time")
+
+
+class RouteTests(unittest.TestCase):
+    def test_rest_means_http_and_other_types_fields_are_dropped(self):
+        route = route_of(
+            {"id": "r", "type": "REST", "webhook_url": "http://h:1/x", "key": "k", "backoff_ms": 9}
         )
-        body = decode_json(('{"id": "j", "meta": ' + text + ' , "route": "r"}').encode(), META)
-        self.assertEqual(body, {"id": "j", "meta": JSONText(text), "route": "r"})
+        self.assertEqual((route.type, route.key, route.backoff_ms), ("http", "", 9))
 
-    def test_raw_member_of_every_batch_item(self):
-        body = decode_json(b'[{"meta": 0.10}, 7, {"meta":[ 1 ,2 ]}, {"id": "m"}]', META)
-        self.assertEqual(
-            body, [{"meta": JSONText("0.10")}, 7, {"meta": JSONText("[ 1 ,2 ]")}, {"id": "m"}]
-        )
+    def test_the_url_id_must_match(self):
+        with self.assertRaises(InvalidField) as raised:
+            route_of({"id": "a", "type": "http", "webhook_url": "http://h/"}, url_id="b")
+        self.assertEqual(raised.exception.field, "id")
 
-    def test_raw_only_at_the_top_level_or_in_batch_items(self):
-        body = decode_json(b'{"x": {"meta": 1.0}, "meta": null}', META)
-        self.assertEqual(body, {"x": {"meta": 1.0}, "meta": JSONText("null")})
-        self.assertEqual(decode_json(b'{"meta": 1.50}'), {"meta": 1.5})
 
-    def test_escaped_names_and_odd_spacing_read_the_same(self):
-        body = decode_json(b'{"m\\u0065ta": 1.50}', META)
-        self.assertEqual(body, {"meta": JSONText("1.50")})
-        body = decode_json(b'{ "id" :"a" ,"x\\"y": 1,\n\t"meta"\r: [1.0] }', META)
-        self.assertEqual(body, {"id": "a", 'x"y': 1, "meta": JSONText("[1.0]")})
+class QueryTests(unittest.TestCase):
+    def test_list_limit(self):
+        self.assertEqual(list_limit(None), DEFAULT_LIST_LIMIT)
+        self.assertEqual(list_limit(str(MAX_LIST_LIMIT)), MAX_LIST_LIMIT)
+        for raw in ("0", str(MAX_LIST_LIMIT + 1), "-1", "1.5", "ten"):
+            self.assertRaises(InvalidField, list_limit, raw)
 
-    def test_a_repeated_name_keeps_its_last_value(self):
-        self.assertEqual(decode_json(b'{"meta": 1, "meta": [2]}', META), {"meta": JSONText("[2]")})
-
-    def test_non_finite_numbers_are_refused_anywhere(self):
-        for data in [
-            b'{"meta": 1e400}',
-            b'{"meta": {"deep": [1, -1e400]}}',
-            b'[{"meta": 1}, {"trigger_ms": 1E+999}]',
-            b'{"trigger_ms": 1e400}',
-            b'{"meta": NaN}',
-            b'{"meta": Infinity}',
-            b'[-Infinity]',
-        ]:
-            for raw in (META, frozenset()):
-                with self.assertRaises(BadJSON, msg=data):
-                    decode_json(data, raw)
-
-    def test_an_integer_literal_too_long_to_convert_is_refused(self):
-        long_literal = b"9" * 5000
-        for data in [
-            b'{"meta": ' + long_literal + b"}",
-            b'{"trigger_ms": -' + long_literal + b"}",
-            b'[{"meta": [' + long_literal + b"]}]",
-        ]:
-            with self.assertRaises(BadJSON) as caught:
-                decode_json(data, META)
-            self.assertIn("too long", caught.exception.message)
-        body = decode_json(b'{"meta": ' + b"9" * 300 + b"}", META)
-        self.assertEqual(body["meta"].text, "9" * 300)
-
-    def test_malformed_bodies(self):
-        for data in [
-            b"",
-            b" \n ",
-            b"\xff{}",
-            b"\xef\xbb\xbf{}",
-            b'{"a" 1}',
-            b'{"a": 1,}',
-            b'{a: 1}',
-            b"[1,]",
-            b"[1 2]",
-            b'{"meta": 1} x',
-            b'{"meta": }',
-            b'{"meta": "\\ud800"}',
-            b'[{"meta": ["\\udc00"]}]',
-            b'{"meta": "tab\there"}',
-            b"[" * 100_000,
-            b'{"meta": ' + b"[" * 100_000,
-        ]:
-            for raw in (META, frozenset()):
-                with self.assertRaises(BadJSON, msg=data):
-                    decode_json(data, raw)
-
-    def test_a_surrogate_pair_is_fine(self):
-        body = decode_json(b'{"meta": "\\ud83d\\ude00"}', META)
-        self.assertEqual(body["meta"].text, '"\\ud83d\\ude00"')
+    def test_address(self):
+        check_address("raft_address", "127.0.0.1:8101")
+        for value in (None, 8101, "127.0.0.1", "host:port", "a b:1"):
+            self.assertRaises(InvalidField, check_address, "raft_address", value)

@@ -1,6 +1,6 @@
 """Errors that reach users: each has an HTTP status and a code from API.md.
 
-Raise them anywhere below the REST layer; ``timemachine.http.api`` turns them into
+Raise them anywhere below the REST layer; ``timemachine.http.routes`` turns them into
 ``{"error": message, "code": code}`` responses in one place.
 """
 

@@ -1,189 +1,149 @@
-"""Reading a request body as strict JSON, keeping chosen members as the client's text.
+"""Parsing request bodies and query values into domain values: pure, no request, no I/O.
 
-A job's ``meta`` is delivered as the client wrote it (API.md): numbers such as ``1.0e2``
-or ``0.10``, escapes and key order must survive. Decoding it to Python values and
-encoding it again rewrites all three, so the reader finds the span of such a member's
-value in the body and keeps that text (`JSONText`), while the value is still decoded,
-which checks it against the same rules as the rest of the body.
+Route methods read the body (`timemachine.http.strictjson`) and hand the JSON values
+here; what comes back is a validated domain value (`JobSpec`, `Route`) or an
+`InvalidField` naming the field.
 
-The rules, for the whole body: UTF-8, one JSON value, no ``NaN``/``Infinity``
-literals, no number too large for a float (``1e400`` would become ``Infinity``), no
-integer literal too long to convert, and no unpaired UTF-16 surrogate escape (text
-that cannot be stored or delivered as UTF-8). Every violation is `BadJSON`.
+Choices made where API.md leaves room:
 
-Pure: bytes in, values out; no request, no I/O.
+* A job without ``meta`` carries JSON ``null``. ``meta`` is the client's JSON text of
+  it, from its first to its last character (read as `JSONText`).
+* ``trigger_ms`` must be a JSON integer. ``trigger_time`` is either a JSON integer
+  (epoch ms) or an RFC 3339 string with a ``Z`` or ``+hh:mm`` offset; fractions of a
+  millisecond are truncated. Giving both fields is an error.
+* A route's ``type`` "REST" (any case) means "http"; only the fields of its type are kept.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
-from dataclasses import dataclass
-from json.decoder import scanstring
-from typing import Any
+from datetime import datetime, timedelta, timezone
 
-from timemachine.domain.errors import BadJSON
+from timemachine.domain.errors import InvalidField
+from timemachine.domain.jobs import JobSpec, JobStatus
+from timemachine.domain.routes import Route
+from timemachine.http.limits import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 
-# JSON's insignificant whitespace (RFC 8259 section 2), exactly: not str.isspace().
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-# The start of an object's first member and of each next one, up to its value, when
-# the name holds no escape or control character.
-_FIRST_MEMBER = re.compile(r'\{[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:[ \t\n\r]*')
-_NEXT_MEMBER = re.compile(r'[ \t\n\r]*,[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:[ \t\n\r]*')
-_OBJECT_END = re.compile(r"[ \t\n\r]*\}")
-# Only a body with a \uD800-\uDFFF escape can decode to a lone surrogate.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+LISTABLE_STATUSES = (JobStatus.SCHEDULED.value, JobStatus.FIRED.value, JobStatus.FAILED.value)
+# A job body's members kept as the client's JSON text.
+JOB_RAW_MEMBERS = frozenset({"meta"})
 
+_ROUTE_FIELDS = {
+    "http": ("webhook_url",),
+    "redis": ("redis_url", "key", "mode"),
+}
+_ROUTE_COMMON_FIELDS = ("timeout_ms", "max_attempts", "backoff_ms", "max_in_flight")
 
-@dataclass(frozen=True, slots=True)
-class JSONText:
-    """A JSON value as the client's text (already checked to be valid JSON)."""
-
-    text: str
-
-
-def _refuse_constant(name: str):
-    raise BadJSON(f"{name} is not valid JSON")
-
-
-def _finite_float(literal: str) -> float:
-    value = float(literal)
-    if not math.isfinite(value):
-        raise BadJSON(f"the number {literal[:40]} is too large (it is not finite)")
-    return value
-
-
-def _integer(literal: str) -> int:
-    try:
-        return int(literal)
-    except ValueError:
-        # Past the interpreter's limit on digits converted (CVE-2020-10735).
-        raise BadJSON(f"an integer literal of {len(literal)} digits is too long") from None
-
-
-_DECODER = json.JSONDecoder(
-    parse_float=_finite_float, parse_int=_integer, parse_constant=_refuse_constant
+_RFC3339 = re.compile(
+    r"\A(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))\Z"
 )
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MILLISECOND = timedelta(milliseconds=1)
+_LIMIT = re.compile(r"\A[0-9]{1,9}\Z")
 
 
-def decode_json(data: bytes, raw_members: frozenset[str] = frozenset()) -> Any:
-    """The JSON value of ``data``; raises `BadJSON`.
+def meta_text(body: dict) -> str:
+    """The stored (and delivered) form of a job's ``meta``: the client's JSON text.
 
-    A member named in ``raw_members`` of the top-level object, or of an object
-    directly inside a top-level array (a batch), is a `JSONText` of its value.
+    ``body`` was read with `JOB_RAW_MEMBERS`; a job without ``meta`` carries ``null``.
     """
+    meta = body.get("meta")
+    return "null" if meta is None else meta.text
+
+
+def parse_rfc3339(text: str) -> int:
+    """Epoch milliseconds of an RFC 3339 timestamp; raises `InvalidField`."""
+    match = _RFC3339.match(text)
+    if match is None:
+        raise InvalidField(
+            "trigger_time", "must be epoch milliseconds or an RFC 3339 timestamp with an offset"
+        )
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadJSON(f"request body is not UTF-8: {e}") from None
-    if not text.strip(" \t\n\r"):
-        raise BadJSON("request body is empty: a JSON value is expected")
-    try:
-        value, end = _document(text, _skip(text, 0), raw_members)
-        end = _skip(text, end)
-        if end != len(text):
-            raise json.JSONDecodeError("Extra data", text, end)
-        if _SURROGATE_ESCAPE.search(text):
-            # The members kept as text were decoded but not kept: check the whole body.
-            json.dumps(_DECODER.decode(text), ensure_ascii=False).encode("utf-8")
-    except json.JSONDecodeError as e:
-        raise BadJSON(f"request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise BadJSON("request body is nested too deeply") from None
-    except UnicodeEncodeError:
-        raise BadJSON("request body holds an unpaired UTF-16 surrogate escape") from None
+        if zulu:
+            tz = timezone.utc
+        else:
+            if int(off_h) > 23 or int(off_m) > 59:
+                raise ValueError("offset out of range")
+            offset = timedelta(hours=int(off_h), minutes=int(off_m))
+            tz = timezone(-offset if sign == "-" else offset)
+        moment = datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tz
+        )
+    except ValueError as e:
+        raise InvalidField("trigger_time", f"is not a valid time: {e}") from None
+    millis = int((fraction or "0")[:3].ljust(3, "0"))
+    return (moment - _EPOCH) // _MILLISECOND + millis
+
+
+def trigger_of(body: dict):
+    """The ``trigger_ms`` a job body asks for (``trigger_ms`` or ``trigger_time``).
+
+    The value is returned as given when it is not a time string, so that `JobSpec`
+    applies the one integer rule.
+    """
+    if "trigger_ms" in body and "trigger_time" in body:
+        raise InvalidField("trigger_ms", "give trigger_ms or trigger_time, not both")
+    if "trigger_ms" in body:
+        return body["trigger_ms"]
+    if "trigger_time" not in body:
+        raise InvalidField("trigger_ms", "is required (epoch ms; or trigger_time)")
+    value = body["trigger_time"]
+    if isinstance(value, str):
+        return parse_rfc3339(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidField(
+            "trigger_time", "must be epoch milliseconds (an integer) or an RFC 3339 string"
+        )
     return value
 
 
-def _skip(text: str, pos: int) -> int:
-    return _WHITESPACE.match(text, pos).end()
+def job_spec(collection: str, body, url_id: str | None = None) -> JobSpec:
+    """The `JobSpec` of one job object; ``url_id`` is the id given by the URL (PUT)."""
+    if not isinstance(body, dict):
+        raise InvalidField("job", "must be a JSON object")
+    job_id = body.get("id", url_id)
+    if url_id is not None and job_id != url_id:
+        raise InvalidField("id", f"must match the id in the URL ({url_id!r})")
+    return JobSpec(
+        collection=collection,
+        id=job_id,
+        trigger_ms=trigger_of(body),
+        meta=meta_text(body),
+        route=body.get("route"),
+    )
 
 
-def _document(text: str, pos: int, raw_members: frozenset[str]) -> tuple[Any, int]:
-    if raw_members and text.startswith("{", pos):
-        return _object(text, pos, raw_members)
-    if raw_members and text.startswith("[", pos):
-        return _array(text, pos, raw_members)
-    return _value(text, pos)
+def route_of(body: dict, url_id: str | None = None) -> Route:
+    """The `Route` of a route object; ``type`` "REST" (any case) means "http"."""
+    route_type = body.get("type")
+    if isinstance(route_type, str):
+        route_type = route_type.lower()
+        if route_type == "rest":
+            route_type = "http"
+    route_id = body.get("id", url_id)
+    if url_id is not None and route_id != url_id:
+        raise InvalidField("id", f"must match the id in the URL ({url_id!r})")
+    # Only the fields of the route's type are kept; the rest default in `Route`.
+    names = _ROUTE_FIELDS.get(route_type, ()) + _ROUTE_COMMON_FIELDS
+    return Route(
+        id=route_id, type=route_type, **{name: body[name] for name in names if name in body}
+    )
 
 
-def _value(text: str, pos: int) -> tuple[Any, int]:
-    return _DECODER.raw_decode(text, pos)
+def list_limit(raw: str | None) -> int:
+    """The page size of a job list (``limit``), 1..MAX_LIST_LIMIT."""
+    if raw is None:
+        return DEFAULT_LIST_LIMIT
+    if not _LIMIT.match(raw) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+        raise InvalidField("limit", f"must be an integer between 1 and {MAX_LIST_LIMIT}")
+    return int(raw)
 
 
-def _array(text: str, pos: int, raw_members: frozenset[str]) -> tuple[list, int]:
-    """The array at ``pos`` (its ``[``); its objects keep ``raw_members`` as text."""
-    items: list = []
-    pos = _skip(text, pos + 1)
-    if text.startswith("]", pos):
-        return items, pos + 1
-    while True:
-        if text.startswith("{", pos):
-            item, pos = _object(text, pos, raw_members)
-        else:
-            item, pos = _value(text, pos)
-        items.append(item)
-        pos, ended = _after_item(text, pos, "]")
-        if ended:
-            return items, pos
+_HOST_PORT = re.compile(r"\A\S+:[0-9]{1,5}\Z")
 
 
-def _object(text: str, pos: int, raw_members: frozenset[str]) -> tuple[dict, int]:
-    """The object at ``pos`` (its ``{``), with ``raw_members`` as `JSONText`.
-
-    As `json.loads`, a repeated name keeps its last value. Member names without
-    escapes, and the separators around them, are matched in one step each: a batch
-    of 10,000 jobs is read in a few times what `json.loads` takes, not tens of
-    times. Anything else (an escaped name, an empty object, an error) is read by
-    `_object_carefully`.
-    """
-    members: dict = {}
-    scan = _DECODER.scan_once
-    member = _FIRST_MEMBER.match(text, pos)
-    while member is not None:
-        name = member.group(1)
-        start = member.end()
-        try:
-            value, end = scan(text, start)
-        except StopIteration:
-            break
-        members[name] = JSONText(text[start:end]) if name in raw_members else value
-        closed = _OBJECT_END.match(text, end)
-        if closed is not None:
-            return members, closed.end()
-        member = _NEXT_MEMBER.match(text, end)
-    return _object_carefully(text, pos, raw_members)
-
-
-def _object_carefully(text: str, pos: int, raw_members: frozenset[str]) -> tuple[dict, int]:
-    """`_object`, one token at a time, with the decoder's error for what is wrong."""
-    members: dict = {}
-    pos = _skip(text, pos + 1)
-    if text.startswith("}", pos):
-        return members, pos + 1
-    while True:
-        if not text.startswith('"', pos):
-            raise json.JSONDecodeError(
-                "Expecting property name enclosed in double quotes", text, pos
-            )
-        name, pos = scanstring(text, pos + 1, True)
-        pos = _skip(text, pos)
-        if not text.startswith(":", pos):
-            raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
-        start = _skip(text, pos + 1)
-        value, pos = _value(text, start)
-        members[name] = JSONText(text[start:pos]) if name in raw_members else value
-        pos, ended = _after_item(text, pos, "}")
-        if ended:
-            return members, pos
-
-
-def _after_item(text: str, pos: int, close: str) -> tuple[int, bool]:
-    """Past the ``,`` after an item (False), or past ``close`` (True: the last one)."""
-    pos = _skip(text, pos)
-    if text.startswith(",", pos):
-        return _skip(text, pos + 1), False
-    if text.startswith(close, pos):
-        return pos + 1, True
-    raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+def check_address(name: str, value) -> None:
+    if not isinstance(value, str) or not _HOST_PORT.match(value):
+        raise InvalidField(name, "must be a host:port string")

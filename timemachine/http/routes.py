@@ -1,18 +1,13 @@
-"""The REST API of a node (API.md), on Klein.
+"""The REST routes of a node (API.md), on Klein.
 
 Handlers stay thin: parse the request into model values (whose constructors do the
 validation), call the `Coordinator` or the `Node`, format the answer. Every error
 becomes ``{"error": <for humans>, "code": <for programs>}`` in the error handlers at
 the end of `TimeMachineAPI`, the one place that maps exceptions to statuses.
 
-Choices this module makes where API.md leaves room:
+Parsing is `timemachine.http.parsing` (pure), limits `timemachine.http.limits`,
+formatting `timemachine.http.responses`. Choices made here where API.md leaves room:
 
-* A job without ``meta`` carries JSON ``null``. ``meta`` is stored as the client's
-  JSON text of it, from its first to its last character, and delivered and shown
-  (GET) as that text.
-* ``trigger_ms`` must be a JSON integer. ``trigger_time`` is either a JSON integer
-  (epoch ms) or an RFC 3339 string with a ``Z`` or ``+hh:mm`` offset; fractions of a
-  millisecond are truncated. Giving both fields is an error.
 * ``PUT /job/{collection}/{id}`` and ``PUT /route/{id}`` create or replace, like POST.
 * A job list answers ``{"jobs": [...], "next_cursor": <id or null>}``; pass
   ``next_cursor`` back as ``cursor`` for the next page.
@@ -23,14 +18,8 @@ Choices this module makes where API.md leaves room:
 
 from __future__ import annotations
 
-import json
-import re
-from datetime import datetime, timedelta, timezone
-from io import BytesIO
-
 from klein import Klein
 from twisted.logger import Logger
-from twisted.web import server
 from werkzeug import exceptions as http_exceptions
 
 from timemachine.domain.commands import Configure
@@ -41,108 +30,30 @@ from timemachine.domain.errors import (
     TooLarge,
     Unavailable,
 )
-from timemachine.domain.jobs import Job, JobSpec, JobStatus
 from timemachine.domain.names import MAX_COLLECTION, MAX_JOB_ID, MAX_ROUTE_ID, check_name
-from timemachine.domain.routes import Route
-from timemachine.http.parsing import decode_json
-
-MAX_BODY_BYTES = 1024 * 1024
-MAX_NODE_ID = 128
-MAX_BATCH = 10_000
-DEFAULT_LIST_LIMIT = 100
-MAX_LIST_LIMIT = 1000
-LISTABLE_STATUSES = (JobStatus.SCHEDULED.value, JobStatus.FIRED.value, JobStatus.FAILED.value)
-
-JSON_CONTENT_TYPE = b"application/json"
-# The Prometheus text format the scrapers of every version understand.
-METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+from timemachine.http.limits import MAX_BATCH, MAX_BODY_BYTES, MAX_NODE_ID
+from timemachine.http.parsing import (
+    JOB_RAW_MEMBERS,
+    LISTABLE_STATUSES,
+    check_address,
+    job_spec,
+    list_limit,
+    route_of,
+)
+from timemachine.http.responses import (
+    METRICS_CONTENT_TYPE,
+    job_json,
+    jobs_page_json,
+    respond,
+    respond_text,
+)
+from timemachine.http.strictjson import decode_json
 
 # A one-member meta group never holds an election: it is always in its first term.
 SINGLE_NODE_TERM = 1
 
-_ROUTE_FIELDS = {
-    "http": ("webhook_url",),
-    "redis": ("redis_url", "key", "mode"),
-}
-_ROUTE_COMMON_FIELDS = ("timeout_ms", "max_attempts", "backoff_ms", "max_in_flight")
 
-_RFC3339 = re.compile(
-    r"\A(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
-    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))\Z"
-)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MILLISECOND = timedelta(milliseconds=1)
-_LIMIT = re.compile(r"\A[0-9]{1,9}\Z")
-# A job body's members kept as the client's JSON text.
-JOB_RAW_MEMBERS = frozenset({"meta"})
-
-
-# ---- the request body limit ------------------------------------------------------------
-
-
-class LimitedRequest(server.Request):
-    """A request that never buffers more than `max_body_bytes` of body.
-
-    A larger body (announced by Content-Length, or found while reading a chunked one)
-    is read and dropped, and `body_too_large` is set; the API then answers ``413
-    E_TOO_LARGE`` without parsing anything.
-    """
-
-    max_body_bytes = MAX_BODY_BYTES
-    body_too_large = False
-    _body_received = 0
-
-    def gotLength(self, length):
-        if length is not None and length > self.max_body_bytes:
-            self.body_too_large = True
-            self.content = BytesIO()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data):
-        if self.body_too_large:
-            return
-        self._body_received += len(data)
-        if self._body_received > self.max_body_bytes:
-            self.body_too_large = True
-            # Free what was buffered: the request is refused anyway.
-            self.content.close()
-            self.content = BytesIO()
-            return
-        super().handleContentChunk(data)
-
-
-class _Site(server.Site):
-    """Requests are counted in the metrics instead of written to an access log: a log
-    line per request costs ~10% of a create. Errors are still logged by the API."""
-
-    def __init__(self, resource, metrics, **kwargs):
-        super().__init__(resource, **kwargs)
-        self._metrics = metrics
-
-    def log(self, request):
-        self._metrics.http_requests.labels(
-            request.method.decode("ascii", "replace"), str(request.code)
-        ).inc()
-
-
-def make_site(api: TimeMachineAPI, metrics) -> server.Site:
-    """The `Site` serving ``api``, with the request body limit; requests are counted
-    in ``metrics`` (a `timemachine.metrics.Metrics`)."""
-    # Every body here is JSON: twisted.web's parsing of form submissions (which runs
-    # the stdlib's email header parser on each POST's Content-Type) is pure cost.
-    site = _Site(
-        api.resource(),
-        metrics,
-        requestFactory=LimitedRequest,
-        parsePOSTFormSubmission=False,
-    )
-    # Tracebacks are logged (see `TimeMachineAPI.internal_error`), never sent.
-    site.displayTracebacks = False
-    return site
-
-
-# ---- parsing ------------------------------------------------------------------------------
+# ---- reading the request ---------------------------------------------------------------
 
 
 def read_json(request, raw_members: frozenset[str] = frozenset()):
@@ -167,95 +78,6 @@ def read_object(request, raw_members: frozenset[str] = frozenset()) -> dict:
     return body
 
 
-def meta_text(body: dict) -> str:
-    """The stored (and delivered) form of a job's ``meta``: the client's JSON text.
-
-    ``body`` was read with `JOB_RAW_MEMBERS`; a job without ``meta`` carries ``null``.
-    """
-    meta = body.get("meta")
-    return "null" if meta is None else meta.text
-
-
-def parse_rfc3339(text: str) -> int:
-    """Epoch milliseconds of an RFC 3339 timestamp; raises `InvalidField`."""
-    match = _RFC3339.match(text)
-    if match is None:
-        raise InvalidField(
-            "trigger_time", "must be epoch milliseconds or an RFC 3339 timestamp with an offset"
-        )
-    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
-    try:
-        if zulu:
-            tz = timezone.utc
-        else:
-            if int(off_h) > 23 or int(off_m) > 59:
-                raise ValueError("offset out of range")
-            offset = timedelta(hours=int(off_h), minutes=int(off_m))
-            tz = timezone(-offset if sign == "-" else offset)
-        moment = datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tz
-        )
-    except ValueError as e:
-        raise InvalidField("trigger_time", f"is not a valid time: {e}") from None
-    millis = int((fraction or "0")[:3].ljust(3, "0"))
-    return (moment - _EPOCH) // _MILLISECOND + millis
-
-
-def trigger_of(body: dict):
-    """The ``trigger_ms`` a job body asks for (``trigger_ms`` or ``trigger_time``).
-
-    The value is returned as given when it is not a time string, so that `JobSpec`
-    applies the one integer rule.
-    """
-    if "trigger_ms" in body and "trigger_time" in body:
-        raise InvalidField("trigger_ms", "give trigger_ms or trigger_time, not both")
-    if "trigger_ms" in body:
-        return body["trigger_ms"]
-    if "trigger_time" not in body:
-        raise InvalidField("trigger_ms", "is required (epoch ms; or trigger_time)")
-    value = body["trigger_time"]
-    if isinstance(value, str):
-        return parse_rfc3339(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidField(
-            "trigger_time", "must be epoch milliseconds (an integer) or an RFC 3339 string"
-        )
-    return value
-
-
-def job_spec(collection: str, body, url_id: str | None = None) -> JobSpec:
-    """The `JobSpec` of one job object; ``url_id`` is the id given by the URL (PUT)."""
-    if not isinstance(body, dict):
-        raise InvalidField("job", "must be a JSON object")
-    job_id = body.get("id", url_id)
-    if url_id is not None and job_id != url_id:
-        raise InvalidField("id", f"must match the id in the URL ({url_id!r})")
-    return JobSpec(
-        collection=collection,
-        id=job_id,
-        trigger_ms=trigger_of(body),
-        meta=meta_text(body),
-        route=body.get("route"),
-    )
-
-
-def route_of(body: dict, url_id: str | None = None) -> Route:
-    """The `Route` of a route object; ``type`` "REST" (any case) means "http"."""
-    route_type = body.get("type")
-    if isinstance(route_type, str):
-        route_type = route_type.lower()
-        if route_type == "rest":
-            route_type = "http"
-    route_id = body.get("id", url_id)
-    if url_id is not None and route_id != url_id:
-        raise InvalidField("id", f"must match the id in the URL ({url_id!r})")
-    # Only the fields of the route's type are kept; the rest default in `Route`.
-    names = _ROUTE_FIELDS.get(route_type, ()) + _ROUTE_COMMON_FIELDS
-    return Route(
-        id=route_id, type=route_type, **{name: body[name] for name in names if name in body}
-    )
-
-
 def query_arg(request, name: str) -> str | None:
     """The first value of query parameter ``name``, or None."""
     values = request.args.get(name.encode("ascii"))
@@ -265,50 +87,6 @@ def query_arg(request, name: str) -> str | None:
         return values[0].decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidField(name, "is not UTF-8") from None
-
-
-def list_limit(raw: str | None) -> int:
-    """The page size of a job list (``limit``), 1..MAX_LIST_LIMIT."""
-    if raw is None:
-        return DEFAULT_LIST_LIMIT
-    if not _LIMIT.match(raw) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
-        raise InvalidField("limit", f"must be an integer between 1 and {MAX_LIST_LIMIT}")
-    return int(raw)
-
-
-# ---- formatting ---------------------------------------------------------------------------
-
-
-def job_json(job: Job) -> str:
-    """A job as the API shows it, as JSON text: `Job.to_json` and ``meta``.
-
-    ``meta`` is spliced in as stored: decoding and encoding it again would rewrite
-    the client's numbers, escapes and key order.
-    """
-    fields = json.dumps(job.to_json())
-    return f'{fields[:-1]}, "meta": {job.meta}}}'
-
-
-def jobs_page_json(jobs: list[Job], next_cursor: str | None) -> str:
-    """A page of a job list as JSON text: ``{"jobs": [...], "next_cursor": ...}``."""
-    listed = ", ".join(job_json(job) for job in jobs)
-    return f'{{"jobs": [{listed}], "next_cursor": {json.dumps(next_cursor)}}}'
-
-
-def respond(request, body, status: int = 200) -> bytes:
-    """Set the status and JSON content type; return the encoded ``body``."""
-    # ASCII escapes: any stored text encodes, whatever it holds.
-    return respond_text(request, json.dumps(body), status)
-
-
-def respond_text(request, text: str, status: int = 200) -> bytes:
-    """`respond` with a body that is JSON text already."""
-    # Stored meta text came from UTF-8 and holds no lone surrogate: it encodes.
-    data = text.encode("utf-8")
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", JSON_CONTENT_TYPE)
-    request.setHeader(b"Content-Length", b"%d" % len(data))
-    return data
 
 
 _OK = {"status": "ok"}
@@ -547,9 +325,9 @@ class TimeMachineAPI:
         """Add a member: not in a one-node build (the body is checked first)."""
         body = read_object(request)
         check_name("node_id", body.get("node_id"), MAX_NODE_ID)
-        _check_address("raft_address", body.get("raft_address"))
+        check_address("raft_address", body.get("raft_address"))
         if "http_address" in body:
-            _check_address("http_address", body["http_address"])
+            check_address("http_address", body["http_address"])
         raise _single_node()
 
     @app.route("/cluster/remove", methods=["POST"])
@@ -612,14 +390,6 @@ class TimeMachineAPI:
             path=request.path,
         )
         return respond(request, {"error": "internal error", "code": "E_INTERNAL"}, 500)
-
-
-_HOST_PORT = re.compile(r"\A\S+:[0-9]{1,5}\Z")
-
-
-def _check_address(name: str, value) -> None:
-    if not isinstance(value, str) or not _HOST_PORT.match(value):
-        raise InvalidField(name, "must be a host:port string")
 
 
 def _single_node() -> TimeMachineError:
