@@ -1,4 +1,8 @@
-"""Real collaborators for tests and benchmarks: a Redis server, an HTTP receiver.
+"""Real collaborators for tests and benchmarks, and the fixtures the tests share.
+
+Collaborators: a Redis server, an HTTP receiver, ``twistd`` node processes. Fixtures:
+`shard_log` (a one-member shard log over a real WAL and store), `start_local_node` and
+`NodeTestCase` (a whole node in the test's process, listening on 127.0.0.1).
 
 DESIGN.md asks for real parts rather than mocks: `RedisServer` runs the ``redis-server``
 binary on a free port of 127.0.0.1 (never the system Redis on 6379), `HTTPReceiver`
@@ -28,8 +32,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.protocols.policies import WrappingFactory
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -554,3 +561,130 @@ def call_json(http, method: str, url: str, body=None):
     response = yield http.request(method, url, data=data)
     content = yield response.content()
     return response.code, json.loads(content)
+
+
+# ---- fixtures built from the product's own parts -------------------------------------
+
+
+def shard_log(directory: str, reactor, name: str = "shard 0", store=None,
+              compaction: dict | None = None, **wal_options):
+    """A one-member shard log (not yet opened) over a real WAL in ``directory/wal`` and
+    ``store``, by default a real `VnodeStore` in ``directory/jobs.sqlite``.
+
+    ``compaction`` (keyword arguments of `Compactor`) gives the log a compactor, as a
+    node's logs have; ``wal_options`` go to the `WriteAheadLog` (``segment_bytes``, ...).
+    """
+    from timemachine.cluster.compaction import Compactor
+    from timemachine.cluster.shardlog import LocalShardLog
+    from timemachine.storage.store import VnodeStore
+    from timemachine.storage.wal import WriteAheadLog
+
+    if store is None:
+        store = VnodeStore(os.path.join(directory, "jobs.sqlite"), reactor)
+    wal = WriteAheadLog(os.path.join(directory, "wal"), reactor, **wal_options)
+    compactor = None if compaction is None else Compactor(name, wal, store, **compaction)
+    return LocalShardLog(name, wal, store, compactor)
+
+
+@defer.inlineCallbacks
+def start_local_node(reactor, data_dir: str, node_id: str = "node1", **options):
+    """A started `Node` on ``data_dir``, its REST port on a free port of 127.0.0.1.
+
+    ``options`` are more keyword arguments of `Node`. The caller stops it.
+    """
+    from timemachine.node import Node
+
+    node = Node(reactor, node_id, data_dir, http_endpoint="tcp:0:interface=127.0.0.1",
+                **options)
+    yield node.startService()
+    return node
+
+
+def node_url(node) -> str:
+    """The base URL of a node started by `start_local_node`."""
+    return f"http://127.0.0.1:{node.port.getHost().port}"
+
+
+class NodeTestCase(unittest.TestCase):
+    """Starts a node on a fresh data dir, with an HTTP receiver and a treq client;
+    `restart` keeps the data dir."""
+
+    shards = 4
+    bootstrap = True
+    node_options: dict = {}  # more keyword arguments of Node, for a subclass
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.data_dir = self.mktemp()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = HTTPClient(Agent(reactor, pool=pool))
+        self.receiver = HTTPReceiver(reactor)
+        self.receiver.start()
+        self.addCleanup(self.receiver.stop)
+        self.node = None
+        yield self.start_node()
+        self.addCleanup(self.stop_node)
+
+    @defer.inlineCallbacks
+    def start_node(self):
+        from twisted.internet import reactor
+
+        self.node = yield start_local_node(
+            reactor,
+            self.data_dir,
+            shards=self.shards,
+            bootstrap=self.bootstrap,
+            executor_options={"refresh_ms": 200},
+            **self.node_options,
+        )
+        self.base = node_url(self.node)
+
+    @defer.inlineCallbacks
+    def stop_node(self):
+        if self.node is not None and self.node.running:
+            yield self.node.stopService()
+
+    @defer.inlineCallbacks
+    def restart(self):
+        yield self.stop_node()
+        yield self.start_node()
+
+    def now_ms(self):
+        from twisted.internet import reactor
+
+        return int(reactor.seconds() * 1000)
+
+    @defer.inlineCallbacks
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        response = yield self.http.request(method, self.base + path, data=data)
+        content = yield response.content()
+        return response.code, json.loads(content) if content else None
+
+    @defer.inlineCallbacks
+    def route(self, route_id="hook", **fields):
+        body = {"id": route_id, "type": "http", "webhook_url": self.receiver.url(f"/{route_id}")}
+        body.update(fields)
+        code, answer = yield self.call("POST", "/route", body)
+        self.assertEqual(code, 200, answer)
+
+    @defer.inlineCallbacks
+    def job(self, collection, job_id, trigger_ms, route="hook", meta=None):
+        body = {"id": job_id, "trigger_ms": trigger_ms, "route": route, "meta": meta}
+        code, answer = yield self.call("POST", f"/job/{collection}", body)
+        self.assertEqual(code, 200, answer)
+        return answer
+
+    @defer.inlineCallbacks
+    def wait_for_status(self, collection, job_id, status, rounds=500):
+        """Poll the job over REST until it reaches ``status`` (bounded)."""
+        from twisted.internet import reactor, task
+
+        for _ in range(rounds):
+            code, job = yield self.call("GET", f"/job/{collection}/{job_id}")
+            if code == 200 and job["status"] == status:
+                return job
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.fail(f"{collection}/{job_id} never reached {status}: {job}")

@@ -7,14 +7,10 @@ and delivered to a real HTTP receiver or a real redis-server started by the test
 import json
 import sys
 
-from treq.client import HTTPClient
 from twisted.internet import defer, reactor, task
-from twisted.trial import unittest
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support import HTTPReceiver, RedisServer, free_port
+from tests.support import NodeTestCase, RedisServer, free_port
 from timemachine.domain.errors import TimeMachineError
-from timemachine.node import Node
 
 
 class BlockingCallsOnThisThread:
@@ -47,85 +43,6 @@ class BlockingCallsOnThisThread:
 
     def __exit__(self, *exc_info):
         sys.setprofile(self._previous)
-
-
-class NodeTestCase(unittest.TestCase):
-    """Starts a node on a fresh data dir; `restart` keeps the data dir."""
-
-    shards = 4
-    bootstrap = True
-    node_options: dict = {}  # more keyword arguments of Node, for a subclass
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.data_dir = self.mktemp()
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.http = HTTPClient(Agent(reactor, pool=pool))
-        self.receiver = HTTPReceiver(reactor)
-        self.receiver.start()
-        self.addCleanup(self.receiver.stop)
-        self.node = None
-        yield self.start_node()
-        self.addCleanup(self.stop_node)
-
-    @defer.inlineCallbacks
-    def start_node(self):
-        self.node = Node(
-            reactor,
-            "node1",
-            self.data_dir,
-            shards=self.shards,
-            bootstrap=self.bootstrap,
-            http_endpoint="tcp:0:interface=127.0.0.1",
-            executor_options={"refresh_ms": 200},
-            **self.node_options,
-        )
-        yield self.node.startService()
-        self.base = f"http://127.0.0.1:{self.node.port.getHost().port}"
-
-    @defer.inlineCallbacks
-    def stop_node(self):
-        if self.node is not None and self.node.running:
-            yield self.node.stopService()
-
-    @defer.inlineCallbacks
-    def restart(self):
-        yield self.stop_node()
-        yield self.start_node()
-
-    def now_ms(self):
-        return int(reactor.seconds() * 1000)
-
-    @defer.inlineCallbacks
-    def call(self, method, path, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        response = yield self.http.request(method, self.base + path, data=data)
-        content = yield response.content()
-        return response.code, json.loads(content) if content else None
-
-    @defer.inlineCallbacks
-    def route(self, route_id="hook", **fields):
-        body = {"id": route_id, "type": "http", "webhook_url": self.receiver.url(f"/{route_id}")}
-        body.update(fields)
-        code, answer = yield self.call("POST", "/route", body)
-        self.assertEqual(code, 200, answer)
-
-    @defer.inlineCallbacks
-    def job(self, collection, job_id, trigger_ms, route="hook", meta=None):
-        body = {"id": job_id, "trigger_ms": trigger_ms, "route": route, "meta": meta}
-        code, answer = yield self.call("POST", f"/job/{collection}", body)
-        self.assertEqual(code, 200, answer)
-        return answer
-
-    @defer.inlineCallbacks
-    def wait_for_status(self, collection, job_id, status, rounds=500):
-        """Poll the job over REST until it reaches ``status`` (bounded)."""
-        for _ in range(rounds):
-            code, job = yield self.call("GET", f"/job/{collection}/{job_id}")
-            if code == 200 and job["status"] == status:
-                return job
-            yield task.deferLater(reactor, 0.02, lambda: None)
-        self.fail(f"{collection}/{job_id} never reached {status}: {job}")
 
 
 class FiringTests(NodeTestCase):

@@ -8,8 +8,7 @@ import os
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from tests.support import flip_byte, tree_bytes
-from tests.test_node import NodeTestCase
+from tests.support import NodeTestCase, flip_byte, tree_bytes
 
 
 class DamagedShardTests(NodeTestCase):

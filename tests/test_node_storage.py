@@ -4,7 +4,7 @@ import os
 
 from twisted.internet import defer, reactor, task
 
-from tests.test_node import NodeTestCase
+from tests.support import NodeTestCase
 
 
 def segment_files(directory):

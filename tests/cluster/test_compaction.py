@@ -7,13 +7,11 @@ import sqlite3
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from tests.support import shard_log
 from timemachine.cluster.compaction import Compactor
-from timemachine.cluster.shardlog import LocalShardLog
 from timemachine.domain.commands import PutJobs
 from timemachine.domain.jobs import JobSpec
 from timemachine.metrics import Metrics
-from timemachine.storage.store import VnodeStore
-from timemachine.storage.wal import WriteAheadLog
 
 
 def put(job_id):
@@ -44,13 +42,13 @@ class CompactionTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def open_log(self, segment_bytes=64 * 1024 * 1024, **options):
-        wal = WriteAheadLog(self.wal_dir, reactor, segment_bytes=segment_bytes)
-        store = VnodeStore(self.store_path, reactor)
-        compactor = Compactor("shard 0", wal, store, metrics=self.metrics, **options)
-        log = LocalShardLog("shard 0", wal, store, compactor)
+        log = shard_log(
+            self.directory, reactor, compaction=dict(metrics=self.metrics, **options),
+            segment_bytes=segment_bytes,
+        )
         yield log.open()
         self.addCleanup(log.close)
-        return log, wal, compactor
+        return log, log.wal, log.compactor
 
     @defer.inlineCallbacks
     def propose_all(self, log, ids):

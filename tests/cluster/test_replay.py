@@ -10,7 +10,8 @@ import os
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from timemachine.cluster.shardlog import LOCAL_TERM, LocalShardLog
+from tests.support import shard_log
+from timemachine.cluster.shardlog import LOCAL_TERM
 from timemachine.domain.codec import decode_command, encode_command
 from timemachine.domain.commands import Configure, PutJobs, PutRoute
 from timemachine.domain.errors import InvalidField
@@ -61,7 +62,7 @@ class ReplayTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def write_wal(self, name, commands):
-        wal = WriteAheadLog(os.path.join(self.directory, name), reactor)
+        wal = WriteAheadLog(os.path.join(self.directory, name, "wal"), reactor)
         yield wal.open()
         for index, command in enumerate(commands, 1):
             yield wal.append(index, LOCAL_TERM, encode_command(command))
@@ -69,7 +70,7 @@ class ReplayTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def open_log(self, name, store):
-        log = LocalShardLog(name, WriteAheadLog(os.path.join(self.directory, name), reactor), store)
+        log = shard_log(os.path.join(self.directory, name), reactor, name, store)
         yield log.open()
         return log
 

@@ -5,13 +5,11 @@ import os
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from tests.support import shard_log
 from timemachine.cluster.retention import Retention
-from timemachine.cluster.shardlog import LocalShardLog
 from timemachine.domain.commands import JobOutcome, OutcomeKind, PurgeJobs, PutJobs
 from timemachine.domain.jobs import JobSpec, JobStatus
 from timemachine.metrics import Metrics
-from timemachine.storage.store import VnodeStore
-from timemachine.storage.wal import WriteAheadLog
 
 
 def spec(job_id):
@@ -26,11 +24,7 @@ class RetentionTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         directory = os.path.abspath(self.mktemp())
-        self.log = LocalShardLog(
-            "shard 0",
-            WriteAheadLog(os.path.join(directory, "wal"), reactor),
-            VnodeStore(os.path.join(directory, "jobs.sqlite"), reactor),
-        )
+        self.log = shard_log(directory, reactor)
         yield self.log.open()
         self.addCleanup(self.log.close)
         self.purges = []

@@ -6,14 +6,13 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from tests.support import fill_disk_under, tree_bytes
-from timemachine.cluster.shardlog import LOCAL_TERM, LocalShardLog
+from tests.support import fill_disk_under, shard_log, tree_bytes
+from timemachine.cluster.shardlog import LOCAL_TERM
 from timemachine.domain.codec import encode_command
 from timemachine.domain.commands import DeleteJob, PutJobs
 from timemachine.domain.errors import CorruptLog, StorageError, Unavailable
 from timemachine.domain.jobs import JobSpec
 from timemachine.interfaces import IShardLog
-from timemachine.storage.store import VnodeStore
 from timemachine.storage.wal import WriteAheadLog, segment_name
 
 
@@ -28,11 +27,7 @@ class ShardLogTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def open_log(self):
-        log = LocalShardLog(
-            "shard 0",
-            WriteAheadLog(os.path.join(self.directory, "wal"), reactor),
-            VnodeStore(os.path.join(self.directory, "jobs.sqlite"), reactor),
-        )
+        log = shard_log(self.directory, reactor)
         yield log.open()
         self.addCleanup(log.close)
         self.log = log
@@ -96,11 +91,7 @@ class ShardLogTests(unittest.TestCase):
     def assert_refused_to_open(self, fragment):
         """The shard log refuses to open, closing its WAL and store, changing nothing."""
         before = tree_bytes(self.directory)
-        log = LocalShardLog(
-            "shard 0",
-            WriteAheadLog(os.path.join(self.directory, "wal"), reactor),
-            VnodeStore(os.path.join(self.directory, "jobs.sqlite"), reactor),
-        )
+        log = shard_log(self.directory, reactor)
         self.addCleanup(log.close)
         error = yield self.assertFailure(log.open(), CorruptLog)
         self.assertIn(fragment, str(error))

@@ -18,12 +18,11 @@ from twisted.web.client import UNKNOWN_LENGTH, Agent, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from tests.support import fill_disk_under, free_port
+from tests.support import fill_disk_under, free_port, node_url, start_local_node
 from timemachine.cluster.ring import shard_of
 from timemachine.domain.errors import StorageError
 from timemachine.domain.jobs import MAX_META_BYTES
 from timemachine.http.limits import MAX_BATCH, MAX_BODY_BYTES
-from timemachine.node import Node
 from timemachine.storage.wal import segment_name
 
 HOUR_MS = 3600 * 1000
@@ -78,15 +77,8 @@ class APITestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.node = Node(
-            reactor,
-            "node1",
-            data_dir=self.mktemp(),
-            shards=SHARDS,
-            http_endpoint="tcp:0:interface=127.0.0.1",
-        )
-        yield self.node.startService()
-        self.base = f"http://127.0.0.1:{self.node.port.getHost().port}"
+        self.node = yield start_local_node(reactor, self.mktemp(), shards=SHARDS)
+        self.base = node_url(self.node)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.http = HTTPClient(Agent(reactor, pool=self.pool))
 

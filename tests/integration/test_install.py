@@ -14,7 +14,7 @@ import venv
 
 from twisted.trial import unittest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support import REPO
 
 
 class EditableInstallTests(unittest.TestCase):

@@ -54,6 +54,16 @@ class LocalShardLog:
         return self._store
 
     @property
+    def wal(self):
+        """The write-ahead log holding this log's entries."""
+        return self._wal
+
+    @property
+    def compactor(self):
+        """The `Compactor` cutting this log, or None."""
+        return self._compactor
+
+    @property
     def applied_index(self) -> int:
         return self._store.applied_index
 
