@@ -22,7 +22,7 @@ from timemachine.domain.commands import (
     PutRoute,
 )
 from timemachine.domain.errors import InvalidField, StorageError
-from timemachine.domain.jobs import JobSpec, JobStatus
+from timemachine.domain.jobs import JobSpec, JobStatus, job_from_row
 from timemachine.domain.routes import Route
 from timemachine.interfaces import IClusterStore, IJobStore
 from timemachine.storage.store import ClusterStore, VnodeStore, due_query
@@ -265,15 +265,22 @@ class VnodeStoreTests(_StoreTestCase):
             ]
         )
         due = yield store.due(30, 100)
+        # Rows, in Job's field order.
+        for row in due:
+            self.assertEqual(job_from_row(row), (yield store.get(*row[:2])))
+
+        def ids(rows):
+            return [job_from_row(row).id for row in rows]
+
         # Strictly before before_ms; every collection; only scheduled jobs.
-        self.assertEqual([j.id for j in due], ["t10", "other-coll", "t20"])
-        self.assertEqual([j.id for j in (yield store.due(31, 2))], ["t10", "other-coll"])
+        self.assertEqual(ids(due), ["t10", "other-coll", "t20"])
+        self.assertEqual(ids((yield store.due(31, 2))), ["t10", "other-coll"])
         self.assertEqual((yield store.due(10, 100)), [])
-        self.assertEqual([j.id for j in (yield store.due(31, 100, from_ms=20))], ["t20", "t30"])
+        self.assertEqual(ids((yield store.due(31, 100, from_ms=20))), ["t20", "t30"])
         # A retry moves the job in the order.
         yield store.apply([(4, outcome(OutcomeKind.RETRY, "t10", 1, at_ms=35))])
         self.assertEqual(
-            [j.id for j in (yield store.due(100, 100))], ["other-coll", "t20", "t30", "t10", "t40"]
+            ids((yield store.due(100, 100))), ["other-coll", "t20", "t30", "t10", "t40"]
         )
 
     @inlineCallbacks

@@ -135,3 +135,35 @@ class Job:
             "last_error": self.last_error,
             "fired_at_ms": self.fired_at_ms,
         }
+
+
+# A job as a row: `Job`'s fields in order, the status as its text. A plain tuple of
+# strings and numbers, which the cyclic garbage collector stops tracking once it has
+# seen it, where every `Job` stays tracked: whoever holds many jobs for long (the
+# executor's due window) holds rows, so full collections do not grow with them.
+JOB_FIELDS = tuple(field.name for field in dataclasses.fields(Job))
+ROW_VERSION = JOB_FIELDS.index("version")
+ROW_DUE_MS = JOB_FIELDS.index("due_ms")
+
+
+def job_row(job: Job) -> tuple:
+    """``job`` as a row (see `JOB_FIELDS`)."""
+    return (
+        job.collection,
+        job.id,
+        job.trigger_ms,
+        job.meta,
+        job.route,
+        job.version,
+        job.status.value,
+        job.due_ms,
+        job.attempts,
+        job.last_error,
+        job.fired_at_ms,
+    )
+
+
+def job_from_row(row) -> Job:
+    """The `Job` of a row (see `JOB_FIELDS`)."""
+    collection, job_id, trigger_ms, meta, route, version, status, *rest = row
+    return Job(collection, job_id, trigger_ms, meta, route, version, JobStatus(status), *rest)

@@ -22,7 +22,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from timemachine.domain.commands import DeleteJob, JobOutcome, OutcomeKind, PutJobs
-from timemachine.domain.jobs import Job, JobEvent, JobStatus
+from timemachine.domain.jobs import (
+    ROW_DUE_MS,
+    ROW_VERSION,
+    Job,
+    JobEvent,
+    JobStatus,
+    job_from_row,
+    job_row,
+)
 from timemachine.domain.routes import MAX_BACKOFF_MS, Route
 from timemachine.firing.publisher import Delivered, RetryLater
 from timemachine.interfaces import IExecutor
@@ -54,7 +62,10 @@ class _Shard:
     loaded_until_ms: int = 0
     reload_all: bool = True
     active: bool = True
-    jobs: dict[tuple[str, str], Job] = field(default_factory=dict)
+    # Held as rows, made `Job`s when they fire: a window of 200,000 `Job`s would be
+    # 200,000 objects every full garbage collection walks (each pass held the reactor
+    # ~50-65 ms while a window loaded), and rows are not tracked by the collector.
+    jobs: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # For each load taking in its read over several turns: the jobs the shard log
     # changed since that read, which the read must no longer place.
     changed_during_loads: list[set[tuple[str, str]]] = field(default_factory=list)
@@ -166,46 +177,47 @@ class Executor:
         # Claimed before the read: applies that land while it runs are held by
         # `_place` even if the read does not see them (both paths check versions).
         state.loaded_until_ms = max(state.loaded_until_ms, until)
-        jobs = yield state.store.due(until, self._load_limit, from_ms)
+        rows = yield state.store.due(until, self._load_limit, from_ms)
         if not state.active:
             return
-        if len(jobs) == self._load_limit:
+        if len(rows) == self._load_limit:
             # Only part of the window fit: the next refresh goes on from the last job.
-            state.loaded_until_ms = jobs[-1].due_ms
-        if not jobs:
+            state.loaded_until_ms = rows[-1][ROW_DUE_MS]
+        if not rows:
             return
         # The store applies in order: every apply heard from now on is newer than
         # the read, and wins over it.
         changed: set[tuple[str, str]] = set()
         state.changed_during_loads.append(changed)
         try:
-            yield self._loader.coiterate(self._slices(state, jobs, changed))
+            yield self._loader.coiterate(self._slices(state, rows, changed))
         finally:
             state.changed_during_loads.remove(changed)
 
-    def _slices(self, state: _Shard, jobs: list[Job], changed: set[tuple[str, str]]):
-        """Take ``jobs`` in, a slice per step of the loader, while the shard is ours."""
-        for start in range(0, len(jobs), self._load_slice):
+    def _slices(self, state: _Shard, rows: list[tuple], changed: set[tuple[str, str]]):
+        """Take ``rows`` in, a slice per step of the loader, while the shard is ours."""
+        for start in range(0, len(rows), self._load_slice):
             if start:
                 yield
             if not state.active or self._stopped:
                 return
-            self._take_in(state, jobs[start : start + self._load_slice], changed)
+            self._take_in(state, rows[start : start + self._load_slice], changed)
 
-    def _take_in(self, state: _Shard, jobs: list[Job], changed: set[tuple[str, str]]):
+    def _take_in(self, state: _Shard, rows: list[tuple], changed: set[tuple[str, str]]):
         """Hold the jobs of a read the shard log has not changed since, if still new."""
-        for job in jobs:
-            if job.key in changed:
+        for row in rows:
+            key = row[:2]
+            if key in changed:
                 continue
-            current = state.jobs.get(job.key)
-            if current is not None and (current.version, current.due_ms) >= (
-                job.version,
-                job.due_ms,
+            current = state.jobs.get(key)
+            if current is not None and (current[ROW_VERSION], current[ROW_DUE_MS]) >= (
+                row[ROW_VERSION],
+                row[ROW_DUE_MS],
             ):
                 continue
-            if (state.number, job.key, job.version) in self._firing and current is None:
+            if (state.number, key, row[ROW_VERSION]) in self._firing and current is None:
                 continue
-            self._hold(state, job)
+            self._hold(state, key, row)
         self._arm()
         self._update_gauge()
 
@@ -249,14 +261,15 @@ class Executor:
     def _place(self, state: _Shard, job: Job):
         """Hold ``job`` if it is scheduled within the loaded window, else let it go."""
         if job.status is JobStatus.SCHEDULED and job.due_ms < state.loaded_until_ms:
-            self._hold(state, job)
+            self._hold(state, job.key, job_row(job))
         else:
             state.jobs.pop(job.key, None)
 
-    def _hold(self, state: _Shard, job: Job):
-        state.jobs[job.key] = job
+    def _hold(self, state: _Shard, key: tuple[str, str], row: tuple):
+        state.jobs[key] = row
         heapq.heappush(
-            self._heap, (job.due_ms, next(self._seq), state.number, job.key, job.version)
+            self._heap,
+            (row[ROW_DUE_MS], next(self._seq), state.number, key, row[ROW_VERSION]),
         )
 
     def _update_gauge(self):
@@ -279,15 +292,16 @@ class Executor:
         else:
             self._timer = self._reactor.callLater(delay, self._fire_due)
 
-    def _live(self, entry) -> Job | None:
+    def _live(self, entry) -> tuple | None:
+        """The held row a heap entry stands for, or None if it was replaced or let go."""
         due_ms, _, shard, key, version = entry
         state = self._shards.get(shard)
         if state is None:
             return None
-        job = state.jobs.get(key)
-        if job is None or job.version != version or job.due_ms != due_ms:
+        row = state.jobs.get(key)
+        if row is None or row[ROW_VERSION] != version or row[ROW_DUE_MS] != due_ms:
             return None
-        return job
+        return row
 
     def _drop_stale_head(self):
         while self._heap and self._live(self._heap[0]) is None:
@@ -298,12 +312,13 @@ class Executor:
         now_ms = self.now_ms()
         while self._heap and self._heap[0][0] <= now_ms:
             entry = heapq.heappop(self._heap)
-            job = self._live(entry)
-            if job is None:
+            row = self._live(entry)
+            if row is None:
                 continue
-            state = self._shards[entry[2]]
-            del state.jobs[job.key]
-            self._fire(state, job, now_ms)
+            _, _, shard, key, _ = entry
+            state = self._shards[shard]
+            del state.jobs[key]
+            self._fire(state, job_from_row(row), now_ms)
         self._arm()
         self._update_gauge()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
@@ -41,7 +40,7 @@ from timemachine.domain.commands import (
     PutRoute,
 )
 from timemachine.domain.errors import InvalidField, StorageError
-from timemachine.domain.jobs import Job, JobStatus, status_after_delivery
+from timemachine.domain.jobs import Job, JobStatus, job_from_row, status_after_delivery
 from timemachine.domain.records import from_record
 from timemachine.domain.routes import Route
 from timemachine.interfaces import IClusterStore, IJobStore
@@ -120,12 +119,6 @@ def _set_applied_sql(meta_table: Table) -> str:
         .where(meta_table.c.key == bindparam("key"))
         .values(value=bindparam("value"))
     )
-
-
-def _job_from_row(row: Sequence[Any]) -> Job:
-    # JOB_COLUMNS follows the field order of Job.
-    collection, job_id, trigger_ms, meta, route, version, status, *rest = row
-    return Job(collection, job_id, trigger_ms, meta, route, version, JobStatus(status), *rest)
 
 
 def _status_value(status) -> str | None:
@@ -385,7 +378,8 @@ class VnodeStore(_SQLiteStore):
 
     def due(self, before_ms, limit, from_ms=0):
         """Fire with up to ``limit`` scheduled jobs with from_ms <= due_ms < before_ms,
-        earliest first."""
+        earliest first, as rows (`timemachine.domain.jobs.job_row`): the executor
+        holds a window of them."""
         return self._db.run(self._thd_due, before_ms, limit, from_ms)
 
     def list_jobs(self, collection, status=None, limit=100, cursor=None):
@@ -502,7 +496,7 @@ class VnodeStore(_SQLiteStore):
             scheduled=JobStatus.SCHEDULED.value,
         )
         row = driver_cursor(conn).execute(_OUTCOME_SQL[outcome.kind], values).fetchone()
-        return None if row is None else _job_from_row(row)
+        return None if row is None else job_from_row(row)
 
     def _thd_get(self, collection, job_id):
         with self._db.thd_transaction() as conn:
@@ -511,12 +505,12 @@ class VnodeStore(_SQLiteStore):
                 .where(jobs_table.c.collection == collection)
                 .where(jobs_table.c.id == job_id)
             ).first()
-        return None if row is None else _job_from_row(row)
+        return None if row is None else job_from_row(row)
 
     def _thd_due(self, before_ms, limit, from_ms):
         with self._db.thd_transaction() as conn:
             query = due_query(before_ms, limit, from_ms)
-            return [_job_from_row(row) for row in conn.execute(query)]
+            return [tuple(row) for row in conn.execute(query)]
 
     def _thd_list_jobs(self, collection, status, limit, cursor):
         query = select(*JOB_COLUMNS).where(jobs_table.c.collection == collection)
@@ -527,7 +521,7 @@ class VnodeStore(_SQLiteStore):
         # One row more than asked tells whether another page exists.
         query = query.order_by(jobs_table.c.id).limit(limit + 1)
         with self._db.thd_transaction() as conn:
-            jobs = [_job_from_row(row) for row in conn.execute(query)]
+            jobs = [job_from_row(row) for row in conn.execute(query)]
         if len(jobs) > limit:
             jobs = jobs[:limit]
             return jobs, jobs[-1].id
