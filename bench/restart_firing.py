@@ -79,6 +79,25 @@ def group(name: str, ids: list[str], first_lateness: dict[str, float]) -> dict:
             **lateness_figures(values)}
 
 
+def first_delivery_by_shard(records: list, scheduled: dict[str, int], spawn_s: float):
+    """Seconds from the spawn to each shard's first delivery ({shard: s}), or None
+    when this interpreter cannot import the placement rule (not the project's venv).
+
+    A shard fires only once its window is read: a late first delivery points at the
+    read of that shard's window, not at the timer.
+    """
+    try:
+        from timemachine.cluster.ring import DEFAULT_SHARDS, shard_of
+    except ImportError:
+        return None
+    first: dict[int, float] = {}
+    for job_id, _trigger, arrival_s, _attempt in records:
+        if job_id in scheduled:
+            shard = shard_of(job_id, DEFAULT_SHARDS)
+            first[shard] = min(first.get(shard, arrival_s), arrival_s)
+    return {shard: round(first[shard] - spawn_s, 2) for shard in sorted(first)}
+
+
 def wait_for_deliveries(base: str, expected: int, not_before_s: float,
                         deadline_s: float) -> float | None:
     """Wait until the node has recorded ``expected`` outcomes (its /metrics), at most
@@ -199,6 +218,7 @@ def run(args, tmp: Path, report: dict) -> None:
               [i for i in ids if not in_head[i]], first_lateness),
     ]
     report["by_second_after_spawn"] = lateness_by_second(first_lateness, scheduled, spawn_ms)
+    report["first_delivery_by_shard_s"] = first_delivery_by_shard(records, scheduled, spawn_s)
     report["receiver_connections"] = dumped.get("connections")
 
 
@@ -231,6 +251,10 @@ def print_report(report: dict, args) -> None:
         if row["second"] < args.head_s:
             p(f"    {row['second']:>3}: {row['delivered']:>6,} delivered, p50 {row['p50_ms']}, "
               f"p99 {row['p99_ms']}, max {row['max_ms']} ms")
+    by_shard = report["first_delivery_by_shard_s"]
+    if by_shard:
+        p("  first delivery of each shard, s after the spawn: "
+          + ", ".join(f"{shard}: {s}" for shard, s in by_shard.items()))
     n = report["node_log"]
     p(f"  restarted node's log: {n.get('tracebacks', 0)} tracebacks, "
       f"{n.get('warn_error_critical', 0)} warn/error/critical lines; stopped: "
