@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
@@ -27,13 +26,10 @@ from timemachine.cluster.retention import (
 )
 from timemachine.cluster.ring import DEFAULT_SHARDS, Ring
 from timemachine.cluster.shardlog import LocalShardLog
-from timemachine.domain.commands import Configure
+from timemachine.cluster.shards import LocalShards
 from timemachine.domain.errors import (
-    AlreadyConfigured,
     CorruptLog,
-    InvalidField,
     StorageError,
-    Unavailable,
 )
 from timemachine.firing.executor import Executor
 from timemachine.firing.publisher import Publisher
@@ -103,10 +99,10 @@ class Node(service.Service):
         self.executor = None
         self.publisher = None
         self.coordinator = None
+        self.shards = None
         self.api = None
         self.port = None
         self.ready = defer.Deferred()
-        self._configuring = defer.DeferredLock()
         # One writer thread for every log and one thread for every store of the node:
         # the work of all shards that queues up meanwhile crosses over in one hop.
         self.wal_io = IOThread(reactor, "wal-writer")
@@ -185,10 +181,14 @@ class Node(service.Service):
             self.reactor, self.node_id, None, self.shard_logs, self.meta_log,
             self.cluster_store, self.metrics, unavailable_shards=self.unavailable_shards,
         )
+        self.shards = LocalShards(
+            self.reactor, self.node_id, self.data_dir, self._log, self.store_io,
+            self.executor, self.coordinator, self.meta_log, self.cluster_store,
+        )
         if self.cluster_store.config is None and self.bootstrap:
             yield self.meta_log.propose(Ring.single_node(self.node_id, self.initial_shards).config)
         if self.cluster_store.config is not None:
-            yield self._open_shards(self.cluster_store.config)
+            yield self.shards.open(self.cluster_store.config)
         self.retention.start()
         self.api = TimeMachineAPI(self.coordinator, self, self.metrics)
         if self.http_endpoint:
@@ -207,102 +207,9 @@ class Node(service.Service):
         )
         self.ready.callback(self)
 
-    def _shard_dir(self, shard: int) -> str:
-        return os.path.join(self.data_dir, "shards", str(shard))
-
-    @defer.inlineCallbacks
-    def _open_shards(self, config: Configure):
-        ring = Ring(config)
-        for shard in ring.shards_of(self.node_id):
-            directory = self._shard_dir(shard)
-            os.makedirs(directory, exist_ok=True)
-            log = self._log(
-                f"shard {shard}",
-                os.path.join(directory, "wal"),
-                VnodeStore(os.path.join(directory, "jobs.sqlite"), self.reactor, self.store_io),
-            )
-            try:
-                yield log.open()
-            except StorageError as error:
-                self._shard_unavailable(shard, error)
-                continue
-            self.shard_logs[shard] = (log, log.store)
-        # Only now: a request routed by the ring must find its shard's log open.
-        self.coordinator.ring = ring
-        yield defer.gatherResults(
-            [self.executor.add_shard(s, store, log) for s, (log, store) in self.shard_logs.items()]
-        )
-
-    def _shard_unavailable(self, shard: int, error: StorageError):
-        self.unavailable_shards[shard] = error
-        self.log.error(
-            "shard {shard} is unavailable, the node serves its other shards: {error} -- "
-            "see what a cut would lose with "
-            "`timemachine repair --data-dir {data_dir} --shard {shard} --dry-run`",
-            shard=shard,
-            error=error,
-            data_dir=self.data_dir,
-            path=getattr(error, "path", None),
-            offset=getattr(error, "offset", None),
-            intact_records=getattr(error, "intact_records", None),
-            records_beyond=getattr(error, "records_beyond", None),
-        )
-
-    @defer.inlineCallbacks
-    def _close_shards(self):
-        for shard, (log, _) in list(self.shard_logs.items()):
-            self.executor.remove_shard(shard)
-            yield log.close()
-            del self.shard_logs[shard]
-        self.unavailable_shards.clear()
-
     def configure(self, shards: int, replicas: int):
-        """Set the shard count and replication factor (``POST /cluster/configure``).
-
-        One node can hold one replica. The shard count changes only while the cluster
-        stores no jobs. Calls run one at a time, in the order they came: each closes
-        and opens the shards, which two at once would do over each other.
-        """
-        return self._configuring.run(self._configure, shards, replicas)
-
-    @defer.inlineCallbacks
-    def _configure(self, shards: int, replicas: int):
-        if replicas != 1:
-            raise InvalidField("replicas", "must be at most the number of members (1)")
-        current = self.cluster_store.config
-        if current is not None and current.shards == shards:
-            return current
-        if self.unavailable_shards:
-            # A new shard count deletes every shard's files: never those of a shard
-            # whose jobs cannot even be counted.
-            raise Unavailable(
-                "the shard count cannot change while shards "
-                f"{sorted(self.unavailable_shards)} are unavailable; repair them first"
-            )
-        # Built (and so validated) before anything is closed: a bad count changes nothing.
-        config = Ring.single_node(self.node_id, shards).config
-        if current is not None:
-            # New writes get E_NOT_CONFIGURED (503, retry) while the shards change, and
-            # those already proposed are applied before the stores are counted.
-            ring, self.coordinator.ring = self.coordinator.ring, None
-            try:
-                yield defer.gatherResults([log.drain() for log, _ in self.shard_logs.values()])
-                counts = yield defer.gatherResults(
-                    [store.count(None) for _, store in self.shard_logs.values()]
-                )
-                if sum(counts):
-                    raise AlreadyConfigured(
-                        "the shard count cannot change while jobs are stored"
-                    )
-            except Exception:
-                self.coordinator.ring = ring
-                raise
-            yield self._close_shards()
-            # Off the reactor: a tree of WAL segments and SQLite files.
-            yield self.store_io.call(shutil.rmtree, os.path.join(self.data_dir, "shards"), True)
-        yield self.meta_log.propose(config)
-        yield self._open_shards(config)
-        return config
+        """Set the shard count and replication factor (see `LocalShards.configure`)."""
+        return self.shards.configure(shards, replicas)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -314,7 +221,8 @@ class Node(service.Service):
             if self.executor is not None:
                 yield self.executor.stop()
             yield self.retention.stop()
-            yield self._close_shards()
+            if self.shards is not None:
+                yield self.shards.close()
             if self.meta_log is not None:
                 yield self.meta_log.close()
             if self.publisher is not None:
