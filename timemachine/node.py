@@ -10,7 +10,6 @@ Data directory layout::
 
 from __future__ import annotations
 
-import gc
 import os
 
 from twisted.application import service
@@ -31,6 +30,7 @@ from timemachine.domain.errors import (
     CorruptLog,
     StorageError,
 )
+from timemachine.firing.collector import settle_collector
 from timemachine.firing.executor import Executor
 from timemachine.firing.publisher import Publisher
 from timemachine.http.routes import TimeMachineAPI
@@ -187,6 +187,9 @@ class Node(service.Service):
         )
         if self.cluster_store.config is None and self.bootstrap:
             yield self.meta_log.propose(Ring.single_node(self.node_id, self.initial_shards).config)
+        # Before the shards open: nothing is held for firing or served yet, so the
+        # one full collection this costs holds nothing back (see firing.collector).
+        settle_collector()
         if self.cluster_store.config is not None:
             yield self.shards.open(self.cluster_store.config)
         self.retention.start()
@@ -194,11 +197,6 @@ class Node(service.Service):
         if self.http_endpoint:
             endpoint = endpoints.serverFromString(self.reactor, self.http_endpoint)
             self.port = yield endpoint.listen(make_site(self.api, self.metrics))
-        # Everything allocated so far lives as long as the node: moved out of the
-        # collector's sight, a full collection no longer walks ~100k objects (~30 ms,
-        # a firing-lateness spike) to find nothing.
-        gc.collect()
-        gc.freeze()
         self.log.info(
             "node {node} serving {shards} shards from {data_dir}",
             node=self.node_id,
