@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from timemachine.cluster.shardlog import LocalShardLog
+from tests.support import shard_log
 from timemachine.domain.commands import DeleteJob, JobOutcome, PutJobs
 from timemachine.domain.errors import Unavailable
 from timemachine.domain.jobs import JobSpec, JobStatus
@@ -24,8 +24,6 @@ from timemachine.firing.executor import Executor, backoff_ms
 from timemachine.firing.publisher import Delivered, Failed, RetryLater
 from timemachine.interfaces import IExecutor, IPublisher
 from timemachine.metrics import Metrics
-from timemachine.storage.store import VnodeStore
-from timemachine.storage.wal import WriteAheadLog
 
 ROUTE = Route("hook", "http", webhook_url="http://127.0.0.1:9/", max_attempts=3, backoff_ms=100)
 START_MS = 1_800_000_000_000
@@ -81,9 +79,8 @@ class ExecutorTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.clock.advance(START_MS / 1000)
-        directory = self.mktemp()
-        self.store = VnodeStore(directory + ".sqlite", reactor)
-        self.log = LocalShardLog("shard 0", WriteAheadLog(directory, reactor), self.store)
+        self.log = shard_log(self.mktemp(), reactor)
+        self.store = self.log.store
         yield self.log.open()
         self.addCleanup(self.log.close)
         self.publisher = ScriptedPublisher()
@@ -360,9 +357,8 @@ class ExecutorTests(unittest.TestCase):
             self.clock, self.publisher, self.routes.get, window_ms=10_000, load_slice=10
         )
         self.addCleanup(self.executor.stop)
-        directory = self.mktemp()
-        other_store = VnodeStore(directory + ".sqlite", reactor)
-        other_log = LocalShardLog("shard 1", WriteAheadLog(directory, reactor), other_store)
+        other_log = shard_log(self.mktemp(), reactor, "shard 1")
+        other_store = other_log.store
         yield other_log.open()
         self.addCleanup(other_log.close)
         due = START_MS + 1000
