@@ -51,6 +51,8 @@ class Node(service.Service):
     ``retain_failed_ms`` are how long finished jobs stay readable.
     ``compaction_options`` and ``retention_options`` go to each log's `Compactor`
     and to the node's `Retention` (tests shorten their periods).
+    ``on_start_failure()`` is called when the node cannot start, before it stops the
+    reactor (``twistd`` uses it to exit with a failure status).
     """
 
     log = Logger()
@@ -70,9 +72,11 @@ class Node(service.Service):
         retain_failed_ms: int = DEFAULT_RETAIN_FAILED_MS,
         compaction_options: dict | None = None,
         retention_options: dict | None = None,
+        on_start_failure=None,
     ):
         self.reactor = reactor
         self.node_id = node_id
+        self.on_start_failure = on_start_failure
         self.data_dir = data_dir
         self.initial_shards = shards
         self.http_endpoint = http_endpoint
@@ -153,6 +157,8 @@ class Node(service.Service):
             )
         else:
             self.log.failure("node {node} failed to start", failure, node=self.node_id)
+        if self.on_start_failure is not None:
+            self.on_start_failure()
         if self.reactor.running:
             self.reactor.stop()
         return failure

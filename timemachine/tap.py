@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import re
+import sys
 
 from twisted.python import usage
 
@@ -94,6 +97,15 @@ class Options(usage.Options):
             )
 
 
+def _exit_status_1() -> None:
+    # twistd ends with status 0 whatever stopped its reactor: run last, at interpreter
+    # exit (after twistd removed its pidfile), this makes a node that refused to start
+    # look like the failure it is to a supervisor, not like a clean stop.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def makeService(options):
     """The node as a twistd service (nothing is opened until it starts)."""
     from twisted.internet import reactor
@@ -111,4 +123,5 @@ def makeService(options):
         wal_segment_bytes=options["wal-segment-bytes"],
         retain_fired_ms=options["retain-fired-ms"],
         retain_failed_ms=options["retain-failed-ms"],
+        on_start_failure=lambda: atexit.register(_exit_status_1),
     )

@@ -150,7 +150,7 @@ class RepairTests(unittest.TestCase):
         node = NodeProcess(self.data_dir, os.path.abspath(self.mktemp()) + ".log")
         node.start()
         self.addCleanup(node.kill)
-        node.process.wait(timeout=60)
+        self.assertEqual(node.process.wait(timeout=60), 1)
         log = node.log_tail()
         self.assertIn("refuses to start", log)
         self.assertIn(f"{segment} at byte 0", log)
