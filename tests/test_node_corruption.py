@@ -60,6 +60,10 @@ class DamagedShardTests(NodeTestCase):
         self.assertIn(f"shard {damaged}: ", answer["error"])
         self.assertIn(where, answer["error"])
 
+        response = yield self.http.get(self.base + "/metrics")
+        metrics = (yield response.content()).decode()
+        self.assertIn("\ntimemachine_shards_unavailable 1.0\n", metrics)
+
         code, answer = yield self.call("GET", "/cluster/shards")
         self.assertEqual(code, 200, answer)
         by_shard = {entry["shard"]: entry for entry in answer["shards"]}

@@ -69,6 +69,11 @@ class Metrics:
             ["store"],
             registry=self.registry,
         )
+        self.shards_unavailable = Gauge(
+            "timemachine_shards_unavailable",
+            "Shards of this node whose log or store refused to open (see /cluster/shards).",
+            registry=self.registry,
+        )
         self.jobs_in_memory = Gauge(
             "timemachine_executor_jobs_pending",
             "Due-soon jobs held by the executor.",

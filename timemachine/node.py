@@ -90,6 +90,7 @@ class Node(service.Service):
         self.wal_segment_bytes = wal_segment_bytes
         self.compaction_options = compaction_options or {}
         self.metrics = Metrics()
+        self.metrics.shards_unavailable.set_function(lambda: len(self.unavailable_shards))
         self.retention = Retention(
             reactor,
             self.shard_logs,
