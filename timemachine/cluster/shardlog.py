@@ -83,26 +83,32 @@ class LocalShardLog:
         try:
             yield self._store.open()
             self._check_log_covers_store()
+            yield self._replay()
         except Exception:
+            # A log that failed to open holds no thread or file open: the node goes
+            # on with its other shards, and a process that stops can exit.
             yield self._store.close()
             yield self._wal.close()
             raise
-        applied = self._store.applied_index
+        # A store restored from a snapshot may be ahead of an emptied WAL.
+        self._next_index = max(self._wal.last_index, self._store.applied_index) + 1
+        self._open = True
+        if self._compactor is not None:
+            compactor = self._compactor
+            self.subscribe(lambda index, command, result: compactor.applied(1))
+            yield compactor.start()
+
+    @defer.inlineCallbacks
+    def _replay(self):
+        """Apply the entries of the log above the store's applied_index, in batches."""
         last = self._wal.last_index
-        start = applied + 1
+        start = self._store.applied_index + 1
         while start <= last:
             stop = min(last + 1, start + MAX_APPLY_BATCH)
             records = yield self._wal.read(start, stop)
             entries = [(r.index, decode_command(r.payload)) for r in records]
             yield self._store.apply(entries)
             start = stop
-        # A store restored from a snapshot may be ahead of an emptied WAL.
-        self._next_index = max(last, self._store.applied_index) + 1
-        self._open = True
-        if self._compactor is not None:
-            compactor = self._compactor
-            self.subscribe(lambda index, command, result: compactor.applied(1))
-            yield compactor.start()
 
     def _check_log_covers_store(self):
         first, last = self._wal.first_index, self._wal.last_index

@@ -133,6 +133,9 @@ class Executor:
         # can fire while the old one's delivery is still out, and both are waited for.
         self._firing: dict[tuple[int, tuple[str, str], int], defer.Deferred] = {}
         self._stopped = False
+        if metrics is not None:
+            # Read when scraped, not recounted after every apply and fire.
+            metrics.jobs_in_memory.set_function(self.pending)
 
     def now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
@@ -153,7 +156,6 @@ class Executor:
         if state is not None:
             state.active = False
             state.jobs.clear()
-            self._update_gauge()
 
     def pending(self) -> int:
         return sum(len(s.jobs) for s in self._shards.values())
@@ -219,7 +221,6 @@ class Executor:
                 continue
             self._hold(state, key, row)
         self._arm()
-        self._update_gauge()
 
     def _refresh(self):
         self._refresher = None
@@ -256,7 +257,6 @@ class Executor:
         else:
             return
         self._arm()
-        self._update_gauge()
 
     def _place(self, state: _Shard, job: Job):
         """Hold ``job`` if it is scheduled within the loaded window, else let it go."""
@@ -271,10 +271,6 @@ class Executor:
             self._heap,
             (row[ROW_DUE_MS], next(self._seq), state.number, key, row[ROW_VERSION]),
         )
-
-    def _update_gauge(self):
-        if self._metrics is not None:
-            self._metrics.jobs_in_memory.set(self.pending())
 
     # ---- the timer -------------------------------------------------------------
 
@@ -320,7 +316,6 @@ class Executor:
             del state.jobs[key]
             self._fire(state, job_from_row(row), now_ms)
         self._arm()
-        self._update_gauge()
 
     # ---- delivery --------------------------------------------------------------
 
