@@ -1,0 +1,1 @@
+"""The peer protocol: framing, the Twisted protocol, the connections between nodes."""
