@@ -83,7 +83,8 @@ class IJobStore(Interface):
         Entries at or below applied_index are skipped (result None). Fires with one
         result per entry: PutJobs -> list of stored `Job`; DeleteJob -> bool (was there);
         JobOutcome -> the updated `Job`, or None when stale (another version or absent);
-        PurgeJobs -> the number of jobs removed.
+        PurgeJobs -> the number of jobs removed. A None command (a Raft entry that
+        carries none: a leader's no-op, a membership change) only moves applied_index.
         """
 
     def expired(fired_before_ms, failed_before_ms, limit):

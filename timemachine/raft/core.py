@@ -491,6 +491,11 @@ class RaftCore:
         self._bcast_append()
         return True
 
+    def campaign(self) -> None:
+        """Start an election now rather than after an election timeout (etcd's
+        ``Campaign``): a one-member group elects itself at once on start."""
+        self._hup(transfer=False)
+
     def transfer_leadership(self, to: NodeId) -> bool:
         """Hand leadership to voter ``to``: catch it up, then tell it to campaign now.
 

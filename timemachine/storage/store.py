@@ -318,8 +318,13 @@ class _SQLiteStore:
                     # e.g. resurrect a job deleted by a later entry.
                     results.append(None)
                     continue
-                results.append(self._thd_apply_command(conn, index, command))
-                commands.append(command)
+                if command is None:
+                    # A Raft entry that is not a command (a leader's no-op, a membership
+                    # change): it only moves applied_index.
+                    results.append(None)
+                else:
+                    results.append(self._thd_apply_command(conn, index, command))
+                    commands.append(command)
                 last = index
             if last != self._thd_applied_index:
                 driver_cursor(conn).execute(
