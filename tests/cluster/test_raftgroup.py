@@ -1,0 +1,292 @@
+"""The Raft adapter on the real reactor, over real Raft state files and real stores.
+
+The members of a multi-member group here talk through `_Link`, an in-process stand-in
+for the peer network that delivers each message on a later reactor turn and can cut
+pairs of nodes apart; `tests.peer` tests the real network on its own.
+"""
+
+import os
+import random
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from timemachine.cluster.raftgroup import NotLeader, RaftGroup, RaftHost
+from timemachine.domain.commands import DeleteJob, PutJobs
+from timemachine.domain.errors import Unavailable
+from timemachine.domain.jobs import JobSpec
+from timemachine.interfaces import IShardLog
+from timemachine.raft.disk import MemberDisk
+from timemachine.raft.types import ConfState, MessageType
+from timemachine.storage.iothread import IOThread
+from timemachine.storage.store import VnodeStore
+
+FAST = dict(tick_seconds=0.01)  # elections in 0.1-0.2 s
+
+
+def _spec(job_id, trigger_ms=4_000_000_000_000):
+    return JobSpec("c", job_id, trigger_ms, '{"n": 1}', "hook")
+
+
+class _Link:
+    """Delivers messages between in-process hosts on a later turn; drops cut pairs."""
+
+    def __init__(self):
+        self.hosts = {}
+        self.cut = set()
+
+    def sender(self, frm):
+        def send(to, group, message):
+            if frozenset((frm, to)) in self.cut or to not in self.hosts:
+                return
+            reactor.callLater(0, self.hosts[to].receive, group, message)
+
+        return send
+
+    def isolate(self, node):
+        self.cut |= {frozenset((node, other)) for other in self.hosts if other != node}
+
+    def heal(self):
+        self.cut.clear()
+
+
+def _until(predicate, timeout=10.0, step=0.01):
+    """Fire once ``predicate()`` holds, polling the real reactor; fail after timeout."""
+    d = defer.Deferred()
+    deadline = reactor.seconds() + timeout
+
+    def poll():
+        if predicate():
+            loop.stop()
+            d.callback(None)
+        elif reactor.seconds() > deadline:
+            loop.stop()
+            d.errback(AssertionError(f"not within {timeout} s: {predicate}"))
+
+    loop = task.LoopingCall(poll)
+    loop.start(step)
+    return d
+
+
+class _Member:
+    """One node's member of group 1: its host, disk, store and Raft group."""
+
+    def __init__(self, testcase, directory, node_id, link, bootstrap):
+        self.testcase = testcase
+        self.directory = directory
+        self.node_id = node_id
+        self.link = link
+        self.bootstrap = bootstrap
+        self.group = None
+
+    @defer.inlineCallbacks
+    def start(self):
+        self.io = IOThread(reactor, f"raft-{self.node_id}")
+        self.io.start()
+        self.host = RaftHost(reactor, self.node_id, self.link.sender(self.node_id),
+                             random.Random(self.node_id), **FAST)
+        self.link.hosts[self.node_id] = self.host
+        disk = MemberDisk(os.path.join(self.directory, "raft"), reactor, self.io)
+        store = VnodeStore(os.path.join(self.directory, "jobs.sqlite"), reactor)
+        self.group = RaftGroup(self.host, 1, f"shard 0 on {self.node_id}", disk, store,
+                               bootstrap=self.bootstrap)
+        yield self.group.open()
+        self.host.start()
+
+    @defer.inlineCallbacks
+    def stop(self):
+        if self.group is None:
+            return
+        group, self.group = self.group, None
+        self.host.stop()
+        self.link.hosts.pop(self.node_id, None)
+        yield group.close()
+        self.io.stop()
+
+
+class RaftGroupTestCase(unittest.TestCase):
+    def members(self, count):
+        ids = [f"node{i}" for i in range(1, count + 1)]
+        conf = ConfState(frozenset(ids))
+        link = _Link()
+        base = self.mktemp()
+        members = [_Member(self, os.path.join(base, i), i, link, conf) for i in ids]
+        for m in members:
+            os.makedirs(m.directory)
+            self.addCleanup(m.stop)
+        return link, members
+
+    def leader(self, members):
+        leading = [m for m in members if m.group is not None and m.group.is_leader()]
+        return leading[0] if len(leading) == 1 else None
+
+
+class OneMemberTests(RaftGroupTestCase):
+    @defer.inlineCallbacks
+    def test_a_lone_member_leads_at_once_and_commits_on_its_own_fsync(self):
+        _, [member] = self.members(1)
+        yield member.start()
+        self.assertTrue(IShardLog.providedBy(member.group))
+        yield _until(member.group.is_leader)
+        index, stored = yield member.group.propose(PutJobs((_spec("a"), _spec("b"))))
+        self.assertEqual([job.id for job in stored], ["a", "b"])
+        self.assertEqual(member.group.applied_index, index)
+        job = yield member.group.store.get("c", "a")
+        self.assertEqual(job.version, index)
+
+    @defer.inlineCallbacks
+    def test_a_restart_keeps_every_answered_write_and_goes_on(self):
+        _, [member] = self.members(1)
+        yield member.start()
+        yield _until(member.group.is_leader)
+        answered = []
+        for n in range(20):
+            index, _ = yield member.group.propose(PutJobs((_spec(f"j{n}"),)))
+            answered.append(index)
+        found = yield member.group.propose(DeleteJob("c", "j0"))
+        self.assertTrue(found[1])
+        yield member.stop()
+        yield member.start()
+        yield _until(member.group.is_leader)
+        self.assertGreaterEqual(member.group.applied_index, found[0])
+        self.assertIsNone((yield member.group.store.get("c", "j0")))
+        job = yield member.group.store.get("c", "j19")
+        self.assertEqual(job.version, answered[-1])
+        index, _ = yield member.group.propose(PutJobs((_spec("after"),)))
+        self.assertGreater(index, found[0])
+
+    @defer.inlineCallbacks
+    def test_proposals_of_one_turn_share_a_ready(self):
+        _, [member] = self.members(1)
+        yield member.start()
+        yield _until(member.group.is_leader)
+        persisted = []
+        disk = member.group._disk
+        real_persist = disk.persist
+
+        def persist(ready):
+            persisted.append(len(ready.entries))
+            return real_persist(ready)
+
+        disk.persist = persist
+        answers = [member.group.propose(PutJobs((_spec(f"j{n}"),))) for n in range(50)]
+        yield defer.gatherResults(answers)
+        self.assertEqual(persisted[0], 50)
+
+    @defer.inlineCallbacks
+    def test_a_closed_group_refuses_and_fails_what_waits(self):
+        _, [member] = self.members(1)
+        yield member.start()
+        yield _until(member.group.is_leader)
+        group = member.group
+        yield member.stop()
+        yield self.assertFailure(group.propose(PutJobs((_spec("x"),))), Unavailable)
+
+
+class ThreeMemberTests(RaftGroupTestCase):
+    @defer.inlineCallbacks
+    def start_all(self, count=3):
+        link, members = self.members(count)
+        for m in members:
+            yield m.start()
+        yield _until(lambda: self.leader(members) is not None)
+        return link, members
+
+    @defer.inlineCallbacks
+    def test_one_leader_and_every_store_applies_the_write(self):
+        _, members = yield self.start_all()
+        leader = self.leader(members)
+        index, _ = yield leader.group.propose(PutJobs((_spec("a"),)))
+        yield _until(lambda: all(m.group.applied_index >= index for m in members))
+        for m in members:
+            job = yield m.group.store.get("c", "a")
+            self.assertEqual(job.version, index)
+
+    @defer.inlineCallbacks
+    def test_a_follower_refuses_proposals_naming_the_leader(self):
+        _, members = yield self.start_all()
+        leader = self.leader(members)
+        follower = next(m for m in members if m is not leader)
+        yield _until(lambda: follower.group.leader == leader.node_id)
+        failure = yield self.assertFailure(
+            follower.group.propose(PutJobs((_spec("a"),))), NotLeader
+        )
+        self.assertEqual(failure.leader, leader.node_id)
+
+    @defer.inlineCallbacks
+    def test_an_isolated_leader_loses_its_lease_and_the_others_take_over(self):
+        link, members = yield self.start_all()
+        old = self.leader(members)
+        index, _ = yield old.group.propose(PutJobs((_spec("before"),)))
+        link.isolate(old.node_id)
+        yield _until(lambda: not old.group.is_leader())
+        others = [m for m in members if m is not old]
+        yield _until(lambda: self.leader(others) is not None)
+        new = self.leader(others)
+        # The write the old leader answered survived the change of leader.
+        job = yield new.group.store.get("c", "before")
+        self.assertEqual(job.version, index)
+        # A write to the cut-off leader cannot commit.
+        stranded = old.group.propose(PutJobs((_spec("lost"),)))
+        index2, _ = yield new.group.propose(PutJobs((_spec("after"),)))
+        link.heal()
+        yield _until(lambda: old.group.applied_index >= index2)
+        self.assertIsNone((yield old.group.store.get("c", "lost")))
+        job = yield old.group.store.get("c", "after")
+        self.assertEqual(job.version, index2)
+        # Its entry was replaced by the new leader's: the proposal failed, retryably.
+        yield self.assertFailure(stranded, Unavailable)
+
+    @defer.inlineCallbacks
+    def test_a_member_restarted_after_missing_writes_catches_up(self):
+        _, members = yield self.start_all()
+        leader = self.leader(members)
+        away = next(m for m in members if m is not leader)
+        yield away.stop()
+        last = None
+        for n in range(30):
+            last, _ = yield leader.group.propose(PutJobs((_spec(f"j{n}"),)))
+        yield away.start()
+        yield _until(lambda: away.group.applied_index >= last)
+        job = yield away.group.store.get("c", "j29")
+        self.assertEqual(job.version, last)
+
+    @defer.inlineCallbacks
+    def test_linearizable_reads_on_a_follower_wait_for_the_leaders_commit(self):
+        _, members = yield self.start_all()
+        leader = self.leader(members)
+        follower = next(m for m in members if m is not leader)
+        index, _ = yield leader.group.propose(PutJobs((_spec("seen"),)))
+        yield follower.group.read_barrier()
+        self.assertGreaterEqual(follower.group.applied_index, index)
+        job = yield follower.group.store.get("c", "seen")
+        self.assertEqual(job.version, index)
+
+    @defer.inlineCallbacks
+    def test_a_follower_acknowledges_entries_only_once_they_are_durable(self):
+        _, members = yield self.start_all()
+        leader = self.leader(members)
+        follower = next(m for m in members if m is not leader)
+        durable = [0]
+        early = []
+        disk, host = follower.group._disk, follower.host
+        real_persist, real_send = disk.persist, host.send
+
+        def persist(ready):
+            d = real_persist(ready)
+            if ready.entries:
+                last = ready.entries[-1].index
+                d.addCallback(lambda _: durable.__setitem__(0, max(durable[0], last)))
+            return d
+
+        def send(group, message):
+            acked = message.type == MessageType.APPEND_RESP and not message.reject
+            if acked and message.index > durable[0]:
+                early.append(message)
+            real_send(group, message)
+
+        disk.persist, host.send = persist, send
+        for n in range(20):
+            yield leader.group.propose(PutJobs((_spec(f"j{n}"),)))
+        self.assertGreater(durable[0], 0)
+        self.assertEqual(early, [])
