@@ -471,6 +471,78 @@ def tree_bytes(directory: str) -> dict[str, bytes]:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# ---- network partitions ----------------------------------------------------------
+
+NFT = shutil.which("nft") or "/usr/sbin/nft"
+
+
+class Partition:
+    """Real network partitions between loopback addresses, made with nft rules.
+
+    Each node of a cluster test listens and dials from its own address (127.0.0.2,
+    127.0.0.3, ...; Linux routes all of 127/8 to lo). `cut` drops every packet between
+    two groups of addresses, both ways; `heal` drops the rules; `remove` (register it
+    as a cleanup) deletes this partition's own nft table, so no rule outlives the test
+    and rules of other tests or of the machine are never touched. Needs root.
+    """
+
+    def __init__(self):
+        self.table = f"tm_partition_{os.getpid()}_{id(self):x}"
+        self._made = False
+
+    def _nft(self, *commands: str) -> None:
+        script = "\n".join(commands) + "\n"
+        result = subprocess.run([NFT, "-f", "-"], input=script.encode(), capture_output=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"nft failed ({result.returncode}): {result.stderr.decode()}")
+
+    def _ensure_table(self) -> None:
+        if not self._made:
+            self._nft(
+                f"add table ip {self.table}",
+                f"add chain ip {self.table} output "
+                "{ type filter hook output priority 0; policy accept; }",
+            )
+            self._made = True
+
+    def cut(self, side_a, side_b) -> None:
+        """Drop all traffic between each address of ``side_a`` and each of ``side_b``."""
+        self._ensure_table()
+        rules = []
+        for a in ([side_a] if isinstance(side_a, str) else side_a):
+            for b in ([side_b] if isinstance(side_b, str) else side_b):
+                for src, dst in ((a, b), (b, a)):
+                    rules.append(
+                        f"add rule ip {self.table} output ip saddr {src} ip daddr {dst} drop"
+                    )
+        self._nft(*rules)
+
+    def heal(self) -> None:
+        """Let all traffic through again."""
+        if self._made:
+            self._nft(f"flush chain ip {self.table} output")
+
+    def rules(self) -> str:
+        """The nft listing of this partition's table ("" when it has none)."""
+        if not self._made:
+            return ""
+        result = subprocess.run(
+            [NFT, "list", "table", "ip", self.table], capture_output=True, text=True
+        )
+        return result.stdout if result.returncode == 0 else ""
+
+    def remove(self) -> None:
+        """Delete this partition's table and every rule in it."""
+        if self._made:
+            self._nft(f"delete table ip {self.table}")
+            self._made = False
+
+
+def nft_tables() -> str:
+    """Every nft table on the machine, as ``nft list tables`` prints them."""
+    return subprocess.run([NFT, "list", "tables"], capture_output=True, text=True).stdout
+
+
 def twistd_command() -> list[str]:
     """``twistd`` of this interpreter's environment."""
     script = os.path.join(os.path.dirname(sys.executable), "twistd")
