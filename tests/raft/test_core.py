@@ -28,6 +28,7 @@ from timemachine.raft.types import (
     Message,
     MessageType,
     ReadState,
+    SnapshotTemporarilyUnavailable,
 )
 
 MT = MessageType
@@ -584,6 +585,33 @@ class SnapshotTests(unittest.TestCase):
         self.assertEqual(net.storages[f].snapshot().index, net.storages[lead].snapshot().index)
         net.cores[lead].propose(b"more")
         net.deliver_all()
+        self.assertEqual(net.sm[f], net.sm[lead])
+
+    def test_a_snapshot_still_being_prepared_is_sent_once_ready(self):
+        net = Net(3, snapshot_chunk_bytes=1000)
+        lead = net.elect()
+        f = next(i for i in net.cores if i != lead)
+        net.isolated = {f}
+        for k in range(20):
+            net.cores[lead].propose(b"%03d" % k)
+        net.deliver_all()
+        net.snapshot(lead)
+        storage = net.storages[lead]
+        prepared = storage.snapshot()
+        asked = []
+
+        def snapshot():
+            asked.append(len(asked))
+            if len(asked) <= 2:
+                raise SnapshotTemporarilyUnavailable("still copying")
+            return prepared
+
+        storage.snapshot = snapshot
+        net.isolated = set()
+        net.tick(1)
+        self.assertEqual([m for m in net.delivered if m.type == MT.SNAPSHOT], [])
+        net.tick(5)
+        self.assertGreater(len(asked), 2)
         self.assertEqual(net.sm[f], net.sm[lead])
 
     def test_install_restarts_after_crash_midway(self):

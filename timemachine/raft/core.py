@@ -76,6 +76,7 @@ from timemachine.raft.types import (
     ReadState,
     Ready,
     Snapshot,
+    SnapshotTemporarilyUnavailable,
     Storage,
 )
 
@@ -1073,7 +1074,10 @@ class RaftCore:
     def _send_snapshot(self, to: NodeId, pr: Progress) -> bool:
         if not pr.recent_active:
             return False
-        snap = self.log.snapshot()
+        try:
+            snap = self.log.snapshot()
+        except SnapshotTemporarilyUnavailable:
+            return False  # asked again on the follower's next answer
         pr.become_snapshot(snap)
         self._send_snapshot_chunks(to, pr)
         return True

@@ -148,6 +148,11 @@ class UnavailableError(RaftError):
     """The requested index is above the last index held."""
 
 
+class SnapshotTemporarilyUnavailable(RaftError):
+    """The application is still preparing the snapshot a follower needs (etcd's
+    ``ErrSnapshotTemporarilyUnavailable``): the leader tries again on a later contact."""
+
+
 class Storage(Protocol):
     """The read side of a member's persisted log (etcd's ``Storage``).
 
@@ -166,4 +171,7 @@ class Storage(Protocol):
 
     def last_index(self) -> int: ...
 
-    def snapshot(self) -> Snapshot: ...
+    def snapshot(self) -> Snapshot:
+        """The latest snapshot; to send it, the core may get a newer one, or
+        `SnapshotTemporarilyUnavailable` while the application prepares it."""
+        ...
