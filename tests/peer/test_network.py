@@ -140,6 +140,12 @@ class HandshakeTests(PeerNetworkTestCase):
         self.assertEqual(self.connection(a, "b").transport.getHost().host, "127.0.0.2")
 
     @defer.inlineCallbacks
+    def test_connections_send_without_nagle_delay(self):
+        a, b = yield self.connected_pair()
+        self.assertTrue(self.connection(a, "b").transport.getTcpNoDelay())
+        self.assertTrue(self.connection(b, "a").transport.getTcpNoDelay())
+
+    @defer.inlineCallbacks
     def test_when_both_dial_one_connection_survives_on_both_sides(self):
         for round_ in range(5):
             a = yield self.started("a")
@@ -302,6 +308,26 @@ class RaftTests(PeerNetworkTestCase):
 
 
 class ReconnectTests(PeerNetworkTestCase):
+    @defer.inlineCallbacks
+    def test_a_node_outside_the_peer_set_is_not_dialled_back(self):
+        a, b = yield self.connected_pair()
+        yield a.stop()
+        yield wait_until(lambda: not b.connected_peers(), "b saw a go")
+        yield turns()
+        self.assertEqual(b.stats()["a"].reconnects, 0)
+        self.assertIsNone(b._peers["a"].retry)
+        self.assertEqual(b._connections, {})
+
+    @defer.inlineCallbacks
+    def test_a_new_address_is_dialled_at_once(self):
+        a = yield self.started("a", backoff_initial=3600, backoff_max=3600)
+        a.set_peers({"b": "127.0.0.3:1"})  # refused: the next try is minutes away
+        yield wait_until(lambda: a._peers["b"].retry is not None, "a waits")
+        self.assertGreater(a._peers["b"].retry.getTime() - reactor.seconds(), 60)
+        b = yield self.started("b")
+        a.set_peers({"b": b.advertise})
+        yield wait_until(lambda: a.connected_peers() == ["b"], "a reached b")
+
     @defer.inlineCallbacks
     def test_reconnects_after_the_listener_restarts(self):
         a, b = yield self.connected_pair()
@@ -517,6 +543,25 @@ class ProtocolErrorTests(PeerNetworkTestCase):
         yield self.assert_closed_and_still_serving(b, a, frame + frame)
 
     @defer.inlineCallbacks
+    def test_an_envelope_of_unknown_kind_is_ignored(self):
+        b = yield self.started("b")
+        client = yield self.raw_client(b)
+        hello = pb.Envelope(hello=pb.Hello(node_id="x", advertise="127.0.0.5:1"))
+        ping = pb.Envelope(request=pb.Request(id=5, ping=pb.Ping()))
+        # Field 15 is no Envelope field here (a newer build's kind); b"" is empty.
+        for payload in (hello.SerializeToString(), b"\x78\x01", b"", ping.SerializeToString()):
+            client.transport.write(encode_frame(payload))
+        yield wait_until(
+            lambda: len(client.received) > len(encode_frame(b.hello().SerializeToString())),
+            "b answered the ping",
+        )
+        self.assertEqual(b.connected_peers(), ["x"])
+        self.assertEqual(b.rejected_connections, 0)
+        self.assertEqual(b.stats()["x"].frames_received, 4)
+        client.transport.loseConnection()
+        yield client.lost
+
+    @defer.inlineCallbacks
     def test_silence_after_connecting_times_out(self):
         b = yield self.started("b", request_timeout=0.2)
         client = yield self.raw_client(b)
@@ -542,11 +587,7 @@ class StopTests(PeerNetworkTestCase):
         self.assertEqual(a._connections, {})
         self.assertEqual(a.connected_peers(), [])
         self.assertEqual(a.stats()["b"].raft_dropped, 1)
-        ours = [
-            call
-            for call in reactor.getDelayedCalls()
-            if getattr(call.func, "__self__", None) is a or call.args[:1] == (a,)
-        ]
+        ours = [c for c in reactor.getDelayedCalls() if getattr(c.func, "__self__", None) is a]
         self.assertEqual(ours, [])
         self.assertIsNone(a._peers["c"].retry)
         yield self.assertFailure(a.request("b", pb.Request(ping=pb.Ping())), PeerNetworkStopped)

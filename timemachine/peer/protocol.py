@@ -87,6 +87,12 @@ class PeerProtocol(Protocol):
         return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
     def connectionMade(self) -> None:
+        # The owner already coalesces what a turn sends into one frame; Nagle would
+        # only hold a request or a heartbeat back for the peer's delayed ACK.
+        self.transport.setTcpNoDelay(True)
+        # A peer that vanished without a FIN (power loss) is found out eventually
+        # even on a connection that carries nothing.
+        self.transport.setTcpKeepAlive(True)
         self.send(self.owner.hello())
         self.owner.connection_made(self)
 
