@@ -173,6 +173,24 @@ class HandshakeTests(PeerNetworkTestCase):
             yield b.stop()
 
     @defer.inlineCallbacks
+    def test_a_redial_by_the_same_node_replaces_a_half_open_connection(self):
+        a, b = yield self.connected_pair()
+        old_on_b = self.connection(b, "a")
+        # a forgets its connection as a restarted process would, but the socket stays
+        # open: b holds a half-open leftover when a's new connection arrives.
+        a._connections.pop(self.connection(a, "b"))
+        a._peers["b"].connection = None
+        a._dial(a._peers["b"])
+        yield wait_until(
+            lambda: a.connected_peers() == ["b"] and self.connection(b, "a") is not old_on_b,
+            "b took the new connection",
+        )
+        yield wait_until(lambda: len(b._connections) == 1, "b closed the old one")
+        on_a, on_b = self.connection(a, "b"), self.connection(b, "a")
+        self.assertEqual(on_a.transport.getHost(), on_b.transport.getPeer())
+        self.assertEqual(a.stats()["b"].reconnects, 0)
+
+    @defer.inlineCallbacks
     def test_a_node_claiming_this_nodes_id_is_refused(self):
         a = yield self.started("a")
         impostor = yield self.started("a", host=HOSTS["b"])
