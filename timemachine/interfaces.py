@@ -114,7 +114,8 @@ class IJobStore(Interface):
         """Fire with the number of jobs, or of jobs in ``status`` when not None."""
 
     def snapshot(path):
-        """Write a consistent copy of the database to ``path``."""
+        """Write a consistent copy of the database to ``path``; fire with the
+        applied_index of the copy."""
 
     def restore(path):
         """Replace the database with the copy at ``path`` (a Raft snapshot install)."""

@@ -35,8 +35,10 @@ node lost leadership and cannot tell whether the entry will commit - fails with
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
+from dataclasses import replace
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -45,8 +47,19 @@ from zope.interface import implementer
 from timemachine.domain.codec import decode_command, encode_command
 from timemachine.domain.errors import CorruptLog, StorageError, Unavailable
 from timemachine.interfaces import IShardLog
-from timemachine.raft.core import LEADER, RaftCore
-from timemachine.raft.types import ConfState, EntryKind, HardState, Message, Ready
+from timemachine.raft.core import LEADER, RaftCore, changed_conf, decode_conf_change
+from timemachine.raft.types import (
+    ConfChange,
+    ConfState,
+    EntryKind,
+    HardState,
+    Message,
+    Ready,
+    Snapshot,
+    SnapshotTemporarilyUnavailable,
+)
+from timemachine.storage.durable import write_atomically
+from timemachine.storage.sqlite import unlink_if_exists
 
 #: Seconds per Raft tick. With `ELECTION_TICKS` a leader is suspected gone after 1-2 s
 #: of silence (randomized), and its lease lasts about 0.8 s past a heartbeat round.
@@ -55,6 +68,60 @@ ELECTION_TICKS = 10
 HEARTBEAT_TICKS = 1
 #: Seconds a proposal may wait for its entry to apply before it fails as `Unavailable`.
 PROPOSAL_TIMEOUT = 10.0
+#: Compaction: after this many applied entries, snapshot and cut the log, keeping
+#: `COMPACTION_TAIL` entries below the store's durable index for followers slightly
+#: behind (they catch up from the log rather than from a snapshot).
+COMPACT_EVERY_ENTRIES = 10_000
+COMPACTION_TAIL = 1000
+
+
+class SnapshotFile:
+    """The data of a snapshot this node sends: a copy of its store, read chunk by
+    chunk as the core sends it (``len`` and slices, like the bytes it stands for).
+
+    The file stays open, so a newer copy may replace the name while a transfer of this
+    one is still under way. A chunk is one ``pread`` of at most 64 KiB from a file the
+    store thread wrote moments before (in the page cache): microseconds on the reactor.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        self._size = os.fstat(self._fd).st_size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(self._size)
+        return os.pread(self._fd, max(0, stop - start), start)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        self.close()
+
+
+class _SendingStorage:
+    """The core's storage: the member's persisted log (a `MemoryStorage`), whose
+    `snapshot`, once `serving`, is the copy of the store this node sends (prepared on
+    demand by ``prepare``; `SnapshotTemporarilyUnavailable` until it exists)."""
+
+    def __init__(self, storage, prepare: Callable[[], Snapshot]):
+        self.persisted = storage
+        self._prepare = prepare
+        self.serving = False
+
+    def __getattr__(self, name):
+        return getattr(self.persisted, name)
+
+    def snapshot(self) -> Snapshot:
+        if not self.serving:
+            return self.persisted.snapshot()
+        return self._prepare()
 
 
 class NotLeader(Unavailable):
@@ -140,9 +207,21 @@ class RaftGroup:
     """This node's member of one Raft group, in front of its state machine.
 
     ``disk`` persists the member's Raft state (``load(bootstrap)`` -> MemoryStorage,
-    ``persist(ready)``, ``close()``); ``store`` is the state machine (a shard's
-    `JobStore` or the meta group's `ClusterStore`). ``bootstrap`` is the membership of
-    a group that has never persisted anything (None: wait to be sent a snapshot).
+    ``persist(ready)``, ``compact(snapshot)``, ``close()``); ``store`` is the state
+    machine (a shard's `JobStore` or the meta group's `ClusterStore`); ``io`` an
+    `IOThread` for the snapshot files. ``bootstrap`` is the membership of a group that
+    has never persisted anything (None: wait to be sent a snapshot).
+
+    Snapshots are the store's SQLite file. A member snapshots by recording only the
+    point (index, term, membership) every `COMPACT_EVERY_ENTRIES` entries, then cuts
+    its log below it; the store is that point's state, made durable by a checkpoint.
+    When a follower needs a snapshot, the leader sends a fresh copy of its store (as
+    etcd sends its live backend) at the copy's own applied index, which is at or past
+    the point, so the entries after it are still in the log. A follower installs it in
+    three durable steps: the data to ``<store>.incoming``, the snapshot's point into its
+    Raft state, the store replaced by the data; `open` finishes an install a crash
+    interrupted, and refuses loudly a store behind its Raft snapshot with no data to
+    catch up from.
     """
 
     log = Logger()
@@ -154,14 +233,29 @@ class RaftGroup:
         name: str,
         disk,
         store,
+        io,
         bootstrap: ConfState | None = None,
+        compact_every: int = COMPACT_EVERY_ENTRIES,
+        compaction_tail: int = COMPACTION_TAIL,
     ):
         self.host = host
         self.group = group
         self.name = name
         self._disk = disk
         self._store = store
+        self._io = io
         self._bootstrap = bootstrap
+        self._compact_every = compact_every
+        self._compaction_tail = compaction_tail
+        self._applied_since_compaction = 0
+        self._compacting: defer.Deferred | None = None
+        self._storage = None  # the persisted log, a MemoryStorage
+        # The copy of the store sent to followers that need a snapshot.
+        self._sent_copy = f"{store.path}.snapshot"
+        self._sending: Snapshot | None = None
+        self._preparing: defer.Deferred | None = None
+        # A leader's snapshot received and durable, not yet in the store.
+        self._incoming = f"{store.path}.incoming"
         self.core: RaftCore | None = None
         self._listeners: list[Callable] = []
         self._leadership_listeners: list[Callable[[bool], None]] = []
@@ -196,8 +290,10 @@ class RaftGroup:
         Readys, as the core hands them out again above the store's ``applied_index``.
         """
         storage = yield self._disk.load(self._bootstrap)
+        self._storage = storage
         try:
             yield self._store.open()
+            yield self._finish_install(storage.snapshot())
             applied = self._store.applied_index
             if applied > storage.last_index() and applied > storage.snapshot().index:
                 raise CorruptLog(
@@ -210,9 +306,10 @@ class RaftGroup:
                 # committed, whatever the saved copy says.
                 storage.set_hard_state(HardState(saved.term, saved.vote, applied))
             host = self.host
+            sending = _SendingStorage(storage, self._snapshot_to_send)
             self.core = RaftCore(
                 host.node_id,
-                storage,
+                sending,
                 random.Random(host.rng.random()),
                 election_tick=host.election_ticks,
                 heartbeat_tick=host.heartbeat_ticks,
@@ -222,6 +319,7 @@ class RaftGroup:
             yield self._store.close()
             yield self._disk.close()
             raise
+        sending.serving = True
         self._open = True
         self.host.add(self)
         if self.core.conf.voters == {self.host.node_id}:
@@ -262,12 +360,38 @@ class RaftGroup:
             return defer.fail(
                 NotLeader(f"{self.name}: this node does not lead it now", core.leader)
             )
-        index = core.log.last_index()
+        return self._await(core.log.last_index())
+
+    def change_membership(self, change: ConfChange):
+        """Propose one membership change; fire with its index once applied.
+
+        Fails with `NotLeader` off the leader, and `Unavailable` while another change
+        is under way (one server at a time) or when it would change nothing.
+        """
+        if not self._open:
+            return defer.fail(Unavailable(f"{self.name} is not serving"))
+        core = self.core
+        if core.state != LEADER:
+            return defer.fail(NotLeader(f"{self.name}: this node does not lead it", core.leader))
+        if not core.propose_conf_change(change):
+            return defer.fail(
+                Unavailable(f"{self.name}: cannot {change.kind.name} {change.node} now")
+            )
+        d = self._await(core.log.last_index())
+        d.addCallback(lambda answer: answer[0])
+        return d
+
+    def _await(self, index: int):
         answer = defer.Deferred()
         deadline = self.host.reactor.seconds() + self.host.proposal_timeout
-        self._answers[index] = (core.term, answer, deadline)
+        self._answers[index] = (self.core.term, answer, deadline)
         self._schedule()
         return answer
+
+    @property
+    def conf(self) -> ConfState:
+        """The membership this member applies now."""
+        return self.core.conf
 
     def read_barrier(self):
         """Fire once a read from the store sees every write acknowledged before the
@@ -333,10 +457,16 @@ class RaftGroup:
 
     @defer.inlineCallbacks
     def _handle(self, rd: Ready):
+        installing = rd.snapshot is not None and rd.snapshot.index > 0
+        if rd.snapshot is not None:
+            if installing:
+                yield self._io.call(write_atomically, self._incoming, bytes(rd.snapshot.data))
+            # The data is in the file (and soon the store), not in the Raft state.
+            rd = replace(rd, snapshot=replace(rd.snapshot, data=b""))
         if rd.entries or rd.snapshot is not None or rd.must_sync:
             # Else only the commit index moved (see the module docstring).
             yield self._disk.persist(rd)
-        storage = self.core.storage
+        storage = self._storage
         if rd.snapshot is not None:
             storage.apply_snapshot(rd.snapshot)
         if rd.entries:
@@ -345,22 +475,127 @@ class RaftGroup:
             storage.set_hard_state(rd.hard_state)
         for message in rd.messages:
             self.host.send(self.group, message)
-        if rd.snapshot is not None and rd.snapshot.index > 0:
-            yield self._install(rd)
-        if rd.committed:
-            yield self._apply(rd)
+        if installing:
+            yield self._finish_install(rd.snapshot)
+        answers = (yield self._apply(rd)) if rd.committed else []
         self._read_states.extend(rd.read_states)
         self.core.advance()
+        for answer, outcome in answers:
+            if isinstance(outcome, Exception):
+                answer.errback(outcome)
+            else:
+                answer.callback(outcome)
         self._release_reads()
 
-    def _install(self, rd: Ready):
-        raise StorageError(
-            f"{self.name}: installing a snapshot from the leader is not supported yet "
-            f"(snapshot at {rd.snapshot.index})"
+    @defer.inlineCallbacks
+    def _finish_install(self, snapshot: Snapshot):
+        """Bring the store up to ``snapshot`` (the member's Raft snapshot) from the
+        received data in ``<store>.incoming``, if it is behind."""
+        if self._store.applied_index >= snapshot.index:
+            yield self._io.call(unlink_if_exists, self._incoming)
+            return
+        exists = yield self._io.call(os.path.exists, self._incoming)
+        if not exists:
+            raise CorruptLog(
+                f"{self.name}: its store {self._store.path} has applied index "
+                f"{self._store.applied_index}, behind the Raft snapshot at {snapshot.index}, "
+                f"and no received snapshot data ({self._incoming}) remains to catch up from",
+                path=self._store.path,
+            )
+        yield self._store.restore(self._incoming)
+        if self._store.applied_index != snapshot.index:
+            raise StorageError(
+                f"{self.name}: the snapshot data received for index {snapshot.index} "
+                f"holds index {self._store.applied_index}"
+            )
+        yield self._io.call(unlink_if_exists, self._incoming)
+        self.log.info(
+            "{name}: installed the leader's snapshot at index {index}",
+            name=self.name,
+            index=snapshot.index,
         )
+
+    def _conf_at(self, index: int) -> ConfState:
+        """The membership as of entry ``index`` (at or past the persisted snapshot)."""
+        storage = self._storage
+        base = storage.snapshot()
+        conf = base.conf
+        if index > base.index:
+            for entry in storage.entries(base.index + 1, index + 1):
+                if entry.kind == EntryKind.CONF_CHANGE:
+                    conf = changed_conf(conf, decode_conf_change(entry.data))
+        return conf
+
+    def _snapshot_to_send(self) -> Snapshot:
+        """The snapshot for a follower: a copy of the store at or past the persisted
+        snapshot's point, or `SnapshotTemporarilyUnavailable` while one is copied."""
+        point = self._storage.snapshot().index
+        sending = self._sending
+        if sending is not None and sending.index >= point:
+            return sending
+        if self._preparing is None:
+            self._preparing = self._prepare_copy()
+        raise SnapshotTemporarilyUnavailable(f"{self.name}: copying the store")
+
+    @defer.inlineCallbacks
+    def _prepare_copy(self):
+        try:
+            index = yield self._store.snapshot(self._sent_copy)
+            if self.core is None or not self._open:
+                return
+            data = yield self._io.call(SnapshotFile, self._sent_copy)
+            term = self._storage.term(index)
+            self._sending = Snapshot(index, term, self._conf_at(index), data)
+        except Exception:
+            self.log.failure("{name}: copying the store for a follower failed", name=self.name)
+        finally:
+            self._preparing = None
+
+    def compact(self):
+        """Snapshot at the store's durable index less the tail; cut the log below it.
+
+        Fires when done; a compaction under way is joined. Failures are logged: the
+        log keeps its entries and the next compaction tries again.
+        """
+        if self._compacting is None:
+            self._applied_since_compaction = 0
+            self._compacting = self._compact()
+            self._compacting.addErrback(self._compaction_failed)
+            self._compacting.addBoth(self._compaction_done)
+        waiter = defer.Deferred()
+
+        def finished(result):
+            waiter.callback(None)
+            return result
+
+        self._compacting.addBoth(finished)
+        return waiter
+
+    def _compaction_failed(self, failure):
+        self.log.failure(
+            "{name}: compaction failed; the log keeps its entries", failure, name=self.name
+        )
+
+    def _compaction_done(self, result):
+        self._compacting = None
+        return result
+
+    @defer.inlineCallbacks
+    def _compact(self):
+        durable = yield self._store.checkpoint()
+        storage = self._storage
+        point = min(durable, self.core.applied_index) - self._compaction_tail
+        if point <= storage.snapshot().index or point < storage.first_index():
+            return
+        snapshot = storage.create_snapshot(point, self._conf_at(point), b"")
+        yield self._disk.compact(snapshot)
+        storage.compact(point)
 
     @defer.inlineCallbacks
     def _apply(self, rd: Ready):
+        """Apply the committed entries in one store transaction; fire with the answers
+        to give once the core has advanced past them (its membership then includes
+        the changes among them)."""
         batch = []
         for entry in rd.committed:
             if entry.kind == EntryKind.NORMAL and entry.data:
@@ -368,6 +603,10 @@ class RaftGroup:
             else:
                 batch.append((entry.index, None))
         results = yield self._store.apply(batch)
+        self._applied_since_compaction += len(batch)
+        if self._applied_since_compaction >= self._compact_every:
+            self.compact()
+        answers = []
         for entry, (index, command), result in zip(rd.committed, batch, results, strict=True):
             if command is not None:
                 for listener in self._listeners:
@@ -380,11 +619,13 @@ class RaftGroup:
                 continue
             term, answer, _ = waiting
             if term == entry.term:
-                answer.callback((index, result))
+                answers.append((answer, (index, result)))
             else:
-                answer.errback(
-                    Unavailable(f"{self.name}: leadership changed before entry {index} committed")
+                lost = Unavailable(
+                    f"{self.name}: leadership changed before entry {index} committed"
                 )
+                answers.append((answer, lost))
+        return answers
 
     def _release_reads(self) -> None:
         applied = self.applied_index
@@ -466,6 +707,13 @@ class RaftGroup:
         for answer in reads.values():
             answer.errback(closing)
         yield self.drain()
+        if self._compacting is not None:
+            yield self.compact()
+        if self._preparing is not None:
+            yield self._preparing
+        if self._sending is not None:
+            self._sending.data.close()
+            self._sending = None
         if self._was_leader:
             self._was_leader = False
             for listener in self._leadership_listeners:

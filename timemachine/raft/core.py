@@ -380,7 +380,7 @@ class RaftCore:
         lo = max(self.log.first_index(), snap_index + 1)
         for e in self.log.slice(lo, applied + 1):
             if e.kind == EntryKind.CONF_CHANGE:
-                self.conf = _changed_conf(self.conf, decode_conf_change(e.data))
+                self.conf = changed_conf(self.conf, decode_conf_change(e.data))
         self.log.applied = applied
 
         self.lead: NodeId | None = None
@@ -1266,7 +1266,7 @@ class RaftCore:
     # -- membership ----------------------------------------------------------------------------
 
     def _apply_conf_change(self, change: ConfChange) -> None:
-        self.conf = _changed_conf(self.conf, change)
+        self.conf = changed_conf(self.conf, change)
         if self._role != LEADER:
             return
         members = self.conf.voters | self.conf.learners
@@ -1316,7 +1316,7 @@ class RaftCore:
         )
 
 
-def _changed_conf(conf: ConfState, change: ConfChange) -> ConfState:
+def changed_conf(conf: ConfState, change: ConfChange) -> ConfState:
     """``conf`` after ``change`` (changes that make no sense leave it as it is)."""
     voters, learners = set(conf.voters), set(conf.learners)
     node = change.node

@@ -218,8 +218,9 @@ class _SQLiteStore:
         return d
 
     def snapshot(self, path):
-        """Write a consistent copy of the database to ``path`` (atomically replaced)."""
-        return self._db.run(self._db.thd_copy_to, path)
+        """Write a consistent copy of the database to ``path`` (atomically replaced);
+        fire with the applied_index the copy holds."""
+        return self._db.run(self._thd_snapshot, path)
 
     def checkpoint(self):
         """Make every applied entry durable; fire with the applied_index now durable.
@@ -339,6 +340,10 @@ class _SQLiteStore:
 
     def _thd_load_state(self, conn: Connection) -> Any:
         return None
+
+    def _thd_snapshot(self, path: str) -> int:
+        self._db.thd_copy_to(path)
+        return self._thd_applied_index
 
     def _thd_checkpoint(self) -> int:
         self._db.thd_checkpoint()
