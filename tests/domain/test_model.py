@@ -12,7 +12,9 @@ from timemachine.domain.commands import (
     OutcomeKind,
     PurgeJobs,
     PutJobs,
+    PutMember,
     PutRoute,
+    RemoveMember,
 )
 from timemachine.domain.errors import InvalidField
 from timemachine.domain.jobs import (
@@ -138,9 +140,34 @@ class EncodingTests(unittest.TestCase):
             PutRoute(Route("r", "redis", redis_url="redis://h:1/0", key="k", mode="publish")),
             DeleteRoute("r"),
             Configure(2, 1, (("node1",), ("node1",))),
+            PutMember("node2", "127.0.0.2:8102", "127.0.0.2:8002"),
+            PutMember("node3", "localhost:8103"),
+            RemoveMember("node2"),
         ]
         for command in commands:
             self.assertEqual(decode_command(encode_command(command)), command)
 
     def test_empty_record_is_refused(self):
         self.assertRaises(ValueError, decode_command, b"")
+
+
+class MemberTests(unittest.TestCase):
+    def test_addresses_are_host_and_port(self):
+        for good in ("127.0.0.1:8101", "localhost:1", "node-2.example.com:65535"):
+            self.assertEqual(PutMember("node2", good).peer_address, good)
+
+    def test_bad_members_name_their_field(self):
+        cases = [
+            (("", "127.0.0.1:8101"), "node_id"),
+            (("node 2", "127.0.0.1:8101"), "node_id"),
+            (("node2", "127.0.0.1"), "raft_address"),
+            (("node2", "127.0.0.1:0"), "raft_address"),
+            (("node2", "127.0.0.1:65536"), "raft_address"),
+            (("node2", ":8101"), "raft_address"),
+            (("node2", "bad host:8101"), "raft_address"),
+            (("node2", "127.0.0.1:8101", "h:x"), "http_address"),
+        ]
+        for args, field in cases:
+            with self.assertRaises(InvalidField) as caught:
+                PutMember(*args)
+            self.assertIn(field, str(caught.exception), args)

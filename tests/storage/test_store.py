@@ -19,7 +19,9 @@ from timemachine.domain.commands import (
     OutcomeKind,
     PurgeJobs,
     PutJobs,
+    PutMember,
     PutRoute,
+    RemoveMember,
 )
 from timemachine.domain.errors import InvalidField, StorageError
 from timemachine.domain.jobs import JobSpec, JobStatus, job_from_row
@@ -624,6 +626,42 @@ class ClusterStoreTests(_StoreTestCase):
         self.assertEqual(store.routes(), [replaced])
         self.assertIsNone(store.route("events"))
         self.assertEqual(store.config, Configure(2, 3))
+
+    @inlineCallbacks
+    def test_members_are_kept_and_reloaded(self):
+        path = self.mktemp()
+        store = yield self.cluster(path)
+        node2 = PutMember("node2", "127.0.0.2:8102", "127.0.0.2:8002")
+        results = yield store.apply(
+            [
+                (1, PutMember("node1", "127.0.0.1:8101", "127.0.0.1:8001")),
+                (2, node2),
+                (3, PutMember("node1", "127.0.0.9:8101", "127.0.0.9:8001")),
+                (4, RemoveMember("node3")),
+            ]
+        )
+        self.assertEqual(results[-1], False)
+        self.assertEqual([m.node_id for m in store.members()], ["node1", "node2"])
+        self.assertEqual(store.member("node1").peer_address, "127.0.0.9:8101")
+        yield store.apply([(5, RemoveMember("node1"))])
+        self.assertIsNone(store.member("node1"))
+        yield store.close()
+        reopened = yield self.cluster(path)
+        self.assertEqual(reopened.members(), [node2])
+
+    @inlineCallbacks
+    def test_a_file_made_before_members_existed_opens(self):
+        path = self.mktemp()
+        store = yield self.cluster(path)
+        yield store.apply([(1, PutRoute(http_route()))])
+        yield store.close()
+        with sqlite3.connect(path) as db:
+            db.execute("DROP TABLE members")
+        reopened = yield self.cluster(path)
+        self.assertEqual(reopened.members(), [])
+        self.assertEqual([r.id for r in reopened.routes()], ["billing"])
+        yield reopened.apply([(2, PutMember("node1", "127.0.0.1:8101"))])
+        self.assertEqual(len(reopened.members()), 1)
 
     @inlineCallbacks
     def test_persists_and_reloads(self):

@@ -17,7 +17,9 @@ from timemachine.domain.commands import (
     OutcomeKind,
     PurgeJobs,
     PutJobs,
+    PutMember,
     PutRoute,
+    RemoveMember,
 )
 from timemachine.domain.jobs import JobSpec
 from timemachine.domain.records import from_record
@@ -110,6 +112,16 @@ def command_to_pb(command: Command) -> pb.Command:
                 ],
             )
         )
+    if isinstance(command, PutMember):
+        return pb.Command(
+            put_member=pb.Member(
+                node_id=command.node_id,
+                peer_address=command.peer_address,
+                http_address=command.http_address,
+            )
+        )
+    if isinstance(command, RemoveMember):
+        return pb.Command(remove_member=pb.RemoveMember(node_id=command.node_id))
     raise TypeError(f"not a command: {command!r}")
 
 
@@ -149,6 +161,11 @@ def command_from_pb(msg: pb.Command) -> Command:
         for p in c.placement:
             placement[p.shard] = tuple(p.replicas)
         return from_record(Configure, c.shards, c.replicas, tuple(placement))
+    if kind == "put_member":
+        m = msg.put_member
+        return from_record(PutMember, m.node_id, m.peer_address, m.http_address)
+    if kind == "remove_member":
+        return RemoveMember(msg.remove_member.node_id)
     raise ValueError("empty command record")
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from timemachine._pb import timemachine_pb2 as pb
 from timemachine.domain.errors import InvalidField
 from timemachine.domain.jobs import JobEvent, JobSpec
-from timemachine.domain.names import check_int
+from timemachine.domain.names import MAX_NODE_ID, check_address, check_int, check_name
 from timemachine.domain.routes import Route
 
 
@@ -114,4 +114,37 @@ class Configure:
             raise InvalidField("placement", "must name the replicas of every shard")
 
 
-Command = PutJobs | DeleteJob | JobOutcome | PurgeJobs | PutRoute | DeleteRoute | Configure
+@dataclass(frozen=True, slots=True)
+class PutMember:
+    """A node joins the cluster (or moves): where its peer protocol and REST API are.
+
+    Addresses are ``host:port``; ``http_address`` may be empty when unknown.
+    """
+
+    node_id: str
+    peer_address: str
+    http_address: str = ""
+
+    def __post_init__(self):
+        check_name("node_id", self.node_id, MAX_NODE_ID)
+        check_address("raft_address", self.peer_address)
+        if self.http_address:
+            check_address("http_address", self.http_address)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveMember:
+    node_id: str
+
+
+Command = (
+    PutJobs
+    | DeleteJob
+    | JobOutcome
+    | PurgeJobs
+    | PutRoute
+    | DeleteRoute
+    | Configure
+    | PutMember
+    | RemoveMember
+)

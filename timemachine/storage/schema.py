@@ -76,6 +76,14 @@ config_table = Table(
     CheckConstraint("id = 1", name="config_single_row"),
 )
 
+members_table = Table(
+    "members",
+    cluster_metadata,
+    Column("node_id", String, primary_key=True),
+    Column("peer_address", String, nullable=False),
+    Column("http_address", String, nullable=False),
+)
+
 cluster_meta_table = meta_table(cluster_metadata)
 
 # The order in which the store unpacks a row of `jobs`: the field order of `Job`.

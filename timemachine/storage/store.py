@@ -37,7 +37,9 @@ from timemachine.domain.commands import (
     OutcomeKind,
     PurgeJobs,
     PutJobs,
+    PutMember,
     PutRoute,
+    RemoveMember,
 )
 from timemachine.domain.errors import InvalidField, StorageError
 from timemachine.domain.jobs import Job, JobStatus, job_from_row, status_after_delivery
@@ -52,6 +54,7 @@ from timemachine.storage.schema import (
     cluster_metadata,
     config_table,
     jobs_table,
+    members_table,
     routes_table,
     vnode_meta_table,
     vnode_metadata,
@@ -290,6 +293,9 @@ class _SQLiteStore:
                     raise StorageError(f"{self.path}: not a timeMachine {self._kind} store")
                 meta = dict(conn.execute(select(self._meta.c.key, self._meta.c.value)).all())
                 self._check_meta(meta, self.path)
+                # Tables added since the file was made (the cluster's members): new
+                # tables only, which leaves every older row as it was.
+                self._metadata.create_all(conn, checkfirst=True)
                 loaded = _Loaded(int(meta["applied_index"]), self._thd_load_state(conn))
         except BaseException:
             self._db.thd_disconnect()
@@ -578,6 +584,7 @@ class VnodeStore(_SQLiteStore):
 class _ClusterState(NamedTuple):
     routes: dict[str, Route]
     config: Configure | None
+    members: dict[str, PutMember]
 
 
 def _config_from_row(row) -> Configure:
@@ -604,6 +611,7 @@ class ClusterStore(_SQLiteStore):
     def __init__(self, path, reactor, io: IOThread | None = None):
         super().__init__(path, reactor, io)
         self._routes: dict[str, Route] = {}
+        self._members: dict[str, PutMember] = {}
         self.config: Configure | None = None
 
     def route(self, route_id):
@@ -614,11 +622,20 @@ class ClusterStore(_SQLiteStore):
         """All routes, ordered by id (from memory, no I/O)."""
         return [self._routes[route_id] for route_id in sorted(self._routes)]
 
+    def member(self, node_id):
+        """The `PutMember` of a node of the cluster, or None (from memory, no I/O)."""
+        return self._members.get(node_id)
+
+    def members(self):
+        """Every member, ordered by node id (from memory, no I/O)."""
+        return [self._members[node_id] for node_id in sorted(self._members)]
+
     # -- reactor side
 
     def _install_state(self, state: _ClusterState) -> None:
         self._routes = state.routes
         self.config = state.config
+        self._members = state.members
 
     def _commands_applied(self, commands, results) -> None:
         for command in commands:
@@ -628,6 +645,10 @@ class ClusterStore(_SQLiteStore):
                 self._routes.pop(command.id, None)
             elif isinstance(command, Configure):
                 self.config = command
+            elif isinstance(command, PutMember):
+                self._members[command.node_id] = command
+            elif isinstance(command, RemoveMember):
+                self._members.pop(command.node_id, None)
 
     # -- store thread side
 
@@ -639,7 +660,18 @@ class ClusterStore(_SQLiteStore):
         row = conn.execute(
             select(config_table.c.shards, config_table.c.replicas, config_table.c.placement)
         ).first()
-        return _ClusterState(routes, None if row is None else _config_from_row(row))
+        members = {
+            node_id: from_record(PutMember, node_id, peer, http)
+            for node_id, peer, http in conn.execute(
+                select(
+                    members_table.c.node_id,
+                    members_table.c.peer_address,
+                    members_table.c.http_address,
+                )
+            )
+        }
+        config = None if row is None else _config_from_row(row)
+        return _ClusterState(routes, config, members)
 
     def _thd_apply_command(self, conn, index, command):
         if isinstance(command, PutRoute):
@@ -660,4 +692,17 @@ class ClusterStore(_SQLiteStore):
             upsert = sqlite_insert(config_table).values(id=1, **values)
             conn.execute(upsert.on_conflict_do_update(index_elements=["id"], set_=values))
             return command
+        if isinstance(command, PutMember):
+            values = {
+                "peer_address": command.peer_address,
+                "http_address": command.http_address,
+            }
+            upsert = sqlite_insert(members_table).values(node_id=command.node_id, **values)
+            conn.execute(upsert.on_conflict_do_update(index_elements=["node_id"], set_=values))
+            return command
+        if isinstance(command, RemoveMember):
+            result = conn.execute(
+                delete(members_table).where(members_table.c.node_id == command.node_id)
+            )
+            return result.rowcount > 0
         raise ValueError(f"the cluster store cannot apply {command!r}")
