@@ -196,11 +196,14 @@ class EngineTests(_EngineCase):
         self.assertEqual(storage.snapshot().index, 5)
         with self.assertRaises(SnapshotOutOfDateError):
             engine.compact(0, Snapshot(5, 1, CONF, b"five again"))
-        yield self.assertFailure(engine.compact(0, Snapshot(7, 2, CONF, b"")), ValueError)
+        self.assertRaises(ValueError, engine.compact, 0, Snapshot(7, 2, CONF, b""))
+        self.assertRaises(ValueError, engine.compact, 0, Snapshot(9, 1, CONF, b""))
+        yield engine.compact(0, Snapshot(6, 1, CONF, b"six"))  # refusals changed nothing
+        self.assertEqual(storage.snapshot().index, 6)
         engine = yield self.reopen()
         storage = engine.storage(0, CONF)
-        self.assertEqual(storage.snapshot(), Snapshot(5, 1, CONF, b"five"))
-        self.assertEqual(storage.entries(6, 9), list(entries(6, 8, 1)))
+        self.assertEqual(storage.snapshot(), Snapshot(6, 1, CONF, b"six"))
+        self.assertEqual(storage.entries(7, 9), list(entries(7, 8, 1)))
 
     @defer.inlineCallbacks
     def test_a_removed_group_is_forgotten_with_its_snapshot(self):

@@ -849,31 +849,35 @@ class RaftEngine:
 
     def compact(self, group: int, snapshot: Snapshot) -> defer.Deferred:
         """Keep ``snapshot`` (taken by this member of ``group``) and let the log below
-        it go, all but the last ``keep_entries`` entries before it; fires with None.
+        it go, all but the last ``keep_entries`` entries before it. Fires with None
+        once the snapshot is durable, the group's storage shows it, and the segments
+        that frees are deleted.
 
-        Fails with SnapshotOutOfDateError for a snapshot not newer than the group's,
-        and ValueError for one whose last entry the group does not hold with its term.
+        Raises SnapshotOutOfDateError for a snapshot not newer than the group's, and
+        ValueError for one whose last entry the group's storage does not hold with its
+        term (a snapshot is of applied, so durable, entries).
         """
         g = self._writable(group)
+        storage = g.storage
+        assert storage is not None
+        # ``snapshot_index`` counts installs still in progress too: an older snapshot
+        # never overwrites an installed one's file.
         if snapshot.index <= g.snapshot_index:
             raise SnapshotOutOfDateError(
                 f"group {group}: snapshot at {snapshot.index} is not newer than the one "
                 f"held at {g.snapshot_index}"
             )
+        if snapshot.index > storage.last_index():
+            raise ValueError(f"group {group}: snapshot at {snapshot.index} is past its log")
+        if storage.term(snapshot.index) != snapshot.term:
+            raise ValueError(
+                f"group {group}: snapshot at {snapshot.index} has term {snapshot.term}, "
+                f"the log's entry has term {storage.term(snapshot.index)}"
+            )
         g.snapshot_index = snapshot.index
         path = self._snapshot_path(group)
 
         def compaction() -> defer.Deferred:
-            storage = g.storage
-            assert storage is not None
-            if snapshot.index > storage.last_index():
-                raise ValueError(f"group {group}: snapshot at {snapshot.index} is past its log")
-            if storage.term(snapshot.index) != snapshot.term:
-                raise ValueError(
-                    f"group {group}: snapshot at {snapshot.index} has term {snapshot.term}, "
-                    f"the log's entry has term {storage.term(snapshot.index)}"
-                )
-
             def written(size: int) -> defer.Deferred | None:
                 g.snapshot_bytes = size
                 storage._take(snapshot)
