@@ -1,4 +1,4 @@
-"""The Raft adapter on the real reactor, over real Raft state files and real stores.
+"""The Raft adapter on the real reactor, over real Raft engines and real stores.
 
 The members of a multi-member group here talk through `_Link`, an in-process stand-in
 for the peer network that delivers each message on a later reactor turn and can cut
@@ -11,12 +11,12 @@ import random
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from timemachine.cluster.raftgroup import NotLeader, RaftGroup, RaftHost
+from timemachine.cluster.raftgroup import EngineDisk, NotLeader, RaftGroup, RaftHost
 from timemachine.domain.commands import DeleteJob, PutJobs
 from timemachine.domain.errors import CorruptLog, Unavailable
 from timemachine.domain.jobs import JobSpec
 from timemachine.interfaces import IShardLog
-from timemachine.raft.disk import MemberDisk
+from timemachine.raft.engine import RaftEngine
 from timemachine.raft.types import ConfChange, ConfChangeKind, ConfState, MessageType
 from timemachine.storage.iothread import IOThread
 from timemachine.storage.store import VnodeStore
@@ -71,12 +71,14 @@ def _until(predicate, timeout=10.0, step=0.01):
 class _Member:
     """One node's member of group 1: its host, disk, store and Raft group."""
 
-    def __init__(self, testcase, directory, node_id, link, bootstrap, **options):
+    def __init__(self, testcase, directory, node_id, link, bootstrap, keep_entries=1000,
+                 **options):
         self.testcase = testcase
         self.directory = directory
         self.node_id = node_id
         self.link = link
         self.bootstrap = bootstrap
+        self.keep_entries = keep_entries
         self.options = options
         self.group = None
 
@@ -87,7 +89,10 @@ class _Member:
         self.host = RaftHost(reactor, self.node_id, self.link.sender(self.node_id),
                              random.Random(self.node_id), **FAST)
         self.link.hosts[self.node_id] = self.host
-        disk = MemberDisk(os.path.join(self.directory, "raft"), reactor, self.io)
+        self.engine = RaftEngine(os.path.join(self.directory, "raft"), reactor, self.io,
+                                 keep_entries=self.keep_entries)
+        yield self.engine.open()
+        disk = EngineDisk(self.engine, 1)
         store = VnodeStore(os.path.join(self.directory, "jobs.sqlite"), reactor)
         self.group = RaftGroup(self.host, 1, f"shard 0 on {self.node_id}", disk, store,
                                self.io, bootstrap=self.bootstrap, **self.options)
@@ -102,6 +107,7 @@ class _Member:
         self.host.stop()
         self.link.hosts.pop(self.node_id, None)
         yield group.close()
+        yield self.engine.close()
         self.io.stop()
 
 
@@ -310,7 +316,7 @@ class ThreeMemberTests(RaftGroupTestCase):
         self.assertEqual(early, [])
 
 
-COMPACTING = dict(compact_every=40, compaction_tail=5)
+COMPACTING = dict(compact_every=40, keep_entries=5)
 
 
 class SnapshotTests(RaftGroupTestCase):
@@ -417,4 +423,5 @@ class SnapshotTests(RaftGroupTestCase):
         self.assertIn("behind the Raft snapshot", str(failure))
         away.group = None
         away.host.stop()
+        yield away.engine.close()
         away.io.stop()

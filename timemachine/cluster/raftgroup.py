@@ -68,11 +68,9 @@ ELECTION_TICKS = 10
 HEARTBEAT_TICKS = 1
 #: Seconds a proposal may wait for its entry to apply before it fails as `Unavailable`.
 PROPOSAL_TIMEOUT = 10.0
-#: Compaction: after this many applied entries, snapshot and cut the log, keeping
-#: `COMPACTION_TAIL` entries below the store's durable index for followers slightly
-#: behind (they catch up from the log rather than from a snapshot).
+#: Compaction: after this many applied entries, snapshot at the store's durable index
+#: and let the disk cut the log below it (less the tail it keeps for followers).
 COMPACT_EVERY_ENTRIES = 10_000
-COMPACTION_TAIL = 1000
 
 
 class SnapshotFile:
@@ -106,17 +104,28 @@ class SnapshotFile:
 
 
 class _SendingStorage:
-    """The core's storage: the member's persisted log (a `MemoryStorage`), whose
-    `snapshot`, once `serving`, is the copy of the store this node sends (prepared on
-    demand by ``prepare``; `SnapshotTemporarilyUnavailable` until it exists)."""
+    """The core's view of the member's persisted log (the engine's `GroupStorage`).
 
-    def __init__(self, storage, prepare: Callable[[], Snapshot]):
+    Its `snapshot`, once `serving`, is the copy of the store this node sends (prepared
+    on demand by ``prepare``; `SnapshotTemporarilyUnavailable` until it exists). Its
+    `initial_state` reports a commit index at least ``applied``: commit-only changes
+    are not persisted, and what the store applied was committed.
+    """
+
+    def __init__(self, storage, prepare: Callable[[], Snapshot], applied: int):
         self.persisted = storage
         self._prepare = prepare
+        self._applied = applied
         self.serving = False
 
     def __getattr__(self, name):
         return getattr(self.persisted, name)
+
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        saved, conf = self.persisted.initial_state()
+        if saved.commit >= self._applied:
+            return saved, conf
+        return HardState(saved.term, saved.vote, self._applied), conf
 
     def snapshot(self) -> Snapshot:
         if not self.serving:
@@ -202,19 +211,53 @@ class RaftHost:
             member.tick(count)
 
 
+class EngineDisk:
+    """One group's part of the node-wide `RaftEngine`: the disk of a `RaftGroup`.
+
+    The engine is the node's (opened and closed by it); the view only routes a
+    group's calls to it with the group's number.
+    """
+
+    def __init__(self, engine, group: int):
+        self._engine = engine
+        self._group = group
+
+    def load(self, bootstrap: ConfState | None = None):
+        """Fire with the group's storage (`CorruptLog` when its state is damaged)."""
+        try:
+            return defer.succeed(self._engine.storage(self._group, bootstrap))
+        except Exception:
+            return defer.fail()
+
+    def persist(self, ready: Ready):
+        return self._engine.persist(self._group, ready)
+
+    def compact(self, snapshot: Snapshot):
+        return self._engine.compact(self._group, snapshot)
+
+    def remove(self):
+        """Forget the group's Raft state durably (this node no longer holds a replica)."""
+        return self._engine.remove_group(self._group)
+
+    def close(self):
+        return defer.succeed(None)
+
+
 @implementer(IShardLog)
 class RaftGroup:
     """This node's member of one Raft group, in front of its state machine.
 
-    ``disk`` persists the member's Raft state (``load(bootstrap)`` -> MemoryStorage,
-    ``persist(ready)``, ``compact(snapshot)``, ``close()``); ``store`` is the state
+    ``disk`` persists the member's Raft state (an `EngineDisk`: ``load(bootstrap)`` ->
+    the storage the core reads, ``persist(ready)`` and ``compact(snapshot)``, which
+    show what they made durable to that storage, ``close()``); ``store`` is the state
     machine (a shard's `JobStore` or the meta group's `ClusterStore`); ``io`` an
     `IOThread` for the snapshot files. ``bootstrap`` is the membership of a group that
     has never persisted anything (None: wait to be sent a snapshot).
 
     Snapshots are the store's SQLite file. A member snapshots by recording only the
-    point (index, term, membership) every `COMPACT_EVERY_ENTRIES` entries, then cuts
-    its log below it; the store is that point's state, made durable by a checkpoint.
+    point (index, term, membership) every `COMPACT_EVERY_ENTRIES` entries, and its disk
+    cuts the log below it; the store is that point's state, made durable by a
+    checkpoint.
     When a follower needs a snapshot, the leader sends a fresh copy of its store (as
     etcd sends its live backend) at the copy's own applied index, which is at or past
     the point, so the entries after it are still in the log. A follower installs it in
@@ -236,7 +279,6 @@ class RaftGroup:
         io,
         bootstrap: ConfState | None = None,
         compact_every: int = COMPACT_EVERY_ENTRIES,
-        compaction_tail: int = COMPACTION_TAIL,
     ):
         self.host = host
         self.group = group
@@ -246,7 +288,6 @@ class RaftGroup:
         self._io = io
         self._bootstrap = bootstrap
         self._compact_every = compact_every
-        self._compaction_tail = compaction_tail
         self._applied_since_compaction = 0
         self._compacting: defer.Deferred | None = None
         self._storage = None  # the persisted log, a MemoryStorage
@@ -300,13 +341,8 @@ class RaftGroup:
                     f"{self.name}: its store has applied index {applied}, beyond the "
                     f"Raft log's last entry {storage.last_index()}"
                 )
-            saved = storage.hard_state
-            if applied > saved.commit:
-                # Commit-only changes are not persisted; what the store applied was
-                # committed, whatever the saved copy says.
-                storage.set_hard_state(HardState(saved.term, saved.vote, applied))
             host = self.host
-            sending = _SendingStorage(storage, self._snapshot_to_send)
+            sending = _SendingStorage(storage, self._snapshot_to_send, applied)
             self.core = RaftCore(
                 host.node_id,
                 sending,
@@ -464,15 +500,9 @@ class RaftGroup:
             # The data is in the file (and soon the store), not in the Raft state.
             rd = replace(rd, snapshot=replace(rd.snapshot, data=b""))
         if rd.entries or rd.snapshot is not None or rd.must_sync:
-            # Else only the commit index moved (see the module docstring).
+            # Else only the commit index moved (see the module docstring). The disk
+            # shows what it made durable to the core's storage itself.
             yield self._disk.persist(rd)
-        storage = self._storage
-        if rd.snapshot is not None:
-            storage.apply_snapshot(rd.snapshot)
-        if rd.entries:
-            storage.append(rd.entries)
-        if rd.hard_state is not None:
-            storage.set_hard_state(rd.hard_state)
         for message in rd.messages:
             self.host.send(self.group, message)
         if installing:
@@ -552,7 +582,7 @@ class RaftGroup:
             self._preparing = None
 
     def compact(self):
-        """Snapshot at the store's durable index less the tail; cut the log below it.
+        """Snapshot at the store's durable index; let the disk cut the log below it.
 
         Fires when done; a compaction under way is joined. Failures are logged: the
         log keeps its entries and the next compaction tries again.
@@ -584,12 +614,13 @@ class RaftGroup:
     def _compact(self):
         durable = yield self._store.checkpoint()
         storage = self._storage
-        point = min(durable, self.core.applied_index) - self._compaction_tail
-        if point <= storage.snapshot().index or point < storage.first_index():
+        point = min(durable, self.core.applied_index)
+        if point <= storage.snapshot().index:
             return
-        snapshot = storage.create_snapshot(point, self._conf_at(point), b"")
+        # The disk keeps a tail of entries below the point, for followers slightly
+        # behind, and lets the rest go.
+        snapshot = Snapshot(point, storage.term(point), self._conf_at(point), b"")
         yield self._disk.compact(snapshot)
-        storage.compact(point)
 
     @defer.inlineCallbacks
     def _apply(self, rd: Ready):
