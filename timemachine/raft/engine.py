@@ -11,7 +11,9 @@ saying where its entries live, and a purge that rewrites the few live entries of
 quiet groups out of old files so those files can go. This module follows that design
 on our own `WriteAheadLog`, unchanged: every `persist` made in one reactor turn, of
 any group, joins the WAL's one batch and shares ONE fsync (`bench/raft_fsync.py`
-prints both costs).
+prints both costs). The storage the core reads (`GroupStorage`, one per group) is
+written by the engine once a persist is durable, and doubles as the engine's memtable:
+the live entries it rewrites, with no second copy.
 
 On disk, under the engine's directory::
 
@@ -936,8 +938,11 @@ class RaftEngine:
 
         A write with no file work in front of it runs at once, so the records of one
         turn reach the WAL in that turn and share its batch. Work that waits for a
-        file (``waits_for_file``) holds back the group's later work until its own
-        records are handed to the WAL.
+        file (``waits_for_file``) holds back the group's later work until it is done,
+        its records durable: an install's RESTART record must precede the records of
+        the Readies after it. A failure of such work other than a refusal (ValueError,
+        SnapshotOutOfDateError) leaves the group's files unknown: the group then
+        refuses writes until the engine is reopened.
         """
         result: defer.Deferred = defer.Deferred()
         self._pending.add(result)
