@@ -4,7 +4,7 @@ every group of a node in one WAL - crashes, corruption and segment deletion incl
 import os
 import random
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from timemachine.domain.errors import CorruptLog, LogBehindCommit, StorageError
@@ -40,6 +40,18 @@ def state_of(storage):
         storage.term(first - 1),
         storage.entries(first, last + 1) if last >= first else [],
     )
+
+
+@defer.inlineCallbacks
+def _read_all(directory):
+    """Every record of the WAL in ``directory``."""
+    wal = WriteAheadLog(directory, reactor)
+    yield wal.open()
+    try:
+        records = yield wal.read(wal.first_index or 1, wal.last_index + 1)
+    finally:
+        yield wal.close()
+    return records
 
 
 class _EngineCase(unittest.TestCase):
@@ -558,6 +570,51 @@ class SegmentTests(_EngineCase):
         engine = yield self.reopen(**options)
         self.assertEqual(state_of(engine.storage(5, CONF)), before[5])
         self.assertEqual(engine.storage(5).entries(1, 4), quiet.entries(1, 4))
+
+    @defer.inlineCallbacks
+    def test_an_empty_rewrite_after_an_install_is_followed_by_appends(self):
+        # Group 0, installed then compacted to nothing, is rewritten as an empty log,
+        # which its later appends must extend. Only empty groups are rewritten here,
+        # and group 9's record keeps every segment: replay reads the whole story.
+        options = dict(
+            keep_entries=0, segment_bytes=64, rewrite_lag_bytes=1, rewrite_max_bytes=0
+        )
+        engine = yield self.reopen(**options)
+        for group in (9, 7, 0):
+            engine.storage(group, CONF)
+        yield engine.persist(9, Ready(entries=entries(1, 1, 1)))
+        snapshot = Snapshot(10, 2, CONF, b"ten")
+        yield engine.persist(0, Ready(snapshot=snapshot, hard_state=HardState(2, 1, 10)))
+        yield engine.persist(0, Ready(entries=entries(11, 12, 2), hard_state=HardState(2, 1, 12)))
+        yield engine.compact(0, Snapshot(12, 2, CONF, b"twelve"))
+        yield engine.persist(7, Ready(entries=entries(1, 1, 1)))
+        yield task.deferLater(reactor, 0.05, lambda: None)  # the maintenance turn
+        yield engine.persist(0, Ready(entries=entries(13, 13, 2)))
+        engine = yield self.reopen(**options)
+        storage = engine.storage(0, CONF)
+        self.assertEqual(storage.snapshot().index, 12)
+        self.assertEqual(storage.entries(13, 14), list(entries(13, 13, 2)))
+        yield engine.close()
+        self.engine = None
+        records = [decode_record(r.payload) for r in (yield _read_all(self.wal_directory))]
+        self.assertEqual(
+            [record.kind for record in records if record.group == 0],
+            [RecordKind.RESTART, RecordKind.APPEND, RecordKind.REWRITE, RecordKind.APPEND],
+        )
+
+    @defer.inlineCallbacks
+    def test_rewrites_do_not_feed_on_one_another(self):
+        # Each rewrite moves the head past the other groups' pins; counting those bytes
+        # as lag would rewrite the groups in turn forever.
+        options = dict(segment_bytes=64, rewrite_lag_bytes=1, rewrite_max_bytes=10_000)
+        engine = yield self.reopen(**options)
+        for group in (1, 2, 3):
+            engine.storage(group, CONF)
+            yield engine.persist(group, Ready(entries=entries(1, 2, 1)))
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        settled = len(self.fsyncs)  # one per WAL batch written
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(len(self.fsyncs), settled)
 
     @defer.inlineCallbacks
     def test_a_group_whose_hard_state_alone_moves_keeps_its_entries(self):

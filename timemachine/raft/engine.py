@@ -45,10 +45,13 @@ it has no entries (which holds its hard state). All of a group's live entries we
 written at or after the write of its first live entry, because an append at i
 replaces everything >= i; and replaying any suffix of the log that starts at or below
 a group's pin rebuilds that group exactly. So the segments below the minimum pin over
-all groups go (`WriteAheadLog.drop_prefix`, sealed). A quiet group would pin old
-segments forever: when its pin lags the head by more than ``rewrite_lag_bytes``
-(2 segments by default), the engine rewrites it - one REWRITE record with its hard
-state and live entries - which moves its pin to the head. As in raft-engine, only
+all groups go (`WriteAheadLog.drop_prefix`; sealed only once a segment's worth lies
+below every pin, since each seal starts a new segment). A quiet group would pin old
+segments forever: when persists have written more than ``rewrite_lag_bytes`` (2
+segments by default) since its pin, the engine rewrites it - one REWRITE record with
+its hard state and live entries - which moves its pin to the head. (Rewrites do not
+count as lag: else each rewrite would make the other groups lag, and they would be
+rewritten in turn, forever.) As in raft-engine, only
 small groups are rewritten (at most ``rewrite_max_bytes`` of entries, a quarter of a
 segment by default): a group with a long live log is one that has not compacted yet,
 and copying it forward over and over would cost more than the segments it frees;
@@ -480,8 +483,8 @@ class RaftEngine:
     ``directory`` holds the WAL and the snapshot files; ``io`` runs the snapshot-file
     work; ``wal_io`` (optional) is the WAL's writer thread. ``keep_entries`` is how
     many entries `compact` keeps below a snapshot. ``segment_bytes`` sizes the WAL's
-    segments. A group whose pin lags the head by more than ``rewrite_lag_bytes``
-    (default 2 segments) is rewritten if its live entries hold at most
+    segments. A group whose pin persists have written more than ``rewrite_lag_bytes``
+    past (default 2 segments) is rewritten if its live entries hold at most
     ``rewrite_max_bytes`` (default a quarter segment). ``on_fsync(seconds)`` is
     called after each group fsync (the WAL's hook, for the node's histogram).
 
@@ -530,13 +533,18 @@ class RaftEngine:
         self._closing = False
         self._pending: set[defer.Deferred] = set()
         self._maintenance: Any = None
-        # Where the log's bytes are: marks (sequence number, bytes written before it),
-        # one per ``_bucket`` bytes, so that "how far behind the head is this pin"
-        # costs a bisection and a few ints per segment, not 8 bytes per record.
+        # Where the log's bytes are: marks (sequence number, bytes written before it,
+        # of which written by persists), one per ``_bucket`` bytes, so that "how far
+        # behind the head is this pin" costs a bisection and a few ints per segment,
+        # not 8 bytes per record. A pin's lag counts only the persists' bytes: rewrites
+        # moving the head must not make other groups lag, or rewrites would feed on
+        # one another.
         self._bytes = 0
+        self._fresh = 0
         self._bucket = max(1, segment_bytes // 16)
         self._mark_seqs: list[int] = []
         self._mark_bytes: list[int] = []
+        self._mark_fresh: list[int] = []
         self._rewrites_checked_at = 0
         self._drop_requested = 0
 
@@ -591,12 +599,12 @@ class RaftEngine:
                     state = replayed[record.group] = _Replayed()
                     state.removed = True
                     state.first_seq = state.latest_seq = r.index
-                    self._account(r.index, len(r.payload))
+                    self._account(r.index, len(r.payload), fresh=True)
                     continue
                 if state is None or state.removed:
                     state = replayed[record.group] = _Replayed()
                 state.apply(r.index, record)
-                self._account(r.index, len(r.payload))
+                self._account(r.index, len(r.payload), record.kind != RecordKind.REWRITE)
         return replayed
 
     @defer.inlineCallbacks
@@ -1007,7 +1015,7 @@ class RaftEngine:
         self._next_seq += 1
         payload = encode_record(record)
         d = self._wal.append(seq, 0, payload)
-        self._account(seq, len(payload))
+        self._account(seq, len(payload), record.kind != RecordKind.REWRITE)
         if g.first_seq is None:
             g.first_seq = seq
         g.latest_seq = seq
@@ -1019,11 +1027,15 @@ class RaftEngine:
         self._schedule_maintenance()
         return d
 
-    def _account(self, seq: int, payload_bytes: int) -> None:
+    def _account(self, seq: int, payload_bytes: int, fresh: bool) -> None:
         if not self._mark_seqs or self._bytes - self._mark_bytes[-1] >= self._bucket:
             self._mark_seqs.append(seq)
             self._mark_bytes.append(self._bytes)
-        self._bytes += _RECORD_HEADER + payload_bytes
+            self._mark_fresh.append(self._fresh)
+        size = _RECORD_HEADER + payload_bytes
+        self._bytes += size
+        if fresh:
+            self._fresh += size
 
     def _bytes_before(self, seq: int) -> int:
         """Bytes written before record ``seq``, rounded down to a mark."""
@@ -1031,6 +1043,11 @@ class RaftEngine:
             return self._bytes
         at = bisect_right(self._mark_seqs, seq) - 1
         return self._mark_bytes[at] if at >= 0 else 0
+
+    def _lag(self, seq: int) -> int:
+        """Bytes persists wrote since record ``seq`` (rounded up to a mark)."""
+        at = bisect_right(self._mark_seqs, seq) - 1
+        return self._fresh - (self._mark_fresh[at] if at >= 0 else 0)
 
     def _schedule_maintenance(self) -> None:
         # Once per reactor turn, after the turn's records are in the WAL's batch.
@@ -1054,13 +1071,11 @@ class RaftEngine:
         if self._closing or self._wal.first_index is None:
             return None
         # A group's live size costs a scan: look at most once per mark's worth of log.
-        if self._bytes - self._rewrites_checked_at >= self._bucket:
-            self._rewrites_checked_at = self._bytes
+        if self._fresh - self._rewrites_checked_at >= self._bucket:
+            self._rewrites_checked_at = self._fresh
             for g in list(self._groups.values()):
                 pin = g.pin
-                if pin is not None and self._bytes - self._bytes_before(pin) > (
-                    self.rewrite_lag_bytes
-                ):
+                if pin is not None and self._lag(pin) > self.rewrite_lag_bytes:
                     self._rewrite(g)
         pins = [pin for pin in (g.pin for g in self._groups.values()) if pin is not None]
         floor = min(pins, default=self._next_seq)
@@ -1077,11 +1092,11 @@ class RaftEngine:
     def _dropped(self, _: None) -> None:
         first = self._wal.first_index
         if first is None:
-            self._mark_seqs, self._mark_bytes = [], []
+            self._mark_seqs, self._mark_bytes, self._mark_fresh = [], [], []
             return
         at = bisect_right(self._mark_seqs, first) - 1
         if at > 0:
-            del self._mark_seqs[:at], self._mark_bytes[:at]
+            del self._mark_seqs[:at], self._mark_bytes[:at], self._mark_fresh[:at]
 
     def _rewrite(self, g: _Group) -> None:
         """Copy ``g``'s live state to the head, so its pin stops holding old segments."""
