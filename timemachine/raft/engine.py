@@ -483,9 +483,9 @@ class RaftEngine:
     ``directory`` holds the WAL and the snapshot files; ``io`` runs the snapshot-file
     work; ``wal_io`` (optional) is the WAL's writer thread. ``keep_entries`` is how
     many entries `compact` keeps below a snapshot. ``segment_bytes`` sizes the WAL's
-    segments. A group whose pin persists have written more than ``rewrite_lag_bytes``
-    past (default 2 segments) is rewritten if its live entries hold at most
-    ``rewrite_max_bytes`` (default a quarter segment). ``on_fsync(seconds)`` is
+    segments. A group is rewritten once persists have written more than
+    ``rewrite_lag_bytes`` (default 2 segments) since its pin, if its live entries hold
+    at most ``rewrite_max_bytes`` (default a quarter segment). ``on_fsync(seconds)`` is
     called after each group fsync (the WAL's hook, for the node's histogram).
 
     The constructor does no I/O; `open` recovers, `close` finishes and stops. After
