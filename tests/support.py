@@ -1,7 +1,7 @@
 """Real collaborators for tests and benchmarks, and the fixtures the tests share.
 
 Collaborators: a Redis server, an HTTP receiver, ``twistd`` node processes. Fixtures:
-`shard_log` (a one-member shard log over a real WAL and store), `start_local_node` and
+`LocalGroup` (a one-member shard group over a real Raft log and store), `start_local_node` and
 `NodeTestCase` (a whole node in the test's process, listening on 127.0.0.1).
 
 DESIGN.md asks for real parts rather than mocks: `RedisServer` runs the ``redis-server``
@@ -638,24 +638,55 @@ def call_json(http, method: str, url: str, body=None):
 # ---- fixtures built from the product's own parts -------------------------------------
 
 
-def shard_log(directory: str, reactor, name: str = "shard 0", store=None,
-              compaction: dict | None = None, **wal_options):
-    """A one-member shard log (not yet opened) over a real WAL in ``directory/wal`` and
-    ``store``, by default a real `VnodeStore` in ``directory/jobs.sqlite``.
+class LocalGroup:
+    """A one-member Raft group over a real `RaftEngine` and store: the shard log a
+    one-node cluster gives each shard (not yet opened; `open` waits until it leads).
 
-    ``compaction`` (keyword arguments of `Compactor`) gives the log a compactor, as a
-    node's logs have; ``wal_options`` go to the `WriteAheadLog` (``segment_bytes``, ...).
+    ``store`` is by default a real `VnodeStore` in ``directory/jobs.sqlite``;
+    ``raft_log_options`` go to the engine (``keep_entries``, ``segment_bytes``) and
+    ``group_options`` to the `RaftGroup`. Everything else is the group's.
     """
-    from timemachine.cluster.compaction import Compactor
-    from timemachine.cluster.shardlog import LocalShardLog
-    from timemachine.storage.store import VnodeStore
-    from timemachine.storage.wal import WriteAheadLog
 
-    if store is None:
-        store = VnodeStore(os.path.join(directory, "jobs.sqlite"), reactor)
-    wal = WriteAheadLog(os.path.join(directory, "wal"), reactor, **wal_options)
-    compactor = None if compaction is None else Compactor(name, wal, store, **compaction)
-    return LocalShardLog(name, wal, store, compactor)
+    def __init__(self, directory: str, reactor, name: str = "shard 0", store=None,
+                 raft_log_options: dict | None = None, **group_options):
+        import random
+
+        from timemachine.cluster.raftgroup import EngineDisk, RaftGroup, RaftHost
+        from timemachine.raft.engine import RaftEngine
+        from timemachine.raft.types import ConfState
+        from timemachine.storage.iothread import IOThread
+        from timemachine.storage.store import VnodeStore
+
+        os.makedirs(directory, exist_ok=True)
+        if store is None:
+            store = VnodeStore(os.path.join(directory, "jobs.sqlite"), reactor)
+        self._io = IOThread(reactor, f"test {name}")
+        self.engine = RaftEngine(
+            os.path.join(directory, "raft"), reactor, self._io, **(raft_log_options or {})
+        )
+        self.host = RaftHost(reactor, "node1", lambda *message: None, random.Random(1))
+        self.group = RaftGroup(
+            self.host, 1, name, EngineDisk(self.engine, 1), store, self._io,
+            bootstrap=ConfState(frozenset({"node1"})), **group_options,
+        )
+
+    def __getattr__(self, name):
+        return getattr(self.group, name)
+
+    @defer.inlineCallbacks
+    def open(self):
+        self._io.start()
+        yield self.engine.open()
+        yield self.group.open()
+        self.host.start()
+        yield self.group.wait_leading()
+
+    @defer.inlineCallbacks
+    def close(self):
+        yield self.group.close()
+        self.host.stop()
+        yield self.engine.close()
+        self._io.stop()
 
 
 @defer.inlineCallbacks

@@ -173,7 +173,11 @@ class NoBootstrapTests(NodeTestCase):
     def test_waits_for_configure_then_serves_and_remembers_it(self):
         code, answer = yield self.call("GET", "/ready")
         self.assertEqual(code, 503)
-        yield self.route()
+        # In no cluster yet, it can commit nothing: not even a route.
+        code, answer = yield self.call(
+            "POST", "/route", {"id": "hook", "type": "http", "webhook_url": self.receiver.url()}
+        )
+        self.assertEqual((code, answer["code"]), (503, "E_NOT_CONFIGURED"))
         code, answer = yield self.call(
             "POST", "/job/c", {"id": "early", "trigger_ms": self.now_ms() + 60_000, "route": "hook"}
         )
@@ -183,6 +187,7 @@ class NoBootstrapTests(NodeTestCase):
 
         code, answer = yield self.call("POST", "/cluster/configure", {"shards": 2, "replicas": 1})
         self.assertEqual(code, 200, answer)
+        yield self.route()
         code, _ = yield self.call("GET", "/ready")
         self.assertEqual(code, 200)
         yield self.job("c", "later", self.now_ms() + 60_000)

@@ -1,9 +1,17 @@
 """The ``timemachine`` command: offline work on a node's data directory.
 
-``timemachine repair --data-dir D --shard N`` (or ``--meta``) repairs a log that
-refuses to open (`timemachine.domain.errors.CorruptLog`): it cuts the log before its
-first bad record and, when what is left cannot continue the log's store, empties the
-log. ``--dry-run`` prints what would be deleted and lost, and changes nothing. Run it
+``timemachine repair --data-dir D --raft`` repairs the node's Raft log (one log for
+every group of the node) when it refuses to open
+(`timemachine.domain.errors.CorruptLog`): it cuts the log before its first bad record.
+Each group then restarts from what is left of its records; a group alone on this node
+whose store applied entries that were cut restarts from its store (those writes are
+in it), and a group with other replicas catches up from them.
+
+``--shard N`` and ``--meta`` repair the per-shard logs of a data directory written by
+a one-node build, which a node migrates on start: they cut the log before its first
+bad record and, when what is left cannot continue the log's store, empty it.
+
+``--dry-run`` prints what would be deleted and lost, and changes nothing. Run it
 while the node is stopped: it is the only code that deletes fsync'd records.
 
 Exit status: 0 when the log needs nothing or was repaired, 1 when a dry run found
@@ -20,7 +28,7 @@ from twisted.internet import defer, task, threads
 
 from timemachine.domain.errors import StorageError
 from timemachine.storage.store import ClusterStore, VnodeStore
-from timemachine.storage.wal import plan_repair, repair_log
+from timemachine.storage.wal import RepairPlan, plan_repair, repair_log, survey_log
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,8 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     repair.add_argument("--data-dir", required=True, help="the node's --data-dir")
     which = repair.add_mutually_exclusive_group(required=True)
-    which.add_argument("--shard", type=int, metavar="N", help="repair shard N's log")
-    which.add_argument("--meta", action="store_true", help="repair the meta log")
+    which.add_argument("--raft", action="store_true", help="repair the node's Raft log")
+    which.add_argument(
+        "--shard", type=int, metavar="N", help="repair shard N's log (one-node build's layout)"
+    )
+    which.add_argument(
+        "--meta", action="store_true", help="repair the meta log (one-node build's layout)"
+    )
     repair.add_argument(
         "--dry-run", action="store_true", help="print what would be lost; change nothing"
     )
@@ -57,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
 
 @defer.inlineCallbacks
 def _repair(reactor, args):
+    if args.raft:
+        yield _repair_raft_log(args)
+        return
     if args.meta:
         name, directory, store_class = "meta log", os.path.join(args.data_dir, "meta"), ClusterStore
         store_path = os.path.join(directory, "cluster.sqlite")
@@ -99,6 +115,35 @@ def _repair(reactor, args):
         raise SystemExit(1)
     yield threads.deferToThread(repair_log, plan)
     print(f"repaired: {name} now opens with its store at applied index {applied}")
+
+
+@defer.inlineCallbacks
+def _repair_raft_log(args):
+    wal_directory = os.path.join(args.data_dir, "raft", "wal")
+    if not os.path.isdir(wal_directory):
+        print(f"timemachine repair: no Raft log at {wal_directory}", file=sys.stderr)
+        raise SystemExit(2)
+    # The log's record numbers are the node's write sequence, not any store's index:
+    # the repair only cuts at the damage.
+    survey = yield threads.deferToThread(survey_log, wal_directory)
+    plan = RepairPlan(survey, applied_index=0, empty_log=False)
+    print(f"the node's Raft log: {wal_directory}")
+    if not plan.changes_anything:
+        print(f"the log is intact: {survey.records} records; nothing to repair")
+        return
+    damage = survey.damage
+    print(f"damage: {damage.describe()}")
+    print(
+        "the records cut hold the Raft entries and hard state that the node's groups "
+        "wrote after the damage: a group alone on this node whose store applied them "
+        "restarts from its store; a group with other replicas catches up from them; "
+        "entries no store applied are lost"
+    )
+    if args.dry_run:
+        print("dry run: nothing was changed; run without --dry-run to repair")
+        raise SystemExit(1)
+    yield threads.deferToThread(repair_log, plan)
+    print("repaired: the Raft log now opens")
 
 
 @defer.inlineCallbacks

@@ -1,31 +1,37 @@
-"""Assembly of one node: logs, stores, executor, publisher and the REST endpoint.
+"""Assembly of one node: Raft groups, stores, executor, publisher, peers and REST.
 
 Data directory layout::
 
-    <data-dir>/meta/wal/            the meta group's log (routes, cluster config)
-    <data-dir>/meta/cluster.sqlite  its state machine
-    <data-dir>/shards/<n>/wal/      shard n's log
-    <data-dir>/shards/<n>/jobs.sqlite
+    <data-dir>/raft/                  the node-wide Raft log of every group
+                                      (`timemachine.raft.engine.RaftEngine`)
+    <data-dir>/meta/cluster.sqlite    the meta group's state machine (members, shard
+                                      map, routes, settings)
+    <data-dir>/shards/<n>/jobs.sqlite shard n's state machine
+
+A data directory written by a one-node build (a log per shard in ``meta/wal/`` and
+``shards/<n>/wal/``) is migrated on start: see `timemachine.cluster.migrate`.
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from timemachine.cluster.compaction import Compactor
 from timemachine.cluster.coordinator import Coordinator
+from timemachine.cluster.migrate import migrate_single_node_layout
+from timemachine.cluster.raftgroup import TICK_SECONDS, EngineDisk, RaftGroup, RaftHost
 from timemachine.cluster.retention import (
     DEFAULT_RETAIN_FAILED_MS,
     DEFAULT_RETAIN_FIRED_MS,
     Retention,
 )
 from timemachine.cluster.ring import DEFAULT_SHARDS, Ring
-from timemachine.cluster.shardlog import LocalShardLog
-from timemachine.cluster.shards import LocalShards
+from timemachine.cluster.shards import Shards
+from timemachine.domain.commands import PutMember, RemoveMember
 from timemachine.domain.errors import (
     CorruptLog,
     StorageError,
@@ -36,9 +42,13 @@ from timemachine.firing.publisher import Publisher
 from timemachine.http.routes import TimeMachineAPI
 from timemachine.http.site import make_site
 from timemachine.metrics import Metrics
+from timemachine.peer.network import PeerNetwork
+from timemachine.peer.raftcodec import META_GROUP, BadRaftMessage, decode_message, encode_message
+from timemachine.raft.engine import RaftEngine
+from timemachine.raft.types import ConfState
 from timemachine.storage.iothread import IOThread
 from timemachine.storage.store import ClusterStore, VnodeStore
-from timemachine.storage.wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog
+from timemachine.storage.wal import DEFAULT_SEGMENT_BYTES
 
 
 class Node(service.Service):
@@ -46,13 +56,15 @@ class Node(service.Service):
 
     Nothing is opened before `startService`; ``http_endpoint`` is a Twisted endpoint
     description (``tcp:8001:interface=127.0.0.1``) or None to serve no REST port
-    (tests drive `api` directly). ``advertise`` is the peer address shown to clients.
-    ``wal_segment_bytes`` sizes every log's segments; ``retain_fired_ms`` and
-    ``retain_failed_ms`` are how long finished jobs stay readable.
-    ``compaction_options`` and ``retention_options`` go to each log's `Compactor`
-    and to the node's `Retention` (tests shorten their periods).
-    ``on_start_failure()`` is called when the node cannot start, before it stops the
-    reactor (``twistd`` uses it to exit with a failure status).
+    (tests drive `api` directly); ``peer_endpoint`` is the peer protocol's, and
+    ``advertise`` (``host:port``; port 0: the port listened on) the address other
+    nodes dial. ``wal_segment_bytes`` sizes the Raft log's segments;
+    ``retain_fired_ms`` and ``retain_failed_ms`` are how long finished jobs stay
+    readable. ``group_options`` go to each `RaftGroup`, ``raft_log_options`` to the
+    `RaftEngine` and ``retention_options`` to the node's `Retention` (tests shorten
+    their periods); ``tick_seconds`` is the
+    Raft clock. ``on_start_failure()`` is called when the node cannot start, before
+    it stops the reactor (``twistd`` uses it to exit with a failure status).
     """
 
     log = Logger()
@@ -66,12 +78,15 @@ class Node(service.Service):
         http_endpoint: str | None = None,
         bootstrap: bool = True,
         executor_options: dict | None = None,
-        advertise: str = "127.0.0.1:8101",
+        peer_endpoint: str = "tcp:0:interface=127.0.0.1",
+        advertise: str = "127.0.0.1:0",
         wal_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         retain_fired_ms: int = DEFAULT_RETAIN_FIRED_MS,
         retain_failed_ms: int = DEFAULT_RETAIN_FAILED_MS,
-        compaction_options: dict | None = None,
+        group_options: dict | None = None,
+        raft_log_options: dict | None = None,
         retention_options: dict | None = None,
+        tick_seconds: float = TICK_SECONDS,
         on_start_failure=None,
     ):
         self.reactor = reactor
@@ -80,15 +95,18 @@ class Node(service.Service):
         self.data_dir = data_dir
         self.initial_shards = shards
         self.http_endpoint = http_endpoint
+        self.peer_endpoint = peer_endpoint
         self.bootstrap = bootstrap
         self.advertise = advertise
         self.executor_options = executor_options or {}
-        self.shard_logs: dict[int, tuple[LocalShardLog, VnodeStore]] = {}
-        # Shards of this node whose log or store refused to open, with the reason:
+        self.group_options = group_options or {}
+        self.raft_log_options = raft_log_options or {}
+        self.tick_seconds = tick_seconds
+        self.shard_logs: dict[int, tuple[RaftGroup, VnodeStore]] = {}
+        # Shards of this node whose replica refused to open, with the reason:
         # reported unavailable while the others serve.
         self.unavailable_shards: dict[int, StorageError] = {}
         self.wal_segment_bytes = wal_segment_bytes
-        self.compaction_options = compaction_options or {}
         self.metrics = Metrics()
         self.metrics.shards_unavailable.set_function(lambda: len(self.unavailable_shards))
         self.retention = Retention(
@@ -99,6 +117,10 @@ class Node(service.Service):
             metrics=self.metrics,
             **(retention_options or {}),
         )
+        self.rng = random.Random()
+        self.engine = None
+        self.network = None
+        self.host = None
         self.meta_log = None
         self.cluster_store = None
         self.executor = None
@@ -107,33 +129,12 @@ class Node(service.Service):
         self.shards = None
         self.api = None
         self.port = None
+        self._http_address = ""
         self.ready = defer.Deferred()
-        # One writer thread for every log and one thread for every store of the node:
-        # the work of all shards that queues up meanwhile crosses over in one hop.
+        # One writer thread for the Raft log and one thread for every store of the
+        # node: the work of all shards that queues up meanwhile crosses in one hop.
         self.wal_io = IOThread(reactor, "wal-writer")
         self.store_io = IOThread(reactor, "store")
-
-    def _wal(self, directory):
-        return WriteAheadLog(
-            directory,
-            self.reactor,
-            segment_bytes=self.wal_segment_bytes,
-            on_fsync=self.metrics.wal_fsync.observe,
-            io=self.wal_io,
-        )
-
-    def _log(self, name, wal_directory, store):
-        """A shard log (or the meta log) over a new WAL, compacted as it grows."""
-        wal = self._wal(wal_directory)
-        compactor = Compactor(
-            name,
-            wal,
-            store,
-            every_bytes=self.wal_segment_bytes,
-            metrics=self.metrics,
-            **self.compaction_options,
-        )
-        return LocalShardLog(name, wal, store, compactor)
 
     def startService(self):
         super().startService()
@@ -143,11 +144,12 @@ class Node(service.Service):
 
     def _start_failed(self, failure):
         if failure.check(CorruptLog):
-            # Without its meta log the node knows neither its shards nor its routes.
+            # Without its Raft log or meta state the node knows neither its shards
+            # nor its routes.
             error = failure.value
             self.log.critical(
                 "node {node} refuses to start: {error} -- see what a cut would lose with "
-                "`timemachine repair --data-dir {data_dir} --meta --dry-run`",
+                "`timemachine repair --data-dir {data_dir} --raft --dry-run`",
                 node=self.node_id,
                 error=error,
                 data_dir=self.data_dir,
@@ -169,13 +171,61 @@ class Node(service.Service):
         os.makedirs(os.path.join(self.data_dir, "meta"), exist_ok=True)
         for io in (self.wal_io, self.store_io):
             io.start()
+        self.engine = RaftEngine(
+            os.path.join(self.data_dir, "raft"),
+            self.reactor,
+            self.store_io,
+            wal_io=self.wal_io,
+            segment_bytes=self.wal_segment_bytes,
+            on_fsync=self.metrics.wal_fsync.observe,
+            **self.raft_log_options,
+        )
+        yield self.engine.open()
+        self.metrics.log_bytes.labels(log="raft").set_function(lambda: self.engine.bytes_on_disk)
+        yield migrate_single_node_layout(
+            self.reactor, self.data_dir, self.node_id, self.engine, self.store_io
+        )
+        self.network = PeerNetwork(
+            self.reactor,
+            self.node_id,
+            endpoints.serverFromString(self.reactor, self.peer_endpoint),
+            self.advertise,
+            random.Random(self.rng.random()),
+            ready=lambda: self.ready.called,
+        )
+        yield self.network.start()
+        self.host = RaftHost(
+            self.reactor,
+            self.node_id,
+            self._send_raft,
+            random.Random(self.rng.random()),
+            tick_seconds=self.tick_seconds,
+        )
+        self.network.set_raft_receiver(self._receive_raft)
         self.cluster_store = ClusterStore(
             os.path.join(self.data_dir, "meta", "cluster.sqlite"), self.reactor, self.store_io
         )
-        self.meta_log = self._log(
-            "meta", os.path.join(self.data_dir, "meta", "wal"), self.cluster_store
+        fresh = META_GROUP not in self.engine.groups()
+        bootstrapping = fresh and self.bootstrap
+        self.meta_log = RaftGroup(
+            self.host,
+            META_GROUP,
+            "meta",
+            EngineDisk(self.engine, META_GROUP),
+            self.cluster_store,
+            self.store_io,
+            bootstrap=ConfState(frozenset({self.node_id})) if bootstrapping else None,
+            **self.group_options,
         )
         yield self.meta_log.open()
+        if self.meta_log.alone:
+            yield self.meta_log.wait_leading()
+        self.meta_log.subscribe(self._meta_applied)
+        self.metrics.store_bytes.labels(store="meta").set_function(
+            lambda: self.meta_log.store_bytes
+        )
+        self._follow_members()
+        self.host.start()
         self.publisher = Publisher(self.reactor)
         self.executor = Executor(
             self.reactor,
@@ -188,11 +238,13 @@ class Node(service.Service):
             self.reactor, self.node_id, None, self.shard_logs, self.meta_log,
             self.cluster_store, self.metrics, unavailable_shards=self.unavailable_shards,
         )
-        self.shards = LocalShards(
-            self.reactor, self.node_id, self.data_dir, self._log, self.store_io,
+        self.shards = Shards(
+            self.reactor, self.node_id, self.data_dir, self.host, self.engine, self.store_io,
             self.executor, self.coordinator, self.meta_log, self.cluster_store,
+            group_options=self.group_options,
+            metrics=self.metrics,
         )
-        if self.cluster_store.config is None and self.bootstrap:
+        if self.cluster_store.config is None and bootstrapping:
             yield self.meta_log.propose(Ring.single_node(self.node_id, self.initial_shards).config)
         # Before the shards open: nothing is held for firing or served yet, so the
         # one full collection this costs holds nothing back (see firing.collector).
@@ -204,6 +256,9 @@ class Node(service.Service):
         if self.http_endpoint:
             endpoint = endpoints.serverFromString(self.reactor, self.http_endpoint)
             self.port = yield endpoint.listen(make_site(self.api, self.metrics))
+            address = self.port.getHost()
+            self._http_address = f"{address.host}:{address.port}"
+        yield self._announce(self._http_address)
         self.log.info(
             "node {node} serving {shards} shards from {data_dir}",
             node=self.node_id,
@@ -212,13 +267,56 @@ class Node(service.Service):
         )
         self.ready.callback(self)
 
+    @defer.inlineCallbacks
+    def _announce(self, http_address: str):
+        """Record this node's addresses in the meta group, if they changed (a restart
+        on other ports). Only the meta leader can: a follower's are recorded by the
+        leader when it joins."""
+        me = PutMember(self.node_id, self.network.advertise, http_address)
+        if self.cluster_store.member(self.node_id) == me or not self.meta_log.is_leader():
+            return
+        yield self.meta_log.propose(me)
+
+    # -- the peers ----------------------------------------------------------------------
+
+    def _send_raft(self, to: str, group: int, message) -> None:
+        self.network.send_raft(to, encode_message(group, message))
+
+    def _receive_raft(self, frm: str, wire) -> None:
+        try:
+            group, message = decode_message(wire, frm, self.node_id)
+        except BadRaftMessage as e:
+            self.log.warn("dropped a Raft message from {peer}: {error}", peer=frm, error=e)
+            return
+        self.host.receive(group, message)
+
+    def _meta_applied(self, index, command, result) -> None:
+        if isinstance(command, PutMember | RemoveMember):
+            self._follow_members()
+
+    def _follow_members(self) -> None:
+        """Keep a connection to every other member of the cluster."""
+        self.network.set_peers(
+            {m.node_id: m.peer_address for m in self.cluster_store.members()}
+        )
+
+    @defer.inlineCallbacks
     def configure(self, shards: int, replicas: int):
-        """Set the shard count and replication factor (see `LocalShards.configure`)."""
-        return self.shards.configure(shards, replicas)
+        """Set the shard count and replication factor (see `Shards.configure`).
+
+        A node started with ``--no-bootstrap`` and configured before anything joined
+        it becomes a one-node cluster first.
+        """
+        if self.meta_log.blank:
+            yield self.meta_log.bootstrap(ConfState(frozenset({self.node_id})))
+            yield self.meta_log.wait_leading()
+            yield self._announce(self._http_address)
+        config = yield self.shards.configure(shards, replicas)
+        return config
 
     @defer.inlineCallbacks
     def stopService(self):
-        """Stop accepting requests, let in-flight deliveries finish, close the logs."""
+        """Stop accepting requests, let in-flight deliveries finish, close the groups."""
         super().stopService()
         try:
             if self.port is not None:
@@ -230,10 +328,15 @@ class Node(service.Service):
                 yield self.shards.close()
             if self.meta_log is not None:
                 yield self.meta_log.close()
+            if self.host is not None:
+                self.host.stop()
+            if self.network is not None:
+                yield self.network.stop()
+            if self.engine is not None:
+                yield self.engine.close()
             if self.publisher is not None:
                 yield self.publisher.close()
         finally:
-            # Last: the logs and stores above hand their final writes to these threads.
+            # Last: the groups and stores above hand their final writes to these threads.
             for io in (self.wal_io, self.store_io):
                 io.stop()
-

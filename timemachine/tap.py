@@ -118,6 +118,7 @@ def makeService(options):
         data_dir=options["data-dir"],
         shards=options["shards"],
         http_endpoint=options["http"],
+        peer_endpoint=options["peer"],
         bootstrap=not options["no-bootstrap"],
         advertise=options["advertise"],
         wal_segment_bytes=options["wal-segment-bytes"],

@@ -5,7 +5,7 @@ import os
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from tests.support import shard_log
+from tests.support import LocalGroup
 from timemachine.cluster.retention import Retention
 from timemachine.domain.commands import JobOutcome, OutcomeKind, PurgeJobs, PutJobs
 from timemachine.domain.jobs import JobSpec, JobStatus
@@ -24,7 +24,7 @@ class RetentionTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         directory = os.path.abspath(self.mktemp())
-        self.log = shard_log(directory, reactor)
+        self.log = LocalGroup(directory, reactor)
         yield self.log.open()
         self.addCleanup(self.log.close)
         self.purges = []
@@ -44,7 +44,8 @@ class RetentionTests(unittest.TestCase):
     @defer.inlineCallbacks
     def finish(self, kind, ids, at_ms):
         for job_id in ids:
-            yield self.log.propose(outcome(kind, job_id, 1, at_ms, "x"))
+            job = yield self.log.store.get("c", job_id)
+            yield self.log.propose(outcome(kind, job_id, job.version, at_ms, "x"))
 
     @defer.inlineCallbacks
     def ids(self):
@@ -87,11 +88,11 @@ class RetentionTests(unittest.TestCase):
         retention = self.retention()
         expired = yield self.log.store.expired(5000, None, 10)
         # The replace lands between the leader's read and its purge.
-        yield self.log.propose(PutJobs((spec("a"),)))
+        replaced, _ = yield self.log.propose(PutJobs((spec("a"),)))
         _, purged = yield self.log.propose(PurgeJobs(tuple(expired)))
         self.assertEqual(purged, 0)
         job = yield self.log.store.get("c", "a")
-        self.assertEqual((job.status, job.version), (JobStatus.SCHEDULED, 3))
+        self.assertEqual((job.status, job.version), (JobStatus.SCHEDULED, replaced))
         self.assertEqual((yield retention.sweep()), 0)
 
     @defer.inlineCallbacks

@@ -23,7 +23,6 @@ from timemachine.cluster.ring import shard_of
 from timemachine.domain.errors import StorageError
 from timemachine.domain.jobs import MAX_META_BYTES
 from timemachine.http.limits import MAX_BATCH, MAX_BODY_BYTES
-from timemachine.storage.wal import segment_name
 
 HOUR_MS = 3600 * 1000
 SHARDS = 4
@@ -748,8 +747,8 @@ class BatchTests(APITestCase):
     def test_a_shard_that_fails_answers_for_its_own_items_only(self):
         in_shard_0 = [f"job-{i}" for i in range(100) if shard_of(f"job-{i}", SHARDS) == 0]
         yield self.ok("POST", "/job/orders", self.job(in_shard_0[0]))
-        # Shard 0's disk fills up: its log fails the write, the other shards' logs do not.
-        fill_disk_under(os.path.join(self.node.data_dir, "shards", "0", "wal", segment_name(1)))
+        # Shard 0's disk fills up: its store fails the write, the other shards' do not.
+        fill_disk_under(os.path.join(self.node.data_dir, "shards", "0", "jobs.sqlite-wal"))
         items = [self.job(f"job-{i}") for i in range(40)]
         body = yield self.ok("POST", "/job/orders", items)
         self.flushLoggedErrors(OSError, StorageError)

@@ -1,9 +1,9 @@
-"""A damaged log, end to end: real ``twistd timemachine`` and ``timemachine repair``.
+"""A damaged Raft log, end to end: real ``twistd timemachine`` and ``timemachine repair``.
 
-A flipped byte in the middle of a shard log: the node reports that shard unavailable
-with the file and offset, serves the others and deletes nothing; ``repair --dry-run``
-says what a cut would lose; after ``repair`` the node serves the shard again. A damaged
-meta log stops the node from starting, naming the file and offset.
+A flipped byte in the middle of the node's Raft log (one log for all its groups): the
+node refuses to start, naming the file and offset, and deletes nothing; ``repair
+--dry-run`` says what a cut would lose; after ``repair`` the node serves every job its
+stores hold.
 """
 
 import os
@@ -78,84 +78,50 @@ class RepairTests(unittest.TestCase):
         return os.path.join(wal, name)
 
     @defer.inlineCallbacks
-    def test_a_damaged_shard_is_reported_repaired_on_request_and_serves_again(self):
+    def test_a_damaged_raft_log_stops_the_node_is_repaired_on_request_and_serves_again(self):
         ids_of = yield self.store_jobs()
-        damaged = max(ids_of, key=lambda shard: len(ids_of[shard]))
-        wal = os.path.join(self.data_dir, "shards", str(damaged), "wal")
+        wal = os.path.join(self.data_dir, "raft", "wal")
         segment = self.only_segment(wal)
         flip_byte(segment, os.path.getsize(segment) // 2)
-        wal_before = tree_bytes(wal)
-
-        yield self.start_node(until="/health")
-        code, answer = yield self.call("GET", "/ready")
-        self.assertEqual((code, answer["code"]), (503, "E_UNAVAILABLE"))
-        self.assertIn(f"shard {damaged}: ", answer["error"])
-        self.assertIn(f"{segment} at byte ", answer["error"])
-        code, answer = yield self.call("GET", "/cluster/shards")
-        entry = answer["shards"][damaged]
-        self.assertEqual(entry["status"], "unavailable")
-        self.assertIn(f"{segment} at byte ", entry["error"])
-        victim = ids_of[damaged][0]
-        code, answer = yield self.call(
-            "POST", "/job/c", {"id": victim, "trigger_ms": 2_000_000_000_000, "route": "hook"}
-        )
-        self.assertEqual((code, answer["code"]), (503, "E_UNAVAILABLE"))
-        for shard, ids in ids_of.items():
-            if shard != damaged and ids:
-                code, answer = yield self.call("GET", f"/job/c/{ids[0]}")
-                self.assertEqual(code, 200, answer)
-        self.stop_node()
-        log = self.node.log_tail()
-        self.assertIn(f"shard {damaged} is unavailable", log)
-        self.assertIn(f"{segment} at byte ", log)
-        self.assertIn("intact records before it", log)
-        self.assertEqual(tree_bytes(wal), wal_before)
-
-        dry = self.repair("--shard", str(damaged), "--dry-run")
-        self.assertEqual(dry.returncode, 1, dry.stderr)
-        self.assertIn(f"damage: {segment} at byte ", dry.stdout)
-        self.assertIn("a cut there would lose", dry.stdout)
-        # Every job was applied before the stop: the store keeps them all.
-        self.assertIn("no acknowledged write is lost", dry.stdout)
-        self.assertIn("dry run: nothing was changed", dry.stdout)
-        self.assertEqual(tree_bytes(wal), wal_before)
-
-        done = self.repair("--shard", str(damaged))
-        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        self.assertIn("repaired", done.stdout)
-        self.assertNotEqual(tree_bytes(wal), wal_before)
-        again = self.repair("--shard", str(damaged), "--dry-run")
-        self.assertEqual(again.returncode, 0, again.stdout)
-        self.assertIn("nothing to repair", again.stdout)
-
-        yield self.start_node()
-        for job_id in ids_of[damaged]:
-            code, answer = yield self.call("GET", f"/job/c/{job_id}")
-            self.assertEqual(code, 200, answer)
-        code, answer = yield self.call(
-            "POST", "/job/c", {"id": victim, "trigger_ms": 2_000_000_000_000, "route": "hook"}
-        )
-        self.assertEqual(code, 200, answer)
-        code, answer = yield self.call("GET", "/cluster/shards")
-        self.assertEqual({s["status"] for s in answer["shards"]}, {"serving"})
-
-    @defer.inlineCallbacks
-    def test_a_damaged_meta_log_stops_the_node_naming_the_damage(self):
-        yield self.store_jobs(count=2)
-        wal = os.path.join(self.data_dir, "meta", "wal")
-        segment = self.only_segment(wal)
-        # The first of its two records (the configuration, then the route).
-        flip_byte(segment, 30)
         before = tree_bytes(wal)
+
         node = NodeProcess(self.data_dir, os.path.abspath(self.mktemp()) + ".log")
         node.start()
         self.addCleanup(node.kill)
         self.assertEqual(node.process.wait(timeout=60), 1)
         log = node.log_tail()
         self.assertIn("refuses to start", log)
-        self.assertIn(f"{segment} at byte 0", log)
-        self.assertIn("--meta --dry-run", log)
+        self.assertIn(f"{segment} at byte ", log)
+        self.assertIn("--raft --dry-run", log)
         self.assertEqual(tree_bytes(wal), before)
-        dry = self.repair("--meta", "--dry-run")
+
+        dry = self.repair("--raft", "--dry-run")
         self.assertEqual(dry.returncode, 1, dry.stderr)
-        self.assertIn(f"damage: {segment} at byte 0", dry.stdout)
+        self.assertIn(f"damage: {segment} at byte ", dry.stdout)
+        self.assertIn("a cut there would lose", dry.stdout)
+        self.assertIn("dry run: nothing was changed", dry.stdout)
+        self.assertEqual(tree_bytes(wal), before)
+
+        done = self.repair("--raft")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("repaired", done.stdout)
+        self.assertNotEqual(tree_bytes(wal), before)
+        again = self.repair("--raft", "--dry-run")
+        self.assertEqual(again.returncode, 0, again.stdout)
+        self.assertIn("nothing to repair", again.stdout)
+
+        # Every job was applied to its store before the stop: the shards whose Raft
+        # records were cut restart from their stores, and nothing is lost.
+        yield self.start_node()
+        for ids in ids_of.values():
+            for job_id in ids:
+                code, answer = yield self.call("GET", f"/job/c/{job_id}")
+                self.assertEqual(code, 200, answer)
+        code, answer = yield self.call(
+            "POST", "/job/c", {"id": "after", "trigger_ms": 2_000_000_000_000, "route": "hook"}
+        )
+        self.assertEqual(code, 200, answer)
+        code, answer = yield self.call("GET", "/cluster/shards")
+        self.assertEqual({s["status"] for s in answer["shards"]}, {"serving"})
+        self.stop_node()
+        self.assertIn("the group restarts from the store", self.node.log_tail())

@@ -203,14 +203,22 @@ class Coordinator:
     def routes(self) -> list[Route]:
         return list(self.cluster_store.routes())
 
+    def _propose_meta(self, command):
+        if self.meta_log.blank:
+            raise NotConfigured(
+                "this node is in no cluster yet: POST /cluster/configure to start one, "
+                "or /cluster/join to join one"
+            )
+        return self.meta_log.propose(command)
+
     @defer.inlineCallbacks
     def put_route(self, route: Route):
-        index, _ = yield self.meta_log.propose(PutRoute(route))
+        index, _ = yield self._propose_meta(PutRoute(route))
         return index
 
     @defer.inlineCallbacks
     def delete_route(self, route_id: str):
-        index, existed = yield self.meta_log.propose(DeleteRoute(route_id))
+        index, existed = yield self._propose_meta(DeleteRoute(route_id))
         if not existed:
             raise NotFound(f"route {route_id!r} not found")
         return index

@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from timemachine.domain.codec import decode_command, encode_command
-from timemachine.domain.errors import CorruptLog, StorageError, Unavailable
+from timemachine.domain.errors import AlreadyConfigured, CorruptLog, StorageError, Unavailable
 from timemachine.interfaces import IShardLog
 from timemachine.raft.core import LEADER, RaftCore, changed_conf, decode_conf_change
 from timemachine.raft.types import (
@@ -211,6 +211,14 @@ class RaftHost:
             member.tick(count)
 
 
+def _untouched(storage) -> bool:
+    """Whether a member's storage holds nothing persisted: no term, entry or snapshot."""
+    hard_state, _ = storage.initial_state()
+    return hard_state == HardState() and storage.last_index() == 0 and (
+        storage.snapshot().index == 0
+    )
+
+
 class EngineDisk:
     """One group's part of the node-wide `RaftEngine`: the disk of a `RaftGroup`.
 
@@ -290,6 +298,8 @@ class RaftGroup:
         self._compact_every = compact_every
         self._applied_since_compaction = 0
         self._compacting: defer.Deferred | None = None
+        #: Bytes of the store's files on disk, as of the last compaction (a gauge).
+        self.store_bytes = 0
         self._storage = None  # the persisted log, a MemoryStorage
         # The copy of the store sent to followers that need a snapshot.
         self._sent_copy = f"{store.path}.snapshot"
@@ -310,6 +320,7 @@ class RaftGroup:
         self._open = False
         self._broken: StorageError | None = None
         self._was_leader = False
+        self._leading_waiters: list[defer.Deferred] = []
         self._idle: list[defer.Deferred] = []
 
     # -- IShardLog -------------------------------------------------------------------
@@ -332,35 +343,103 @@ class RaftGroup:
         """
         storage = yield self._disk.load(self._bootstrap)
         self._storage = storage
+        if self._bootstrap is not None and _untouched(storage):
+            # The first membership must be durable too: a restart passes none.
+            yield self._disk.persist(
+                Ready(snapshot=Snapshot(0, 0, self._bootstrap), must_sync=True)
+            )
         try:
             yield self._store.open()
             yield self._finish_install(storage.snapshot())
             applied = self._store.applied_index
             if applied > storage.last_index() and applied > storage.snapshot().index:
-                raise CorruptLog(
-                    f"{self.name}: its store has applied index {applied}, beyond the "
-                    f"Raft log's last entry {storage.last_index()}"
-                )
-            host = self.host
-            sending = _SendingStorage(storage, self._snapshot_to_send, applied)
-            self.core = RaftCore(
-                host.node_id,
-                sending,
-                random.Random(host.rng.random()),
-                election_tick=host.election_ticks,
-                heartbeat_tick=host.heartbeat_ticks,
-                applied=applied,
-            )
+                yield self._adopt_store(storage, applied)
+            self._start_core(applied)
         except Exception:
             yield self._store.close()
             yield self._disk.close()
             raise
-        sending.serving = True
         self._open = True
         self.host.add(self)
-        if self.core.conf.voters == {self.host.node_id}:
-            # Alone in its group: no one to wait for.
+        self._campaign_if_alone()
+        self._schedule()
+        # Once on open: what a restart replayed is cut, and the gauges are set.
+        self.compact()
+
+    @defer.inlineCallbacks
+    def _adopt_store(self, storage, applied: int):
+        """The store applied entries the Raft log no longer holds (a repair cut them).
+
+        They were committed - the store applies nothing else - so a member alone in
+        its group restarts from the store, as from a snapshot at its applied index.
+        A member with other replicas refuses: its peers hold the entries, and it is
+        rebuilt from them.
+        """
+        hard_state, _ = storage.initial_state()
+        conf = self._conf_at(storage.last_index())
+        if conf.voters != {self.host.node_id} or conf.learners:
+            raise CorruptLog(
+                f"{self.name}: its store {self._store.path} has applied index {applied}, "
+                f"beyond the Raft log's last entry {storage.last_index()}; rebuild this "
+                "replica from its peers",
+                path=self._store.path,
+            )
+        self.log.warn(
+            "{name}: its store has applied entries up to {applied} that the Raft log no "
+            "longer holds (it ends at {last}): the group restarts from the store",
+            name=self.name,
+            applied=applied,
+            last=storage.last_index(),
+        )
+        point = Snapshot(applied, max(1, hard_state.term), conf, b"")
+        yield self._disk.persist(
+            Ready(
+                snapshot=point,
+                hard_state=HardState(point.term, hard_state.vote, applied),
+                must_sync=True,
+            )
+        )
+
+    def _start_core(self, applied: int) -> None:
+        host = self.host
+        sending = _SendingStorage(self._storage, self._snapshot_to_send, applied)
+        self.core = RaftCore(
+            host.node_id,
+            sending,
+            random.Random(host.rng.random()),
+            election_tick=host.election_ticks,
+            heartbeat_tick=host.heartbeat_ticks,
+            applied=applied,
+        )
+        sending.serving = True
+
+    @property
+    def alone(self) -> bool:
+        """Whether this member is the group's only voter (it commits on its own fsync)."""
+        return self.core.conf.voters == {self.host.node_id}
+
+    def _campaign_if_alone(self) -> None:
+        if self.alone:
+            # No one to wait for.
             self.core.campaign()
+
+    @property
+    def blank(self) -> bool:
+        """Whether this member knows no membership yet: it waits for a leader's
+        snapshot (it is joining), or for `bootstrap`."""
+        conf = self.core.conf
+        return not conf.voters and not conf.learners
+
+    @defer.inlineCallbacks
+    def bootstrap(self, conf: ConfState):
+        """Start the group as ``conf`` on a `blank` member that persisted nothing (a
+        node started with ``--no-bootstrap``, then configured). Fails with
+        `AlreadyConfigured` on any other member."""
+        if not self._open or not self.blank or not _untouched(self._storage):
+            raise AlreadyConfigured(f"{self.name} already has a membership")
+        yield self._disk.persist(Ready(snapshot=Snapshot(0, 0, conf), must_sync=True))
+        self._start_core(self._store.applied_index)
+        self._campaign_if_alone()
         self._schedule()
 
     def subscribe(self, listener):
@@ -370,6 +449,14 @@ class RaftGroup:
         """Call ``listener(True)`` when this member gains the lease, ``(False)`` when it
         loses it (`is_leader` changes), on the reactor."""
         self._leadership_listeners.append(listener)
+
+    def wait_leading(self):
+        """Fire once this member holds the lease (at once if it does)."""
+        if self.is_leader():
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._leading_waiters.append(waiter)
+        return waiter
 
     def is_leader(self) -> bool:
         core = self.core
@@ -615,12 +702,12 @@ class RaftGroup:
         durable = yield self._store.checkpoint()
         storage = self._storage
         point = min(durable, self.core.applied_index)
-        if point <= storage.snapshot().index:
-            return
-        # The disk keeps a tail of entries below the point, for followers slightly
-        # behind, and lets the rest go.
-        snapshot = Snapshot(point, storage.term(point), self._conf_at(point), b"")
-        yield self._disk.compact(snapshot)
+        if point > storage.snapshot().index:
+            # The disk keeps a tail of entries below the point, for followers slightly
+            # behind, and lets the rest go.
+            snapshot = Snapshot(point, storage.term(point), self._conf_at(point), b"")
+            yield self._disk.compact(snapshot)
+        self.store_bytes = yield self._store.disk_bytes()
 
     @defer.inlineCallbacks
     def _apply(self, rd: Ready):
@@ -685,6 +772,10 @@ class RaftGroup:
         if leading == self._was_leader:
             return
         self._was_leader = leading
+        if leading:
+            waiters, self._leading_waiters = self._leading_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
         for listener in self._leadership_listeners:
             try:
                 listener(leading)
@@ -737,6 +828,9 @@ class RaftGroup:
         reads, self._reads = self._reads, {}
         for answer in reads.values():
             answer.errback(closing)
+        waiters, self._leading_waiters = self._leading_waiters, []
+        for waiter in waiters:
+            waiter.errback(closing)
         yield self.drain()
         if self._compacting is not None:
             yield self.compact()

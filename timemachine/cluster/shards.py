@@ -1,10 +1,14 @@
-"""The shards a node serves: opened from the cluster config, changed by configure, closed.
+"""The shard replicas a node holds: one Raft group each, opened from the cluster config.
 
-Each shard is a shard log over its own WAL and `VnodeStore`, in
-``<data-dir>/shards/<n>/wal/`` and ``<data-dir>/shards/<n>/jobs.sqlite``. A shard whose
-log or store refuses to open (corruption, a failed disk) is kept aside as unavailable
-with its reason, and the node serves the others: its requests get ``503
-E_UNAVAILABLE`` and ``timemachine repair`` says what a cut would lose.
+A replica of shard ``n`` is a `RaftGroup` (group ``n + 1`` of the node's `RaftEngine`)
+in front of its `VnodeStore` in ``<data-dir>/shards/<n>/jobs.sqlite``. A replica
+whose store or Raft state refuses to open (corruption, a failed disk) is kept aside as
+unavailable with its reason, and the node serves the others: its requests get ``503
+E_UNAVAILABLE``.
+
+Firing follows leadership: when a replica gains its group's lease the executor loads
+the shard's due jobs and fires them; when it loses the lease the executor drops them
+at once (see `RaftGroup.on_leadership`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from timemachine.cluster.raftgroup import EngineDisk, RaftGroup
 from timemachine.cluster.ring import Ring
 from timemachine.domain.errors import (
     AlreadyConfigured,
@@ -22,35 +27,41 @@ from timemachine.domain.errors import (
     StorageError,
     Unavailable,
 )
+from timemachine.peer.raftcodec import group_of_shard
+from timemachine.raft.types import ConfState
 from timemachine.storage.store import VnodeStore
 
 
-class LocalShards:
-    """Opens, reconfigures and closes the shards of this node.
+class Shards:
+    """Opens, reconfigures and closes the shard replicas of this node.
 
-    ``logs`` maps shard -> (log, store) for the shards that serve; ``unavailable``
-    maps shard -> the `StorageError` that kept it closed. Both dicts are shared with
-    the coordinator, which routes by them, and are changed only here.
+    ``logs`` maps shard -> (group, store) for the replicas that are open;
+    ``unavailable`` maps shard -> the `StorageError` that kept one closed. Both dicts
+    are shared with the coordinator, which routes by them, and are changed only here.
 
-    ``make_log(name, wal_directory, store)`` builds a shard log (the node's: WAL,
-    compactor, metrics); ``executor`` fires the jobs of the open shards;
-    ``coordinator`` gets the ring once its shards are open; ``meta_log`` records a
-    new configuration, which ``cluster_store`` (its state machine) then holds.
+    ``host`` and ``engine`` are the node's Raft host and log; ``executor`` fires the
+    jobs of the shards this node leads; ``coordinator`` gets the ring once its
+    replicas are open; ``meta`` (the meta group) records a new configuration, which
+    ``cluster_store`` (its state machine) then holds. ``group_options`` go to each
+    `RaftGroup`.
     """
 
     log = Logger()
 
-    def __init__(self, reactor, node_id, data_dir, make_log, store_io, executor, coordinator,
-                 meta_log, cluster_store):
+    def __init__(self, reactor, node_id, data_dir, host, engine, store_io, executor,
+                 coordinator, meta, cluster_store, group_options=None, metrics=None):
         self._reactor = reactor
         self._node_id = node_id
         self._data_dir = data_dir
-        self._make_log = make_log
+        self._host = host
+        self._engine = engine
         self._store_io = store_io
         self._executor = executor
         self._coordinator = coordinator
-        self._meta_log = meta_log
+        self._meta = meta
         self._cluster_store = cluster_store
+        self._group_options = group_options or {}
+        self._metrics = metrics
         self.logs: dict[int, tuple] = coordinator.shards
         self.unavailable: dict[int, StorageError] = coordinator.unavailable_shards
         self._configuring = defer.DeferredLock()
@@ -60,66 +71,91 @@ class LocalShards:
 
     @defer.inlineCallbacks
     def open(self, config):
-        """Open this node's shards of ``config``; then route to them and fire their jobs."""
+        """Open this node's replicas of ``config``; then route to them."""
         ring = Ring(config)
+        known = set(self._engine.groups())
         for shard in ring.shards_of(self._node_id):
-            directory = self._shard_dir(shard)
-            os.makedirs(directory, exist_ok=True)
-            log = self._make_log(
-                f"shard {shard}",
-                os.path.join(directory, "wal"),
-                VnodeStore(os.path.join(directory, "jobs.sqlite"), self._reactor, self._store_io),
-            )
+            group_id = group_of_shard(shard)
+            # A replica the engine has never seen was placed by this config, with the
+            # others listed: they start the group together. (A replica added to a
+            # running group later starts blank and waits for the leader's snapshot.)
+            bootstrap = None if group_id in known else ConfState(frozenset(ring.replicas(shard)))
             try:
-                yield log.open()
+                yield self._open_replica(shard, bootstrap)
             except StorageError as error:
                 self._shard_unavailable(shard, error)
-                continue
-            self.logs[shard] = (log, log.store)
-        # Only now: a request routed by the ring must find its shard's log open.
-        self._coordinator.ring = ring
+        # A replica alone in its group leads it at once: wait for that, so a one-node
+        # cluster serves (and fires) when it says it is ready.
         yield defer.gatherResults(
-            [self._executor.add_shard(s, store, log) for s, (log, store) in self.logs.items()]
+            [group.wait_leading() for group, _ in self.logs.values() if group.alone]
         )
+        # Only now: a request routed by the ring must find its shard's replica open.
+        self._coordinator.ring = ring
+
+    @defer.inlineCallbacks
+    def _open_replica(self, shard: int, bootstrap):
+        directory = self._shard_dir(shard)
+        yield self._store_io.call(os.makedirs, directory, 0o777, True)
+        store = VnodeStore(os.path.join(directory, "jobs.sqlite"), self._reactor, self._store_io)
+        group = RaftGroup(
+            self._host,
+            group_of_shard(shard),
+            f"shard {shard}",
+            EngineDisk(self._engine, group_of_shard(shard)),
+            store,
+            self._store_io,
+            bootstrap=bootstrap,
+            **self._group_options,
+        )
+        group.on_leadership(lambda leading: self._leadership(shard, group, leading))
+        yield group.open()
+        self.logs[shard] = (group, store)
+        if self._metrics is not None:
+            self._metrics.store_bytes.labels(store=group.name).set_function(
+                lambda: group.store_bytes
+            )
+
+    def _leadership(self, shard: int, group, leading: bool) -> None:
+        if leading:
+            self._executor.add_shard(shard, group.store, group)
+        else:
+            self._executor.remove_shard(shard)
 
     def _shard_unavailable(self, shard: int, error: StorageError):
         self.unavailable[shard] = error
         self.log.error(
-            "shard {shard} is unavailable, the node serves its other shards: {error} -- "
-            "see what a cut would lose with "
-            "`timemachine repair --data-dir {data_dir} --shard {shard} --dry-run`",
+            "shard {shard} is unavailable, the node serves its other shards: {error}",
             shard=shard,
             error=error,
             data_dir=self._data_dir,
             path=getattr(error, "path", None),
             offset=getattr(error, "offset", None),
-            intact_records=getattr(error, "intact_records", None),
-            records_beyond=getattr(error, "records_beyond", None),
         )
 
     @defer.inlineCallbacks
     def close(self):
-        """Stop firing and close every open shard's log and store."""
-        for shard, (log, _) in list(self.logs.items()):
+        """Stop firing and close every open replica."""
+        for shard, (group, _) in list(self.logs.items()):
             self._executor.remove_shard(shard)
-            yield log.close()
+            yield group.close()
             del self.logs[shard]
         self.unavailable.clear()
 
     def configure(self, shards: int, replicas: int):
         """Set the shard count and replication factor (``POST /cluster/configure``).
 
-        One node
-        can hold one replica. The shard count changes only while the cluster stores
-        no jobs. Calls run one at a time, in the order they came: each closes and
-        opens the shards, which two at once would do over each other.
+        The replication factor is at most the number of members. The shard count
+        changes only while the cluster stores no jobs. Calls run one at a time, in the
+        order they came: each closes and opens the replicas, which two at once would
+        do over each other.
         """
         return self._configuring.run(self._configure, shards, replicas)
 
     @defer.inlineCallbacks
     def _configure(self, shards: int, replicas: int):
-        if replicas != 1:
-            raise InvalidField("replicas", "must be at most the number of members (1)")
+        members = max(1, len(self._cluster_store.members()))
+        if replicas > members:
+            raise InvalidField("replicas", f"must be at most the number of members ({members})")
         current = self._cluster_store.config
         if current is not None and current.shards == shards:
             return current
@@ -137,7 +173,7 @@ class LocalShards:
             # those already proposed are applied before the stores are counted.
             ring, self._coordinator.ring = self._coordinator.ring, None
             try:
-                yield defer.gatherResults([log.drain() for log, _ in self.logs.values()])
+                yield defer.gatherResults([group.drain() for group, _ in self.logs.values()])
                 counts = yield defer.gatherResults(
                     [store.count(None) for _, store in self.logs.values()]
                 )
@@ -149,10 +185,14 @@ class LocalShards:
                 self._coordinator.ring = ring
                 raise
             yield self.close()
-            # Off the reactor: a tree of WAL segments and SQLite files.
+            for shard in range(current.shards):
+                group_id = group_of_shard(shard)
+                if group_id in self._engine.groups():
+                    yield self._engine.remove_group(group_id)
+            # Off the reactor: a tree of SQLite files.
             yield self._store_io.call(
                 shutil.rmtree, os.path.join(self._data_dir, "shards"), True
             )
-        yield self._meta_log.propose(config)
+        yield self._meta.propose(config)
         yield self.open(config)
         return config

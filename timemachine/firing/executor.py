@@ -42,6 +42,8 @@ DEFAULT_LOAD_LIMIT = 200_000
 # with 200,000 due jobs on the 2-core dev machine), where taking the whole window
 # in at once held one turn for ~260 ms.
 DEFAULT_LOAD_SLICE = 500
+# How soon a due job of a shard whose leader holds no lease right now is tried again.
+LEASE_RETRY_SECONDS = 0.01
 
 
 def backoff_ms(route: Route, attempt: int, rng: random.Random) -> int:
@@ -132,6 +134,7 @@ class Executor:
         # Deliveries out, by (shard, job key, version): a replaced job's new version
         # can fire while the old one's delivery is still out, and both are waited for.
         self._firing: dict[tuple[int, tuple[str, str], int], defer.Deferred] = {}
+        self._followed: set = set()
         self._stopped = False
         if metrics is not None:
             # Read when scraped, not recounted after every apply and fire.
@@ -146,7 +149,13 @@ class Executor:
         """Start firing ``shard``; fires once its due window is loaded."""
         state = _Shard(shard, store, log)
         self._shards[shard] = state
-        log.subscribe(lambda index, command, result: self._applied(state, command, result))
+        if log not in self._followed:
+            # Once per log: a shard gained, lost and gained again (leadership moving
+            # back and forth) follows its log through whichever state is current.
+            self._followed.add(log)
+            log.subscribe(
+                lambda index, command, result: self._heard(shard, log, command, result)
+            )
         if self._refresher is None and not self._stopped:
             self._refresher = self._reactor.callLater(self._refresh_ms / 1000, self._refresh)
         return self._load(state)
@@ -242,6 +251,11 @@ class Executor:
 
     # ---- following the shard log --------------------------------------------
 
+    def _heard(self, shard, log, command, result):
+        state = self._shards.get(shard)
+        if state is not None and state.log is log:
+            self._applied(state, command, result)
+
     def _applied(self, state: _Shard, command, result):
         if not state.active:
             return
@@ -306,6 +320,7 @@ class Executor:
     def _fire_due(self):
         self._timer = None
         now_ms = self.now_ms()
+        waiting = []
         while self._heap and self._heap[0][0] <= now_ms:
             entry = heapq.heappop(self._heap)
             row = self._live(entry)
@@ -313,8 +328,19 @@ class Executor:
                 continue
             _, _, shard, key, _ = entry
             state = self._shards[shard]
+            if not state.log.is_leader():
+                # No lease right now (a heartbeat round is late, or leadership is
+                # going): a deposed leader must never fire. The job waits; the shard
+                # is dropped if leadership is lost.
+                waiting.append(entry)
+                continue
             del state.jobs[key]
             self._fire(state, job_from_row(row), now_ms)
+        for entry in waiting:
+            heapq.heappush(self._heap, entry)
+        if waiting:
+            self._timer = self._reactor.callLater(LEASE_RETRY_SECONDS, self._fire_due)
+            return
         self._arm()
 
     # ---- delivery --------------------------------------------------------------
