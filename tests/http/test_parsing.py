@@ -3,10 +3,10 @@
 from twisted.trial import unittest
 
 from timemachine.domain.errors import InvalidField
+from timemachine.domain.names import check_address
 from timemachine.http.limits import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 from timemachine.http.parsing import (
     JOB_RAW_MEMBERS,
-    check_address,
     job_spec,
     list_limit,
     parse_rfc3339,

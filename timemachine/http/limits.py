@@ -8,7 +8,6 @@ from io import BytesIO
 from twisted.web import server
 
 MAX_BODY_BYTES = 1024 * 1024
-MAX_NODE_ID = 128
 MAX_BATCH = 10_000
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000

@@ -141,9 +141,3 @@ def list_limit(raw: str | None) -> int:
     return int(raw)
 
 
-_HOST_PORT = re.compile(r"\A\S+:[0-9]{1,5}\Z")
-
-
-def check_address(name: str, value) -> None:
-    if not isinstance(value, str) or not _HOST_PORT.match(value):
-        raise InvalidField(name, "must be a host:port string")

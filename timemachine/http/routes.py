@@ -30,12 +30,18 @@ from timemachine.domain.errors import (
     TooLarge,
     Unavailable,
 )
-from timemachine.domain.names import MAX_COLLECTION, MAX_JOB_ID, MAX_ROUTE_ID, check_name
-from timemachine.http.limits import MAX_BATCH, MAX_BODY_BYTES, MAX_NODE_ID
+from timemachine.domain.names import (
+    MAX_COLLECTION,
+    MAX_JOB_ID,
+    MAX_NODE_ID,
+    MAX_ROUTE_ID,
+    check_address,
+    check_name,
+)
+from timemachine.http.limits import MAX_BATCH, MAX_BODY_BYTES
 from timemachine.http.parsing import (
     JOB_RAW_MEMBERS,
     LISTABLE_STATUSES,
-    check_address,
     job_spec,
     list_limit,
     route_of,
