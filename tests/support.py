@@ -43,14 +43,14 @@ from twisted.web.server import NOT_DONE_YET, Site
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on right now.
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port of ``host`` that nothing listens on right now.
 
     Another process may take it before the caller binds it; callers that start a
     server on it retry with a new port when that happens (see `RedisServer.start`).
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -560,17 +560,35 @@ def timemachine_command() -> list[str]:
 
 
 class NodeProcess:
-    """One ``twistd -n timemachine`` process on free ports of 127.0.0.1."""
+    """One ``twistd -n timemachine`` process on free ports of ``host`` (a loopback
+    address of its own in cluster tests, so that nft rules can cut it off).
 
-    def __init__(self, data_dir: str, log_file: str):
+    The ports are chosen once: a restart comes back on the same addresses, as a real
+    node does. ``extra`` are more options (``--join``, ...).
+    """
+
+    def __init__(self, data_dir: str, log_file: str, host: str = "127.0.0.1",
+                 node_id: str = "node1", extra=()):
         self.data_dir = data_dir
         self.log_file = log_file
-        self.http_port = free_port()
+        self.host = host
+        self.node_id = node_id
+        self.extra = list(extra)
+        self.http_port = free_port(host)
+        self.peer_port = free_port(host)
         self.process = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def peer_address(self) -> str:
+        return f"{self.host}:{self.peer_port}"
 
     def start(self):
         env = dict(os.environ)
@@ -579,9 +597,11 @@ class NodeProcess:
         self.process = subprocess.Popen(
             [
                 *twistd_command(), "-n", "--pidfile=", "--logfile", self.log_file,
-                "timemachine", "--data-dir", self.data_dir, "--shards", "4",
-                "--http", f"tcp:{self.http_port}:interface=127.0.0.1",
-                "--peer", f"tcp:{free_port()}:interface=127.0.0.1",
+                "timemachine", "--node-id", self.node_id, "--data-dir", self.data_dir,
+                "--shards", "4",
+                "--http", f"tcp:{self.http_port}:interface={self.host}",
+                "--peer", f"tcp:{self.peer_port}:interface={self.host}",
+                *self.extra,
             ],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -601,15 +621,18 @@ class NodeProcess:
 
 
 @defer.inlineCallbacks
-def start_node_process(testcase, reactor, http, data_dir: str, until: str = "/ready"):
+def start_node_process(testcase, reactor, http, data_dir: str, until: str = "/ready",
+                       node: NodeProcess | None = None, **options):
     """A `NodeProcess` on ``data_dir`` once ``until`` answers 200 (over treq ``http``).
 
-    The process is killed at the test's cleanup; the test fails if it exits first or
-    does not answer within 30 s.
+    ``node`` restarts a process made before; ``options`` make a new one (`NodeProcess`
+    keywords). The process is killed at the test's cleanup; the test fails if it exits
+    first or does not answer within 30 s.
     """
     from twisted.internet import task
 
-    node = NodeProcess(data_dir, os.path.abspath(testcase.mktemp()) + ".log")
+    if node is None:
+        node = NodeProcess(data_dir, os.path.abspath(testcase.mktemp()) + ".log", **options)
     node.start()
     testcase.addCleanup(node.kill)
     for _ in range(600):

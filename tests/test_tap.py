@@ -45,7 +45,7 @@ class OptionsTests(unittest.TestCase):
             ["--shards", "many"],
             ["--http", "8001"],
             ["--advertise", "nowhere"],
-            ["--join", "127.0.0.1:8001"],
+            ["--join", "nowhere"],
             ["--wal-segment-bytes", "100"],
             ["--wal-segment-bytes", "1MiB"],
         ):
@@ -69,6 +69,14 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(
             (node.retention.retain_fired_ms, node.retention.retain_failed_ms), (5000, 0)
         )
+
+    def test_peer_options_reach_the_node(self):
+        options = parse("--data-dir", self.mktemp(), "--peer", "tcp:8103:interface=127.0.0.3",
+                        "--join", "127.0.0.2:8001")
+        node = makeService(options)
+        self.assertEqual(node.peer_endpoint, "tcp:8103:interface=127.0.0.3")
+        self.assertEqual(node.advertise, "127.0.0.3:8103")
+        self.assertEqual(node.join_address, "127.0.0.2:8001")
 
     def test_make_service_builds_a_node_without_opening_anything(self):
         options = parse("--node-id", "n7", "--data-dir", self.mktemp(), "--shards", "3",

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
+from treq.client import HTTPClient
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from timemachine.cluster.coordinator import Coordinator
+from timemachine.cluster.forwarding import Forwarding
+from timemachine.cluster.membership import Membership
 from timemachine.cluster.migrate import migrate_single_node_layout
 from timemachine.cluster.raftgroup import TICK_SECONDS, EngineDisk, RaftGroup, RaftHost
 from timemachine.cluster.retention import (
@@ -31,10 +36,12 @@ from timemachine.cluster.retention import (
 )
 from timemachine.cluster.ring import DEFAULT_SHARDS, Ring
 from timemachine.cluster.shards import Shards
-from timemachine.domain.commands import PutMember, RemoveMember
+from timemachine.domain.commands import Configure, PutMember, RemoveMember
 from timemachine.domain.errors import (
     CorruptLog,
+    NotConfigured,
     StorageError,
+    Unavailable,
 )
 from timemachine.firing.collector import settle_collector
 from timemachine.firing.executor import Executor
@@ -43,12 +50,22 @@ from timemachine.http.routes import TimeMachineAPI
 from timemachine.http.site import make_site
 from timemachine.metrics import Metrics
 from timemachine.peer.network import PeerNetwork
-from timemachine.peer.raftcodec import META_GROUP, BadRaftMessage, decode_message, encode_message
+from timemachine.peer.raftcodec import (
+    META_GROUP,
+    BadRaftMessage,
+    decode_message,
+    encode_message,
+    group_of_shard,
+    shard_of_group,
+)
 from timemachine.raft.engine import RaftEngine
 from timemachine.raft.types import ConfState
 from timemachine.storage.iothread import IOThread
 from timemachine.storage.store import ClusterStore, VnodeStore
 from timemachine.storage.wal import DEFAULT_SEGMENT_BYTES
+
+#: Marks a REST request a node passed on to another, which must answer it itself.
+FORWARDED_HEADER = "X-TimeMachine-Forwarded"
 
 
 class Node(service.Service):
@@ -63,8 +80,10 @@ class Node(service.Service):
     readable. ``group_options`` go to each `RaftGroup`, ``raft_log_options`` to the
     `RaftEngine` and ``retention_options`` to the node's `Retention` (tests shorten
     their periods); ``tick_seconds`` is the
-    Raft clock. ``on_start_failure()`` is called when the node cannot start, before
-    it stops the reactor (``twistd`` uses it to exit with a failure status).
+    Raft clock. ``join`` (``host:port`` of any member's REST API) makes a node with a
+    new data directory ask to join that cluster instead of starting its own.
+    ``on_start_failure()`` is called when the node cannot start, before it stops the
+    reactor (``twistd`` uses it to exit with a failure status).
     """
 
     log = Logger()
@@ -87,6 +106,7 @@ class Node(service.Service):
         raft_log_options: dict | None = None,
         retention_options: dict | None = None,
         tick_seconds: float = TICK_SECONDS,
+        join: str | None = None,
         on_start_failure=None,
     ):
         self.reactor = reactor
@@ -102,6 +122,7 @@ class Node(service.Service):
         self.group_options = group_options or {}
         self.raft_log_options = raft_log_options or {}
         self.tick_seconds = tick_seconds
+        self.join_address = join
         self.shard_logs: dict[int, tuple[RaftGroup, VnodeStore]] = {}
         # Shards of this node whose replica refused to open, with the reason:
         # reported unavailable while the others serve.
@@ -121,6 +142,10 @@ class Node(service.Service):
         self.engine = None
         self.network = None
         self.host = None
+        self.membership = None
+        self.forwarding = None
+        self.http_client = None
+        self._joining = None
         self.meta_log = None
         self.cluster_store = None
         self.executor = None
@@ -206,7 +231,7 @@ class Node(service.Service):
             os.path.join(self.data_dir, "meta", "cluster.sqlite"), self.reactor, self.store_io
         )
         fresh = META_GROUP not in self.engine.groups()
-        bootstrapping = fresh and self.bootstrap
+        bootstrapping = fresh and self.bootstrap and self.join_address is None
         self.meta_log = RaftGroup(
             self.host,
             META_GROUP,
@@ -220,7 +245,15 @@ class Node(service.Service):
         yield self.meta_log.open()
         if self.meta_log.alone:
             yield self.meta_log.wait_leading()
+        self._http_pool = HTTPConnectionPool(self.reactor, persistent=True)
+        self.http_client = HTTPClient(Agent(self.reactor, pool=self._http_pool))
+        self.membership = Membership(
+            self.reactor, self.node_id, self.meta_log, self.cluster_store, self.network,
+            self._give_up_alone, self._holdings,
+        )
+        self.forwarding = Forwarding(self.network, self._group_of)
         self.meta_log.subscribe(self._meta_applied)
+        self.meta_log.on_restore(self._meta_restored)
         self.metrics.store_bytes.labels(store="meta").set_function(
             lambda: self.meta_log.store_bytes
         )
@@ -238,6 +271,7 @@ class Node(service.Service):
             self.reactor, self.node_id, None, self.shard_logs, self.meta_log,
             self.cluster_store, self.metrics, unavailable_shards=self.unavailable_shards,
         )
+        self.coordinator.forwarding = self.forwarding
         self.shards = Shards(
             self.reactor, self.node_id, self.data_dir, self.host, self.engine, self.store_io,
             self.executor, self.coordinator, self.meta_log, self.cluster_store,
@@ -250,7 +284,7 @@ class Node(service.Service):
         # one full collection this costs holds nothing back (see firing.collector).
         settle_collector()
         if self.cluster_store.config is not None:
-            yield self.shards.open(self.cluster_store.config)
+            yield self.shards.follow(self.cluster_store.config)
         self.retention.start()
         self.api = TimeMachineAPI(self.coordinator, self, self.metrics)
         if self.http_endpoint:
@@ -259,6 +293,9 @@ class Node(service.Service):
             address = self.port.getHost()
             self._http_address = f"{address.host}:{address.port}"
         yield self._announce(self._http_address)
+        self.membership.start()
+        if self.meta_log.blank and self.join_address is not None:
+            self._joining = self._ask_to_join()
         self.log.info(
             "node {node} serving {shards} shards from {data_dir}",
             node=self.node_id,
@@ -293,12 +330,105 @@ class Node(service.Service):
     def _meta_applied(self, index, command, result) -> None:
         if isinstance(command, PutMember | RemoveMember):
             self._follow_members()
+        elif isinstance(command, Configure):
+            self._follow_config()
+
+    def _meta_restored(self) -> None:
+        """The meta state arrived whole (a snapshot from the leader, when joining)."""
+        self._follow_members()
+        self._follow_config()
 
     def _follow_members(self) -> None:
         """Keep a connection to every other member of the cluster."""
-        self.network.set_peers(
-            {m.node_id: m.peer_address for m in self.cluster_store.members()}
+        self.network.set_peers(self.membership.peers())
+
+    def _follow_config(self) -> None:
+        """Route by the cluster's shard map once this node learns it."""
+        config = self.cluster_store.config
+        if config is not None and self.shards is not None:
+            d = self.shards.follow(config)
+            d.addErrback(lambda f: self.log.failure("opening the shards failed", f))
+
+    def _group_of(self, number: int):
+        if number == META_GROUP:
+            return self.meta_log
+        held = self.shard_logs.get(shard_of_group(number))
+        return None if held is None else held[0]
+
+    @defer.inlineCallbacks
+    def _holdings(self):
+        """``(jobs, routes)`` this node's cluster holds (is it empty?)."""
+        counts = yield defer.gatherResults(
+            [store.count(None) for _, store in self.shard_logs.values()]
         )
+        return sum(counts), len(self.cluster_store.routes())
+
+    @defer.inlineCallbacks
+    def _give_up_alone(self):
+        """Leave the empty one-node cluster this node bootstrapped: forget its shards
+        and its meta state, and wait, blank, to be sent the joined cluster's."""
+        self.coordinator.ring = None
+        shards = list(self.shard_logs)
+        yield self.shards.close()
+        for shard in shards:
+            if group_of_shard(shard) in self.engine.groups():
+                yield self.engine.remove_group(group_of_shard(shard))
+        yield self.store_io.call(shutil.rmtree, os.path.join(self.data_dir, "shards"), True)
+        yield self.meta_log.start_over()
+
+    @defer.inlineCallbacks
+    def _ask_to_join(self):
+        """Ask the member at ``--join`` to admit this node, until it does."""
+        url = f"http://{self.join_address}/cluster/join"
+        body = {
+            "node_id": self.node_id,
+            "raft_address": self.network.advertise,
+            "http_address": self._http_address or None,
+        }
+        while self.running and self.meta_log.blank:
+            try:
+                response = yield self.http_client.post(url, json=body)
+                answer = yield response.content()
+            except Exception as e:
+                self.log.info("joining through {url} waits: {error}", url=url, error=e)
+            else:
+                if response.code == 200:
+                    self.log.info("joined the cluster through {url}", url=url)
+                    return
+                if response.code < 500:
+                    self.log.error(
+                        "{url} refused to admit this node: {answer}", url=url,
+                        answer=answer.decode("utf-8", "replace"),
+                    )
+                    return
+            yield task.deferLater(self.reactor, 1.0, lambda: None)
+
+    @defer.inlineCallbacks
+    def proxy(self, request, node_id: str):
+        """Answer ``request`` with what node ``node_id``'s REST API answers to it."""
+        member = self.cluster_store.member(node_id)
+        if member is None or not member.http_address:
+            raise Unavailable(f"node {node_id} has no known HTTP address; retry")
+        if request.getHeader(FORWARDED_HEADER) is not None:
+            raise Unavailable("forwarded already, and this node cannot answer it; retry")
+        url = f"http://{member.http_address}{request.uri.decode('ascii')}"
+        request.content.seek(0)
+        response = yield self.http_client.request(
+            request.method.decode("ascii"),
+            url,
+            data=request.content.read() or None,
+            headers={FORWARDED_HEADER: "1", "Content-Type": "application/json"},
+        )
+        body = yield response.content()
+        request.setResponseCode(response.code)
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() in (b"content-type",):
+                request.responseHeaders.setRawHeaders(name, values)
+        return body
+
+    def meta_leader(self) -> str | None:
+        """The node leading the meta group, as this node knows it."""
+        return self.meta_log.leader
 
     @defer.inlineCallbacks
     def configure(self, shards: int, replicas: int):
@@ -308,6 +438,8 @@ class Node(service.Service):
         it becomes a one-node cluster first.
         """
         if self.meta_log.blank:
+            if self.join_address is not None:
+                raise NotConfigured(f"this node is joining the cluster at {self.join_address}")
             yield self.meta_log.bootstrap(ConfState(frozenset({self.node_id})))
             yield self.meta_log.wait_leading()
             yield self._announce(self._http_address)
@@ -321,6 +453,8 @@ class Node(service.Service):
         try:
             if self.port is not None:
                 yield self.port.stopListening()
+            if self.membership is not None:
+                self.membership.stop()
             if self.executor is not None:
                 yield self.executor.stop()
             yield self.retention.stop()
@@ -336,6 +470,8 @@ class Node(service.Service):
                 yield self.engine.close()
             if self.publisher is not None:
                 yield self.publisher.close()
+            if self.http_client is not None:
+                yield self._http_pool.closeCachedConnections()
         finally:
             # Last: the groups and stores above hand their final writes to these threads.
             for io in (self.wal_io, self.store_io):

@@ -88,13 +88,8 @@ class Options(usage.Options):
             self["advertise"] = f"{host.group(1) if host else '127.0.0.1'}:{_port_of(self['peer'])}"
         elif not _HOST_PORT.match(self["advertise"]):
             raise usage.UsageError("--advertise must be host:port")
-        if self["join"] is not None:
-            if not _HOST_PORT.match(self["join"]):
-                raise usage.UsageError("--join must be host:port of a member's HTTP endpoint")
-            raise usage.UsageError(
-                "--join: this build runs one-node clusters only; "
-                "multi-node membership is not available yet"
-            )
+        if self["join"] is not None and not _HOST_PORT.match(self["join"]):
+            raise usage.UsageError("--join must be host:port of a member's HTTP endpoint")
 
 
 def _exit_status_1() -> None:
@@ -124,5 +119,6 @@ def makeService(options):
         wal_segment_bytes=options["wal-segment-bytes"],
         retain_fired_ms=options["retain-fired-ms"],
         retain_failed_ms=options["retain-failed-ms"],
+        join=options["join"],
         on_start_failure=lambda: atexit.register(_exit_status_1),
     )

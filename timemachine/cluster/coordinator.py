@@ -17,6 +17,7 @@ from timemachine.domain.commands import DeleteJob, DeleteRoute, PutJobs, PutRout
 from timemachine.domain.errors import (
     NotConfigured,
     NotFound,
+    ServedElsewhere,
     TimeMachineError,
     TriggerInPast,
     Unavailable,
@@ -24,6 +25,7 @@ from timemachine.domain.errors import (
 )
 from timemachine.domain.jobs import Job, JobSpec
 from timemachine.domain.routes import Route
+from timemachine.peer.raftcodec import group_of_shard
 
 # A trigger this far in the past is a client's mistake; nearer, it fires now.
 PAST_TOLERANCE_MS = 5000
@@ -52,6 +54,14 @@ class Coordinator:
         self.meta_log = meta_log
         self.cluster_store = cluster_store
         self._metrics = metrics
+        #: A `Forwarding`: proposals go to each group's leader, wherever it is. None
+        #: for a node whose groups all lead themselves (tests of one store).
+        self.forwarding = None
+
+    def _propose(self, log, command):
+        if self.forwarding is None:
+            return log.propose(command)
+        return self.forwarding.propose(log, command)
 
     def now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
@@ -77,26 +87,43 @@ class Coordinator:
         return self._serving(self.ring.shard_for(job_id))
 
     def _serving(self, shard: int):
-        """The (log, store) of ``shard``; `Unavailable` when it could not open."""
+        """The (log, store) of ``shard``; `Unavailable` when it could not open, and
+        `ServedElsewhere` when this node holds no replica of it."""
         error = self.unavailable_shards.get(shard)
         if error is not None:
             raise Unavailable(f"shard {shard} is unavailable: {error}")
-        return self.shards[shard]
+        held = self.shards.get(shard)
+        if held is None:
+            raise ServedElsewhere(shard, self.ring.replicas(shard))
+        return held
+
+    def _write(self, shard: int, command):
+        """Propose ``command`` to ``shard``'s group, held here or not."""
+        try:
+            log, _ = self._serving(shard)
+        except ServedElsewhere as elsewhere:
+            if self.forwarding is None:
+                raise
+            return self.forwarding.propose_at(
+                group_of_shard(shard), elsewhere.nodes, command
+            )
+        return self._propose(log, command)
 
     @defer.inlineCallbacks
     def put_job(self, spec: JobSpec):
-        """Create or replace one job; fires with ``(index, Job)``."""
+        """Create or replace one job; fires with its version (the entry's index)."""
         self.check_job(spec)
-        log, _ = self._shard(spec.id)
-        index, jobs = yield log.propose(PutJobs((spec,)))
+        self._require_config()
+        index, _ = yield self._write(self.ring.shard_for(spec.id), PutJobs((spec,)))
         self._count_created(1)
-        return index, jobs[-1]
+        return index
 
     @defer.inlineCallbacks
     def put_jobs(self, items):
         """Create or replace a batch; each item is a `JobSpec` or a `TimeMachineError`.
 
-        Fires with one entry per item, in order: a stored `Job` or the item's error.
+        Fires with one entry per item, in order: the stored job's version (the index of
+        its shard's entry) or the item's error.
         Items are grouped into one proposal per shard, proposed concurrently; a shard
         that fails answers its own items (a storage failure as `Unavailable`), and
         the others' items stand.
@@ -115,11 +142,10 @@ class Coordinator:
 
         def propose(shard, positions):
             try:
-                log, _ = self._serving(shard)
+                d = self._write(shard, PutJobs(tuple(items[p] for p in positions)))
             except Unavailable as error:
                 return defer.succeed((positions, None, error))
-            d = log.propose(PutJobs(tuple(items[p] for p in positions)))
-            d.addCallback(lambda index_jobs: (positions, index_jobs[1], None))
+            d.addCallback(lambda index_jobs: (positions, index_jobs[0], None))
             d.addErrback(lambda failure: (positions, None, self._item_error(shard, failure)))
             return d
 
@@ -127,15 +153,11 @@ class Coordinator:
             [propose(shard, positions) for shard, positions in by_shard.items()]
         )
         created = 0
-        for positions, jobs, error in answers:
-            if error is not None:
-                for p in positions:
-                    results[p] = error
-                continue
-            stored = {job.key: job for job in jobs}
+        for positions, index, error in answers:
             for p in positions:
-                results[p] = stored[items[p].key]
-            created += len(positions)
+                results[p] = index if error is None else error
+            if error is None:
+                created += len(positions)
         self._count_created(created)
         return results
 
@@ -154,7 +176,9 @@ class Coordinator:
 
     @defer.inlineCallbacks
     def get_job(self, collection: str, job_id: str):
-        _, store = self._shard(job_id)
+        log, store = self._shard(job_id)
+        # Linearizable: no write acknowledged before this read is missing from it.
+        yield log.read_barrier()
         job = yield store.get(collection, job_id)
         if job is None:
             raise NotFound(f"job {collection}/{job_id} not found")
@@ -163,8 +187,10 @@ class Coordinator:
     @defer.inlineCallbacks
     def delete_job(self, collection: str, job_id: str):
         """Delete a job; fires with the log index, or fails with `NotFound`."""
-        log, _ = self._shard(job_id)
-        index, existed = yield log.propose(DeleteJob(collection, job_id))
+        self._require_config()
+        index, existed = yield self._write(
+            self.ring.shard_for(job_id), DeleteJob(collection, job_id)
+        )
         if not existed:
             raise NotFound(f"job {collection}/{job_id} not found")
         if self._metrics is not None:
@@ -177,6 +203,18 @@ class Coordinator:
         self._require_config()
         for shard in sorted(self.unavailable_shards):
             self._serving(shard)  # a list missing a shard's jobs would look complete
+        missing = [s for s in range(self.ring.shards) if s not in self.shards]
+        if missing:
+            # Served by a node that holds every shard, if one does.
+            everywhere = set(self.ring.replicas(0))
+            for shard in range(1, self.ring.shards):
+                everywhere &= set(self.ring.replicas(shard))
+            if not everywhere:
+                raise Unavailable(
+                    f"listing needs every shard; this node holds none of {missing}, and "
+                    "no node holds them all"
+                )
+            raise ServedElsewhere(missing[0], sorted(everywhere))
         pages = yield defer.gatherResults(
             [
                 store.list_jobs(collection, status, limit, cursor)
@@ -209,7 +247,7 @@ class Coordinator:
                 "this node is in no cluster yet: POST /cluster/configure to start one, "
                 "or /cluster/join to join one"
             )
-        return self.meta_log.propose(command)
+        return self._propose(self.meta_log, command)
 
     @defer.inlineCallbacks
     def put_route(self, route: Route):
@@ -226,22 +264,27 @@ class Coordinator:
     # ---- cluster -------------------------------------------------------------------
 
     def ready(self) -> bool:
+        """Whether this node serves: it is in a configured cluster, and every group it
+        holds a replica of (the meta group too) has a leader."""
         return (
             self.ring is not None
-            and self.meta_log.is_leader()
+            and not self.meta_log.blank
+            and self.meta_log.leader is not None
             and not self.unavailable_shards
-            and all(log.is_leader() for log, _ in self.shards.values())
+            and all(log.leader is not None for log, _ in self.shards.values())
         )
 
     @defer.inlineCallbacks
     def shard_status(self):
         """For each shard: replicas, leader, applied index, job count, status.
 
-        ``status`` is ``serving`` or ``unavailable``; a shard that could not open
-        says why in ``error`` and has no applied index or count.
+        ``status`` is ``serving`` (its group has a leader), ``unavailable`` (it has
+        none, or this node's replica could not open: ``error`` says why) or
+        ``elsewhere`` (this node holds no replica: ask one of ``replicas``); only a
+        replica here has an applied index and a job count.
         """
         self._require_config()
-        serving = [s for s in range(self.ring.shards) if s not in self.unavailable_shards]
+        serving = [s for s in range(self.ring.shards) if s in self.shards]
         # Asked together: the counts queue up on the store thread and come back in one hop.
         counts = yield defer.gatherResults([self.shards[s][1].count(None) for s in serving])
         count_of = dict(zip(serving, counts, strict=True))
@@ -254,13 +297,15 @@ class Coordinator:
                     leader=None, applied_index=None, jobs=None, status="unavailable",
                     error=str(error),
                 )
+            elif shard not in self.shards:
+                entry.update(leader=None, applied_index=None, jobs=None, status="elsewhere")
             else:
                 log, _ = self.shards[shard]
                 entry.update(
-                    leader=self.node_id if log.is_leader() else None,
+                    leader=log.leader,
                     applied_index=log.applied_index,
                     jobs=count_of[shard],
-                    status="serving" if log.is_leader() else "unavailable",
+                    status="serving" if log.leader is not None else "unavailable",
                 )
             out.append(entry)
         return out

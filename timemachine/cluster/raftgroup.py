@@ -321,6 +321,7 @@ class RaftGroup:
         self._broken: StorageError | None = None
         self._was_leader = False
         self._leading_waiters: list[defer.Deferred] = []
+        self._restore_listeners: list[Callable[[], None]] = []
         self._idle: list[defer.Deferred] = []
 
     # -- IShardLog -------------------------------------------------------------------
@@ -450,6 +451,29 @@ class RaftGroup:
         loses it (`is_leader` changes), on the reactor."""
         self._leadership_listeners.append(listener)
 
+    def on_restore(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after the store was replaced by a leader's snapshot (its
+        subscribers heard of none of the commands that snapshot holds)."""
+        self._restore_listeners.append(listener)
+
+    @defer.inlineCallbacks
+    def start_over(self):
+        """Forget this member's Raft state and its store, and reopen blank: it waits
+        for a leader's snapshot (a node leaving the one-node cluster it started)."""
+        yield self.close()
+        yield self._disk.remove()
+        for suffix in ("", "-wal", "-shm", ".snapshot", ".incoming"):
+            yield self._io.call(unlink_if_exists, self._store.path + suffix)
+        self._bootstrap = None
+        self._broken = None
+        yield self.open()
+
+    def caught_up(self, node: str) -> bool:
+        """On the leader: whether ``node``'s log reaches the commit index (a learner
+        ready to vote)."""
+        progress = self.core.prs.get(node) if self.core is not None else None
+        return progress is not None and progress.match >= self.core.log.committed
+
     def wait_leading(self):
         """Fire once this member holds the lease (at once if it does)."""
         if self.is_leader():
@@ -469,9 +493,15 @@ class RaftGroup:
         )
 
     @property
+    def leads(self) -> bool:
+        """Whether this member is the group's leader now (it takes proposals; firing
+        and lease reads also need `is_leader`)."""
+        return self.core is not None and self.core.state == LEADER
+
+    @property
     def leader(self) -> str | None:
-        """The node this member believes leads the group, or None."""
-        return None if self.core is None else self.core.leader
+        """The node this member believes leads the group, or None (also once closed)."""
+        return None if self.core is None or not self._open else self.core.leader
 
     def propose(self, command):
         if not self._open:
@@ -594,6 +624,11 @@ class RaftGroup:
             self.host.send(self.group, message)
         if installing:
             yield self._finish_install(rd.snapshot)
+            for listener in self._restore_listeners:
+                try:
+                    listener()
+                except Exception:
+                    self.log.failure("restore listener of {name} failed", name=self.name)
         answers = (yield self._apply(rd)) if rd.committed else []
         self._read_states.extend(rd.read_states)
         self.core.advance()

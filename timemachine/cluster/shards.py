@@ -141,6 +141,20 @@ class Shards:
             del self.logs[shard]
         self.unavailable.clear()
 
+    def follow(self, config):
+        """Open this node's replicas of ``config`` when it came from elsewhere (another
+        node's configure, or the meta state a joining node was sent); in turn with
+        `configure`, so a configure this node runs is not opened twice."""
+        return self._configuring.run(self._follow, config)
+
+    @defer.inlineCallbacks
+    def _follow(self, config):
+        ring = self._coordinator.ring
+        if ring is not None and ring.config == config:
+            return
+        if not self.logs:
+            yield self.open(config)
+
     def configure(self, shards: int, replicas: int):
         """Set the shard count and replication factor (``POST /cluster/configure``).
 

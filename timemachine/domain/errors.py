@@ -67,6 +67,18 @@ class Unavailable(TimeMachineError):
     code = "E_UNAVAILABLE"
 
 
+class ServedElsewhere(Unavailable):
+    """This node holds no replica of the shard: ``nodes`` do (the REST layer passes
+    the request on to one of them)."""
+
+    def __init__(self, shard: int, nodes):
+        super().__init__(
+            f"shard {shard} is held by {', '.join(nodes) or 'no node'}, not by this node"
+        )
+        self.shard = shard
+        self.nodes = tuple(nodes)
+
+
 class Unauthorized(TimeMachineError):
     status = 401
     code = "E_UNAUTHORIZED"

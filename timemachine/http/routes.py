@@ -25,6 +25,8 @@ from werkzeug import exceptions as http_exceptions
 from timemachine.domain.commands import Configure
 from timemachine.domain.errors import (
     InvalidField,
+    NotConfigured,
+    ServedElsewhere,
     StorageError,
     TimeMachineError,
     TooLarge,
@@ -56,7 +58,6 @@ from timemachine.http.responses import (
 from timemachine.http.strictjson import decode_json
 
 # A one-member meta group never holds an election: it is always in its first term.
-SINGLE_NODE_TERM = 1
 
 
 # ---- reading the request ---------------------------------------------------------------
@@ -131,7 +132,7 @@ class TimeMachineAPI:
             return await self._create_batch(request, collection, body)
         if not isinstance(body, dict):
             raise InvalidField("body", "must be a JSON object (a job) or an array (a batch)")
-        index, _ = await self._coordinator.put_job(job_spec(collection, body))
+        index = await self._coordinator.put_job(job_spec(collection, body))
         return respond(request, {"status": "ok", "offset": index})
 
     async def _create_batch(self, request, collection, items):
@@ -154,7 +155,7 @@ class TimeMachineAPI:
                 error = {"code": outcome.code, "error": outcome.message}
                 results.append({"id": job_id, "status": "error", **error})
             else:
-                results.append({"id": job_id, "status": "ok", "version": outcome.version})
+                results.append({"id": job_id, "status": "ok", "version": outcome})
         return respond(request, {"status": "ok", "results": results})
 
     @app.route("/job/<collection>", methods=["GET"])
@@ -186,7 +187,7 @@ class TimeMachineAPI:
         check_name("collection", collection, MAX_COLLECTION)
         check_name("id", job_id, MAX_JOB_ID)
         spec = job_spec(collection, read_object(request, JOB_RAW_MEMBERS), url_id=job_id)
-        index, _ = await self._coordinator.put_job(spec)
+        index = await self._coordinator.put_job(spec)
         return respond(request, {"status": "ok", "offset": index})
 
     @app.route("/job/<collection>/<job_id>", methods=["DELETE"])
@@ -252,54 +253,76 @@ class TimeMachineAPI:
             raise Unavailable("this node does not serve its shards yet")
         return respond(request, _OK)
 
-    def _http_address(self) -> str | None:
-        port = self._node.port
-        if port is None:
-            return None
-        host = port.getHost()
-        return f"{host.host}:{host.port}"
+    # The cluster calls that change the meta state run on its leader: sent to another
+    # node, they are passed on to it (HTTP, as the client sent them).
 
-    def _address(self) -> str:
-        # A one-node build has no peer endpoint: the HTTP address is the node's only one.
-        return self._http_address() or self._node.node_id
+    def _meta_leader_elsewhere(self) -> str | None:
+        """The meta group's leader when it is another node (None when it is this one);
+        `Unavailable` when no leader is known."""
+        meta = self._node.meta_log
+        if meta.leads:
+            return None
+        if meta.leader is None:
+            raise Unavailable("the meta group has no leader now; retry")
+        return meta.leader
+
+    def _address_of(self, node_id: str | None) -> str:
+        member = None if node_id is None else self._node.cluster_store.member(node_id)
+        return "" if member is None else member.peer_address
 
     @app.route("/cluster", methods=["GET"])
     def cluster(self, request):
-        """This node's view of the cluster (state of the meta group)."""
+        """This node's view of the cluster (state of the meta group), with the keys
+        upstream's Raft stats carry, as strings."""
         ring = self._coordinator.ring
-        meta_log = self._coordinator.meta_log
-        # A one-member log commits on its own fsync and exposes what it applied;
-        # the entries in between are never visible to a reader, so both indexes
-        # report the applied one.
-        applied = meta_log.applied_index
+        meta = self._node.meta_log
+        core = meta.core
+        conf = core.conf
+        state = {"leader": "Leader", "follower": "Follower", "learner": "Follower"}.get(
+            core.state, "Candidate"
+        )
+        configuration = [
+            {"id": node, "suffrage": "Voter" if node in conf.voters else "Nonvoter"}
+            for node in sorted(conf.voters | conf.learners)
+        ]
         return respond(
             request,
             {
                 "node_id": self._node.node_id,
-                "state": "Leader",
-                "term": SINGLE_NODE_TERM,
-                "leader": self._address(),
-                "leader_id": self._node.node_id,
-                "commit_index": applied,
-                "applied_index": applied,
-                "http_address": self._http_address(),
+                "state": state,
+                "term": core.term,
+                "leader": self._address_of(meta.leader),
+                "leader_id": meta.leader,
+                "commit_index": core.commit_index,
+                "applied_index": meta.applied_index,
+                "last_log_index": str(core.log.last_index()),
+                "last_log_term": str(core.log.last_term()),
+                "num_peers": str(max(0, len(conf.voters | conf.learners) - 1)),
+                "latest_configuration": str(configuration),
+                "http_address": self._node._http_address,
                 "shards": ring.shards if ring is not None else 0,
                 "replicas": ring.config.replicas if ring is not None else 0,
-                "members": 1,
+                "members": len(self._node.cluster_store.members()),
                 "ready": self._coordinator.ready(),
             },
         )
 
     @app.route("/cluster/servers", methods=["GET"])
     def cluster_servers(self, request):
-        """The members of the meta group."""
-        server_entry = {
-            "ID": self._node.node_id,
-            "Address": self._address(),
-            "Suffrage": "Voter",
-            "http_address": self._http_address(),
-        }
-        return respond(request, {"servers": [server_entry], "leader": self._address()})
+        """The members of the cluster: their peer (``Address``) and HTTP addresses, and
+        whether each votes in the meta group."""
+        conf = self._node.meta_log.conf
+        servers = [
+            {
+                "ID": member.node_id,
+                "Address": member.peer_address,
+                "Suffrage": "Voter" if member.node_id in conf.voters else "Nonvoter",
+                "http_address": member.http_address,
+            }
+            for member in self._node.cluster_store.members()
+        ]
+        leader = self._address_of(self._node.meta_log.leader)
+        return respond(request, {"servers": servers, "leader": leader})
 
     @app.route("/cluster/shards", methods=["GET"])
     async def cluster_shards(self, request):
@@ -311,6 +334,10 @@ class TimeMachineAPI:
     async def cluster_configure(self, request):
         """Set the shard count and replication factor."""
         body = read_object(request)
+        if not self._node.meta_log.blank:
+            leader = self._meta_leader_elsewhere()
+            if leader is not None:
+                return await self._node.proxy(request, leader)
         ring = self._coordinator.ring
         if "shards" in body:
             shards = body["shards"]
@@ -327,21 +354,35 @@ class TimeMachineAPI:
         )
 
     @app.route("/cluster/join", methods=["POST"])
-    def cluster_join(self, request):
-        """Add a member: not in a one-node build (the body is checked first)."""
+    async def cluster_join(self, request):
+        """Admit a node (upstream's body: ``node_id``, ``raft_address``; optional
+        ``http_address``, else the peer port - 100)."""
         body = read_object(request)
         check_name("node_id", body.get("node_id"), MAX_NODE_ID)
         check_address("raft_address", body.get("raft_address"))
-        if "http_address" in body:
-            check_address("http_address", body["http_address"])
-        raise _single_node()
+        http_address = body.get("http_address")
+        if http_address is not None:
+            check_address("http_address", http_address)
+        if self._node.meta_log.blank:
+            raise NotConfigured("this node is in no cluster: it cannot admit one")
+        leader = self._meta_leader_elsewhere()
+        if leader is not None:
+            return await self._node.proxy(request, leader)
+        await self._node.membership.join(body["node_id"], body["raft_address"], http_address)
+        return respond(request, {"status": "ok", "node_id": body["node_id"]})
 
     @app.route("/cluster/remove", methods=["POST"])
-    def cluster_remove(self, request):
-        """Remove a member: not in a one-node build (the body is checked first)."""
+    async def cluster_remove(self, request):
+        """Take a member out of the cluster."""
         body = read_object(request)
         check_name("node_id", body.get("node_id"), MAX_NODE_ID)
-        raise _single_node()
+        if self._node.meta_log.blank:
+            raise NotConfigured("this node is in no cluster")
+        leader = self._meta_leader_elsewhere()
+        if leader is not None:
+            return await self._node.proxy(request, leader)
+        await self._node.membership.remove(body["node_id"])
+        return respond(request, {"status": "ok", "node_id": body["node_id"]})
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request):
@@ -350,6 +391,11 @@ class TimeMachineAPI:
         return self._metrics.render()
 
     # -- errors: the one place exceptions become responses (tried in this order)
+
+    @app.handle_errors(ServedElsewhere)
+    def served_elsewhere(self, request, failure):
+        """A read of a shard this node holds no replica of: a replica answers it."""
+        return self._node.proxy(request, failure.value.nodes[0])
 
     @app.handle_errors(TimeMachineError)
     def client_error(self, request, failure):
@@ -396,10 +442,3 @@ class TimeMachineAPI:
             path=request.path,
         )
         return respond(request, {"error": "internal error", "code": "E_INTERNAL"}, 500)
-
-
-def _single_node() -> TimeMachineError:
-    return TimeMachineError(
-        "this build runs a one-node cluster: membership changes (join, remove) "
-        "arrive with the multi-node cluster"
-    )

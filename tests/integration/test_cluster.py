@@ -1,0 +1,154 @@
+"""A cluster of real ``twistd timemachine`` processes, each on its own loopback address.
+
+As upstream's scripts run it: every node starts on its own (bootstrapping alone), then
+node1 is asked to admit the others (``join.sh``), or a node starts with ``--join``.
+The meta group then holds every member: its state (routes, members) is the same on
+every node, any call reaches its leader, and it survives the loss of its leader.
+"""
+
+import os
+import signal
+
+from treq.client import HTTPClient
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from tests.support import call_json, start_node_process
+
+HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+
+
+class ClusterTests(unittest.TestCase):
+    timeout = 180
+
+    def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = HTTPClient(Agent(reactor, pool=self.pool))
+        self.nodes = {}
+
+    @defer.inlineCallbacks
+    def start(self, number, until="/ready", extra=()):
+        node_id = f"node{number}"
+        node = yield start_node_process(
+            self, reactor, self.http, os.path.join(self.base, node_id), until,
+            host=HOSTS[number - 1], node_id=node_id, extra=extra,
+        )
+        self.nodes[node_id] = node
+        return node
+
+    def call(self, node_id, method, path, body=None):
+        return call_json(self.http, method, self.nodes[node_id].url + path, body)
+
+    @defer.inlineCallbacks
+    def until(self, what, check, timeout=30.0):
+        """Poll ``check()`` (a Deferred of a bool) until it holds."""
+        deadline = reactor.seconds() + timeout
+        while True:
+            try:
+                if (yield check()):
+                    return
+            except Exception:
+                pass
+            if reactor.seconds() > deadline:
+                self.fail(f"not within {timeout} s: {what}")
+            yield task.deferLater(reactor, 0.1, lambda: None)
+
+    @defer.inlineCallbacks
+    def servers(self, node_id):
+        code, answer = yield self.call(node_id, "GET", "/cluster/servers")
+        return answer if code == 200 else None
+
+    @defer.inlineCallbacks
+    def test_nodes_started_alone_join_share_the_meta_state_and_survive_its_leader(self):
+        node1 = yield self.start(1)
+        node2 = yield self.start(2)
+        # As join.sh: node1 admits node2, a node that bootstrapped alone and is empty.
+        code, answer = yield self.call(
+            "node1", "POST", "/cluster/join",
+            {"node_id": "node2", "raft_address": node2.peer_address,
+             "http_address": node2.http_address},
+        )
+        self.assertEqual(code, 200, answer)
+        # node3 asks on its own, through a member that is not the leader.
+        yield self.start(3, until="/health", extra=["--join", node2.http_address])
+
+        @defer.inlineCallbacks
+        def three_voters():
+            answer = yield self.servers("node3")
+            return answer is not None and sorted(
+                (s["ID"], s["Suffrage"]) for s in answer["servers"]
+            ) == [("node1", "Voter"), ("node2", "Voter"), ("node3", "Voter")]
+
+        yield self.until("three voters, as node3 sees them", three_voters)
+        answer = yield self.servers("node2")
+        self.assertEqual(answer["leader"], node1.peer_address)
+        addresses = {s["ID"]: (s["Address"], s["http_address"]) for s in answer["servers"]}
+        self.assertEqual(addresses["node3"], (self.nodes["node3"].peer_address,
+                                              self.nodes["node3"].http_address))
+
+        # A route written on a follower is the meta leader's, and every node sees it.
+        code, answer = yield self.call(
+            "node3", "POST", "/route",
+            {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
+        )
+        self.assertEqual(code, 200, answer)
+        for node_id in ("node1", "node2", "node3"):
+            yield self.until(
+                f"the route on {node_id}",
+                lambda n=node_id: self.call(n, "GET", "/route/hook").addCallback(
+                    lambda r: r[0] == 200
+                ),
+            )
+        # A job written on node2 goes to its shard's replica (all on node1 here), and
+        # node3 reads it through that replica.
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        code, answer = yield self.call(
+            "node2", "POST", "/job/c", {"id": "j1", "trigger_ms": far, "route": "hook"}
+        )
+        self.assertEqual(code, 200, answer)
+        code, answer = yield self.call("node3", "GET", "/job/c/j1")
+        self.assertEqual((code, answer["trigger_ms"]), (200, far), answer)
+
+        # The meta leader dies: the two others elect one and keep taking cluster writes.
+        node1.kill(signal.SIGKILL)
+
+        @defer.inlineCallbacks
+        def new_leader():
+            answer = yield self.servers("node2")
+            return answer is not None and answer["leader"] not in ("", node1.peer_address)
+
+        yield self.until("a new meta leader", new_leader)
+
+        @defer.inlineCallbacks
+        def route_written():
+            code, _ = yield self.call(
+                "node2", "POST", "/route",
+                {"id": "after", "type": "http", "webhook_url": "http://127.0.0.1:9/x"},
+            )
+            return code == 200
+
+        yield self.until("a route written without node1", route_written)
+        code, _ = yield self.call("node3", "GET", "/route/after")
+        self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
+    def test_a_node_holding_jobs_is_refused_with_the_reason(self):
+        yield self.start(1)
+        node2 = yield self.start(2)
+        code, _ = yield self.call(
+            "node2", "POST", "/route",
+            {"id": "mine", "type": "http", "webhook_url": "http://127.0.0.1:9/"},
+        )
+        self.assertEqual(code, 200)
+        code, answer = yield self.call(
+            "node1", "POST", "/cluster/join",
+            {"node_id": "node2", "raft_address": node2.peer_address},
+        )
+        self.assertEqual((code, answer["code"]), (400, "E_CONFIGURED"), answer)
+        self.assertIn("routes", answer["error"])
+        answer = yield self.servers("node1")
+        self.assertEqual([s["ID"] for s in answer["servers"]], ["node1"])
+        code, _ = yield self.call("node2", "GET", "/route/mine")
+        self.assertEqual(code, 200)
