@@ -277,6 +277,7 @@ class Node(service.Service):
             self.executor, self.coordinator, self.meta_log, self.cluster_store,
             group_options=self.group_options,
             metrics=self.metrics,
+            count_elsewhere=self._count_elsewhere,
         )
         if self.cluster_store.config is None and bootstrapping:
             yield self.meta_log.propose(Ring.single_node(self.node_id, self.initial_shards).config)
@@ -284,7 +285,7 @@ class Node(service.Service):
         # one full collection this costs holds nothing back (see firing.collector).
         settle_collector()
         if self.cluster_store.config is not None:
-            yield self.shards.follow(self.cluster_store.config)
+            yield self.shards.follow()
         self.retention.start()
         self.api = TimeMachineAPI(self.coordinator, self, self.metrics)
         if self.http_endpoint:
@@ -344,9 +345,8 @@ class Node(service.Service):
 
     def _follow_config(self) -> None:
         """Route by the cluster's shard map once this node learns it."""
-        config = self.cluster_store.config
-        if config is not None and self.shards is not None:
-            d = self.shards.follow(config)
+        if self.cluster_store.config is not None and self.shards is not None:
+            d = self.shards.follow()
             d.addErrback(lambda f: self.log.failure("opening the shards failed", f))
 
     def _group_of(self, number: int):
@@ -354,6 +354,29 @@ class Node(service.Service):
             return self.meta_log
         held = self.shard_logs.get(shard_of_group(number))
         return None if held is None else held[0]
+
+    @defer.inlineCallbacks
+    def _count_elsewhere(self, ring, shards):
+        """The jobs ``shards`` store, asked of a node holding a replica of each."""
+        by_node: dict[str, list[int]] = {}
+        for shard in shards:
+            by_node.setdefault(ring.replicas(shard)[0], []).append(shard)
+        total = 0
+        for node_id, held in by_node.items():
+            member = self.cluster_store.member(node_id)
+            try:
+                response = yield self.http_client.get(
+                    f"http://{member.http_address}/cluster/shards"
+                )
+                answer = yield response.json()
+                counts = {entry["shard"]: entry["jobs"] for entry in answer["shards"]}
+            except Exception as e:
+                raise Unavailable(f"node {node_id} cannot count its jobs now: {e}") from e
+            for shard in held:
+                if counts.get(shard) is None:
+                    raise Unavailable(f"shard {shard}'s jobs cannot be counted now; retry")
+                total += counts[shard]
+        return total
 
     @defer.inlineCallbacks
     def _holdings(self):

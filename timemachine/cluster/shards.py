@@ -19,8 +19,10 @@ import shutil
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from timemachine.cluster.placement import target_placement
 from timemachine.cluster.raftgroup import EngineDisk, RaftGroup
 from timemachine.cluster.ring import Ring
+from timemachine.domain.commands import Configure
 from timemachine.domain.errors import (
     AlreadyConfigured,
     InvalidField,
@@ -43,13 +45,15 @@ class Shards:
     jobs of the shards this node leads; ``coordinator`` gets the ring once its
     replicas are open; ``meta`` (the meta group) records a new configuration, which
     ``cluster_store`` (its state machine) then holds. ``group_options`` go to each
-    `RaftGroup`.
+    `RaftGroup`. ``count_elsewhere(ring, shards)`` fires with the number of jobs the
+    given shards (held by other nodes) store.
     """
 
     log = Logger()
 
     def __init__(self, reactor, node_id, data_dir, host, engine, store_io, executor,
-                 coordinator, meta, cluster_store, group_options=None, metrics=None):
+                 coordinator, meta, cluster_store, group_options=None, metrics=None,
+                 count_elsewhere=None):
         self._reactor = reactor
         self._node_id = node_id
         self._data_dir = data_dir
@@ -62,6 +66,9 @@ class Shards:
         self._cluster_store = cluster_store
         self._group_options = group_options or {}
         self._metrics = metrics
+        self._count_elsewhere = count_elsewhere
+        # The shard map this node's replicas were opened for.
+        self._opened = None
         self.logs: dict[int, tuple] = coordinator.shards
         self.unavailable: dict[int, StorageError] = coordinator.unavailable_shards
         self._configuring = defer.DeferredLock()
@@ -141,47 +148,84 @@ class Shards:
             del self.logs[shard]
         self.unavailable.clear()
 
-    def follow(self, config):
-        """Open this node's replicas of ``config`` when it came from elsewhere (another
-        node's configure, or the meta state a joining node was sent); in turn with
-        `configure`, so a configure this node runs is not opened twice."""
-        return self._configuring.run(self._follow, config)
+    def follow(self):
+        """Hold this node's replicas of the cluster's current shard map, when it came
+        from elsewhere (another node's configure, or the meta state a joining node was
+        sent); in turn with `configure`, and always the latest map, so a map this node
+        made itself, or one already replaced, is not carried out again."""
+        return self._configuring.run(self._follow_current)
+
+    def _follow_current(self):
+        config = self._cluster_store.config
+        if config is None:
+            return defer.succeed(None)
+        return self._follow(config)
 
     @defer.inlineCallbacks
     def _follow(self, config):
         ring = self._coordinator.ring
         if ring is not None and ring.config == config:
             return
-        if not self.logs:
-            yield self.open(config)
+        opened = self._opened
+        if opened is not None and opened.shards == config.shards:
+            # The same shards with other replicas: a move, which only adds or drops
+            # replicas (not built yet); route by the new map meanwhile.
+            self.log.warn(
+                "the shard map changed its replicas ({placement}); this build does not "
+                "move replicas yet",
+                placement=config.placement,
+            )
+            self._coordinator.ring = Ring(config)
+            return
+        if opened is not None:
+            yield self._drop_all(opened)
+        yield self.open(config)
+        self._opened = config
+
+    @defer.inlineCallbacks
+    def _drop_all(self, old):
+        """Close and forget every replica of the shard map ``old`` (a new map of new
+        shards replaces it; no jobs were stored)."""
+        self._coordinator.ring = None
+        yield self.close()
+        for shard in range(old.shards):
+            group_id = group_of_shard(shard)
+            if group_id in self._engine.groups():
+                yield self._engine.remove_group(group_id)
+        # Off the reactor: a tree of SQLite files.
+        yield self._store_io.call(shutil.rmtree, os.path.join(self._data_dir, "shards"), True)
 
     def configure(self, shards: int, replicas: int):
-        """Set the shard count and replication factor (``POST /cluster/configure``).
+        """Set the shard count and replication factor (``POST /cluster/configure``),
+        on the meta group's leader.
 
-        The replication factor is at most the number of members. The shard count
-        changes only while the cluster stores no jobs. Calls run one at a time, in the
-        order they came: each closes and opens the replicas, which two at once would
-        do over each other.
+        The replication factor is at most the number of members. The shard map is
+        made anew (every replica placed afresh, balanced over the members) only while
+        the cluster stores no jobs; with jobs stored it cannot change yet. Calls run
+        one at a time, in the order they came: each closes and opens replicas, which
+        two at once would do over each other.
         """
         return self._configuring.run(self._configure, shards, replicas)
 
     @defer.inlineCallbacks
     def _configure(self, shards: int, replicas: int):
-        members = max(1, len(self._cluster_store.members()))
-        if replicas > members:
-            raise InvalidField("replicas", f"must be at most the number of members ({members})")
+        members = [m.node_id for m in self._cluster_store.members()] or [self._node_id]
+        if replicas > len(members):
+            raise InvalidField(
+                "replicas", f"must be at most the number of members ({len(members)})"
+            )
         current = self._cluster_store.config
-        if current is not None and current.shards == shards:
+        if current is not None and (current.shards, current.replicas) == (shards, replicas):
             return current
         if self.unavailable:
-            # A new shard count deletes every shard's files: never those of a shard
-            # whose jobs cannot even be counted.
+            # A new map deletes every shard's files: never those of a shard whose jobs
+            # cannot even be counted.
             raise Unavailable(
-                "the shard count cannot change while shards "
+                "the shard map cannot change while shards "
                 f"{sorted(self.unavailable)} are unavailable; repair them first"
             )
-        # Built (and so validated) before anything is closed: a bad count changes nothing.
-        config = Ring.single_node(self._node_id, shards).config
+        # Built (and so validated) before anything is closed: a bad value changes nothing.
+        config = Configure(shards, replicas, target_placement(shards, replicas, members))
         if current is not None:
             # New writes get E_NOT_CONFIGURED (503, retry) while the shards change, and
             # those already proposed are applied before the stores are counted.
@@ -191,22 +235,18 @@ class Shards:
                 counts = yield defer.gatherResults(
                     [store.count(None) for _, store in self.logs.values()]
                 )
+                elsewhere = [s for s in range(current.shards) if s not in self.logs]
+                if elsewhere and self._count_elsewhere is not None:
+                    counts.append((yield self._count_elsewhere(Ring(current), elsewhere)))
                 if sum(counts):
+                    what = "shard count" if shards != current.shards else "replication factor"
                     raise AlreadyConfigured(
-                        "the shard count cannot change while jobs are stored"
+                        f"the {what} cannot change while jobs are stored (a new shard map "
+                        "is made only for an empty cluster)"
                     )
             except Exception:
                 self._coordinator.ring = ring
                 raise
-            yield self.close()
-            for shard in range(current.shards):
-                group_id = group_of_shard(shard)
-                if group_id in self._engine.groups():
-                    yield self._engine.remove_group(group_id)
-            # Off the reactor: a tree of SQLite files.
-            yield self._store_io.call(
-                shutil.rmtree, os.path.join(self._data_dir, "shards"), True
-            )
         yield self._meta.propose(config)
-        yield self.open(config)
+        yield self._follow(config)
         return config
