@@ -167,8 +167,11 @@ class MemoryStorage:
                 f"missing log entries: last held {self.last_index()}, "
                 f"appended from {entries[0].index}"
             )
-        # Keeps [snapshot, entries[0].index) and replaces everything after it.
-        self._ents = [*self._ents[:offset], *entries]
+        # Keeps [snapshot, entries[0].index) and replaces everything after it, in
+        # place: copying the whole log on every append cost time growing with its
+        # length (up to a compaction's worth of entries).
+        del self._ents[offset:]
+        self._ents.extend(entries)
 
 
 def limit_size(ents: list[Entry], max_bytes: int | None) -> list[Entry]:
