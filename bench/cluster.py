@@ -1,0 +1,238 @@
+"""A 3-node cluster on this machine: creates, batches, firing lateness, and failover.
+
+    .venv/bin/python bench/cluster.py [--quick] [--shards 12]
+
+Starts three ``twistd timemachine`` nodes (node1 on 127.0.0.1, node2 on 127.0.0.2,
+node3 on 127.0.0.3, free ports), joins them as upstream's ``join.sh`` does, configures
+``--shards`` shards with 3 replicas, then:
+
+1. runs ``bench/bench.py --target`` against node1 (single creates with 16 clients,
+   batches of 500, firing lateness at 1,000 fires/s): writes reach each shard's
+   leader from node1, so about two thirds of them are forwarded;
+2. failover: jobs due 2 s from now on every shard; 1.5 s from now the node leading the
+   most shards is killed with -9; it prints the time from the kill to the first job
+   of a shard that node led being fired by its new leader, and whether any job was
+   lost, early or repeated.
+
+It prints figures and never fails on them. Every process it starts is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from timemachine.cluster.ring import shard_of  # noqa: E402
+
+HOSTS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+
+
+def free_port(host):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def call(url, method="GET", body=None, timeout=10):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+    except OSError as e:
+        return 0, {"error": str(e)}
+
+
+def until(what, check, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"cluster bench: not within {timeout} s: {what}")
+
+
+class Node:
+    def __init__(self, number, base):
+        self.node_id = f"node{number}"
+        self.host = HOSTS[number - 1]
+        self.http = f"{self.host}:{free_port(self.host)}"
+        self.peer = f"{self.host}:{free_port(self.host)}"
+        self.data_dir = os.path.join(base, self.node_id)
+        self.log = os.path.join(base, f"{self.node_id}.log")
+        self.process = None
+
+    @property
+    def url(self):
+        return f"http://{self.http}"
+
+    def start(self):
+        host, port = self.http.split(":")
+        peer_host, peer_port = self.peer.split(":")
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "twisted", "--log-format=text", "timemachine",
+                 "--node-id", self.node_id, "--data-dir", self.data_dir,
+                 "--http", f"tcp:{port}:interface={host}",
+                 "--peer", f"tcp:{peer_port}:interface={peer_host}"],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Deliveries(http.server.BaseHTTPRequestHandler):
+    """Records (job id, arrival time) of every delivery."""
+
+    seen: list = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        Deliveries.seen.append((self.headers["X-TimeMachine-Job-Id"], time.time()))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def start_cluster(base, shards, nodes):
+    """Start, join and configure three nodes, appended to ``nodes`` as they start."""
+    for number in (1, 2, 3):
+        node = Node(number, base)
+        nodes.append(node)
+        node.start()
+    for node in nodes:
+        until(f"{node.node_id} ready", lambda n=node: call(n.url + "/ready")[0] == 200)
+    for node in nodes[1:]:
+        code, answer = call(
+            nodes[0].url + "/cluster/join", "POST",
+            {"node_id": node.node_id, "raft_address": node.peer, "http_address": node.http},
+        )
+        if code != 200:
+            raise SystemExit(f"cluster bench: join of {node.node_id} failed: {answer}")
+
+    def voters():
+        code, answer = call(nodes[0].url + "/cluster/servers")
+        return code == 200 and [s["Suffrage"] for s in answer["servers"]] == ["Voter"] * 3
+
+    until("three voters", voters)
+    code, answer = call(nodes[0].url + "/cluster/configure", "POST",
+                        {"shards": shards, "replicas": 3})
+    if code != 200:
+        raise SystemExit(f"cluster bench: configure failed: {answer}")
+
+    def serving():
+        for node in nodes:
+            code, answer = call(node.url + "/cluster/shards")
+            if code != 200 or any(s["status"] != "serving" for s in answer["shards"]):
+                return False
+        return True
+
+    until("every replica serving", serving)
+
+
+def failover(nodes, shards, receiver_url, count):
+    code, answer = call(nodes[1].url + "/route", "POST",
+                        {"id": "failover", "type": "http", "webhook_url": receiver_url})
+    if code != 200:
+        raise SystemExit(f"cluster bench: route failed: {answer}")
+    _, answer = call(nodes[0].url + "/cluster/shards")
+    leaders = {s["shard"]: s["leader"] for s in answer["shards"]}
+    victim_id = max(sorted(set(leaders.values())), key=list(leaders.values()).count)
+    victim = next(n for n in nodes if n.node_id == victim_id)
+    alive = [n for n in nodes if n is not victim]
+    victim_shards = {s for s, leader in leaders.items() if leader == victim_id}
+    due_ms = int(time.time() * 1000) + 2000
+    jobs = [f"f{i}" for i in range(count)]
+    batch = [{"id": j, "trigger_ms": due_ms, "route": "failover"} for j in jobs]
+    code, answer = call(alive[0].url + "/job/fo", "POST", batch)
+    if code != 200 or any(r["status"] != "ok" for r in answer["results"]):
+        raise SystemExit(f"cluster bench: failover jobs not all stored: {answer}")
+    time.sleep(max(0.0, due_ms / 1000 - 0.5 - time.time()))
+    killed_at = time.time()
+    victim.process.kill()
+    victim.process.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and len({j for j, _ in Deliveries.seen}) < count:
+        time.sleep(0.05)
+    times = {}
+    repeats = 0
+    for job_id, at in Deliveries.seen:
+        if job_id in times:
+            repeats += 1
+        times.setdefault(job_id, at)
+    on_victim = [times[j] for j in jobs if shard_of(j, shards) in victim_shards and j in times]
+    others = [times[j] for j in jobs if shard_of(j, shards) not in victim_shards and j in times]
+    print(f"failover: killed {victim_id} (leader of {len(victim_shards)} of {shards} shards) "
+          f"{due_ms / 1000 - killed_at:.2f} s before {count} jobs were due")
+    if on_victim:
+        print(f"  kill -> first job of its shards fired by a new leader: "
+              f"{min(on_victim) - killed_at:.2f} s; last: {max(on_victim) - killed_at:.2f} s")
+    if others:
+        print(f"  jobs of the other shards: last fired {max(others) - due_ms / 1000:.3f} s "
+              "after due")
+    lost = count - len(times)
+    early = sum(1 for at in times.values() if at * 1000 < due_ms)
+    print(f"  lost {lost}, early {early}, repeated {repeats}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shards", type=int, default=12)
+    parser.add_argument("--failover-jobs", type=int, default=600)
+    args = parser.parse_args()
+    base = tempfile.mkdtemp(prefix="tm-cluster-bench-")
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deliveries)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    nodes = []
+    try:
+        start_cluster(base, args.shards, nodes)
+        print(f"cluster: 3 nodes, {args.shards} shards, 3 replicas; measuring through node1")
+        bench = [sys.executable, os.path.join(REPO, "bench", "bench.py"),
+                 "--target", nodes[0].url, "--target-pid", str(nodes[0].process.pid),
+                 "--far-future", "0"]
+        if args.quick:
+            bench.append("--quick")
+        subprocess.run(bench, cwd=REPO, check=False)
+        failover(nodes, args.shards, f"http://127.0.0.1:{receiver.server_port}/hook",
+                 args.failover_jobs)
+    finally:
+        for node in nodes:
+            node.stop()
+        receiver.shutdown()
+        out = os.path.join(REPO, "bench", "out")
+        os.makedirs(out, exist_ok=True)
+        for node in nodes:
+            shutil.copy(node.log, os.path.join(out, f"cluster.{node.node_id}.log"))
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
