@@ -209,6 +209,9 @@ def main():
     parser.add_argument("--failover-jobs", type=int, default=600)
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="tm-cluster-bench-")
+    # A deep listen queue: the failover jobs are due at one instant, and with the
+    # default of 5 the burst of connections waits for SYN retransmits (seconds).
+    http.server.ThreadingHTTPServer.request_queue_size = 1024
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deliveries)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     nodes = []
