@@ -630,14 +630,18 @@ class PeerNetwork:
             peer = self._peers[node_id] = _Peer(node_id, PeerStats(node_id))
         return peer
 
+    def _idle(self, peer: _Peer) -> bool:
+        """Whether ``peer`` is wanted and nothing connects it, or is about to."""
+        return (
+            self._running
+            and peer.wanted
+            and peer.connection is None
+            and peer.dial is None
+            and peer.retry is None
+        )
+
     def _dial(self, peer: _Peer) -> None:
-        if (
-            not self._running
-            or not peer.wanted
-            or peer.connection is not None
-            or peer.dial is not None
-            or peer.retry is not None
-        ):
+        if not self._idle(peer):
             return
         host, port = split_host_port(peer.address)
         endpoint = TCP4ClientEndpoint(
@@ -666,13 +670,7 @@ class PeerNetwork:
         self._schedule_dial(peer)
 
     def _schedule_dial(self, peer: _Peer) -> None:
-        if (
-            not self._running
-            or not peer.wanted
-            or peer.connection is not None
-            or peer.dial is not None
-            or peer.retry is not None
-        ):
+        if not self._idle(peer):
             return
         ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(peer.failures, 32))
         peer.failures += 1
