@@ -397,6 +397,7 @@ class Node(service.Service):
             if group_of_shard(shard) in self.engine.groups():
                 yield self.engine.remove_group(group_of_shard(shard))
         yield self.store_io.call(shutil.rmtree, os.path.join(self.data_dir, "shards"), True)
+        self.shards.forget_map()
         yield self.meta_log.start_over()
 
     @defer.inlineCallbacks

@@ -14,7 +14,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support import HTTPReceiver, call_json, start_node_process
+from tests.support import HTTPReceiver, Partition, call_json, start_node_process
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
 
@@ -229,3 +229,78 @@ class ReplicatedClusterTests(_ClusterTestCase):
         alive = next(n for n in ("node1", "node2", "node3") if n != victim)
         code, answer = yield self.call(alive, "GET", "/job/c/job-7")
         self.assertEqual((code, answer["status"]), (200, "fired"), answer)
+
+    @defer.inlineCallbacks
+    def test_a_partitioned_leader_stops_and_the_majority_takes_over(self):
+        receiver = HTTPReceiver(reactor)
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        yield self.three_nodes_configured()
+        code, answer = yield self.call(
+            "node1", "POST", "/route",
+            {"id": "hook", "type": "http", "webhook_url": receiver.url("/hook")},
+        )
+        self.assertEqual(code, 200, answer)
+        code, answer = yield self.call("node1", "GET", "/cluster/shards")
+        leaders = [entry["leader"] for entry in answer["shards"]]
+        victim = max(sorted(set(leaders)), key=leaders.count)
+        majority = [n for n in self.nodes if n != victim]
+        # Jobs the cut-off leader holds, due after its lease (~0.8 s) has run out but
+        # around when it notices it lost its quorum: only the new leaders may fire them.
+        early_due = int((reactor.seconds() + 1.5) * 1000)
+        held = [f"b{i}" for i in range(30)]
+        code, answer = yield self.call(
+            victim, "POST", "/job/c",
+            [{"id": job_id, "trigger_ms": early_due, "route": "hook"} for job_id in held],
+        )
+        self.assertEqual(code, 200, answer)
+        partition = Partition()
+        self.addCleanup(partition.remove)
+        partition.cut(self.nodes[victim].host, [self.nodes[n].host for n in majority])
+        cut_at = reactor.seconds()
+
+        # The majority elects new leaders and takes writes (503s while it does).
+        due = int((cut_at + 4) * 1000)
+        ids = [f"p{i}" for i in range(30)]
+        for i, job_id in enumerate(ids):
+            job = {"id": job_id, "trigger_ms": due, "route": "hook"}
+            node_id = majority[i % 2]
+            yield self.until(
+                f"{job_id} stored through {node_id}",
+                lambda n=node_id, j=job: self.call(n, "POST", "/job/c", j).addCallback(
+                    lambda r: r[0] == 200
+                ),
+            )
+        # The cut-off node accepts no write: it cannot reach a majority.
+        code, answer = yield self.call(
+            victim, "POST", "/job/c", {"id": "lost", "trigger_ms": due, "route": "hook"}
+        )
+        self.assertEqual((code, answer["code"]), (503, "E_UNAVAILABLE"), answer)
+        yield receiver.wait_for(len(ids) + len(held))
+        # Ten seconds of partition in all, then heal.
+        yield task.deferLater(reactor, max(0.0, cut_at + 10 - reactor.seconds()), lambda: None)
+        partition.heal()
+
+        # The minority catches up and serves as a follower: it reads the jobs the
+        # majority wrote, and a write through it reaches the new leaders.
+        yield self.until(
+            f"{victim} reads a job written while it was cut off",
+            lambda: self.call(victim, "GET", "/job/c/p7").addCallback(
+                lambda r: r[0] == 200 and r[1]["status"] == "fired"
+            ),
+        )
+        yield self.until(
+            f"a write through {victim}",
+            lambda: self.call(
+                victim, "POST", "/job/c",
+                {"id": "after", "trigger_ms": due + 600_000, "route": "hook"},
+            ).addCallback(lambda r: r[0] == 200),
+        )
+        code, answer = yield self.call(victim, "GET", "/job/c/lost")
+        self.assertEqual(code, 404, answer)
+        fired = [r.headers["x-timemachine-job-id"] for r in receiver.requests]
+        # Exactly once: the cut-off leader fired nothing once its lease ran out.
+        self.assertEqual(sorted(fired), sorted(ids + held))
+        for r in receiver.requests:
+            job_due = early_due if r.headers["x-timemachine-job-id"] in held else due
+            self.assertGreaterEqual(r.at * 1000, job_due, "a job fired early")

@@ -23,10 +23,15 @@ from timemachine.cluster.raftgroup import NotLeader
 from timemachine.domain.codec import command_from_pb, command_to_pb
 from timemachine.domain.commands import DeleteJob, DeleteRoute
 from timemachine.domain.errors import Unavailable
+from timemachine.peer.errors import PeerTimeout, PeerUnavailable
 from timemachine.peer.requests import error_of
 
-#: Seconds a forwarded proposal may take (a commit, or the leader's own timeout).
-FORWARD_TIMEOUT = 12.0
+#: Seconds a forwarded proposal may take before it is given up on that node: a leader
+#: cut off by a partition never answers, while the one elected meanwhile (within an
+#: election timeout or two) would.
+FORWARD_TIMEOUT = 3.0
+#: Times a proposal is passed on to a newly known leader after the one asked failed.
+FORWARD_RETRIES = 3
 
 
 class Forwarding:
@@ -47,7 +52,25 @@ class Forwarding:
         is not a delete)."""
         if group.leads:
             return group.propose(command)
-        return self._forward(group.group, group.leader, command, forwarded=False)
+        return self._forward_following(group, command)
+
+    @defer.inlineCallbacks
+    def _forward_following(self, group, command):
+        """Pass ``command`` on to the leader ``group``'s member knows; when that one
+        fails to answer and the member has learnt of another leader since (or of
+        itself), try again there."""
+        for _ in range(FORWARD_RETRIES):
+            leader = group.leader
+            try:
+                answer = yield self._forward(group.group, leader, command, forwarded=False)
+                return answer
+            except (PeerUnavailable, PeerTimeout):
+                if group.leads:
+                    answer = yield group.propose(command)
+                    return answer
+                if group.leader in (None, leader):
+                    raise
+        raise Unavailable(f"group {group.group} is changing leader; retry")
 
     @defer.inlineCallbacks
     def propose_at(self, group_number: int, nodes, command):

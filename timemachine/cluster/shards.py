@@ -195,6 +195,11 @@ class Shards:
         # Off the reactor: a tree of SQLite files.
         yield self._store_io.call(shutil.rmtree, os.path.join(self._data_dir, "shards"), True)
 
+    def forget_map(self) -> None:
+        """This node's replicas are gone (it left its own cluster): the next map it
+        learns is opened whole."""
+        self._opened = None
+
     def configure(self, shards: int, replicas: int):
         """Set the shard count and replication factor (``POST /cluster/configure``),
         on the meta group's leader.
