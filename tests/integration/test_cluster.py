@@ -304,3 +304,55 @@ class ReplicatedClusterTests(_ClusterTestCase):
         for r in receiver.requests:
             job_due = early_due if r.headers["x-timemachine-job-id"] in held else due
             self.assertGreaterEqual(r.at * 1000, job_due, "a job fired early")
+
+    @defer.inlineCallbacks
+    def test_a_paused_leader_fires_nothing_when_it_wakes(self):
+        receiver = HTTPReceiver(reactor)
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        yield self.three_nodes_configured()
+        code, answer = yield self.call(
+            "node1", "POST", "/route",
+            {"id": "hook", "type": "http", "webhook_url": receiver.url("/hook")},
+        )
+        self.assertEqual(code, 200, answer)
+        code, answer = yield self.call("node1", "GET", "/cluster/shards")
+        leaders = [entry["leader"] for entry in answer["shards"]]
+        victim = max(sorted(set(leaders)), key=leaders.count)
+        majority = [n for n in self.nodes if n != victim]
+        due = int((reactor.seconds() + 1.5) * 1000)
+        held = [f"b{i}" for i in range(30)]
+        code, answer = yield self.call(
+            victim, "POST", "/job/c",
+            [{"id": job_id, "trigger_ms": due, "route": "hook"} for job_id in held],
+        )
+        self.assertEqual(code, 200, answer)
+        process = self.nodes[victim].process
+        process.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: process.poll() is None and process.send_signal(signal.SIGCONT))
+        paused_at = reactor.seconds()
+        # The others take over its shards and fire what it held.
+        yield receiver.wait_for(len(held))
+        later = int((reactor.seconds() + 1) * 1000)
+        yield self.until(
+            "a write through the majority",
+            lambda: self.call(
+                majority[0], "POST", "/job/c", {"id": "w", "trigger_ms": later, "route": "hook"}
+            ).addCallback(lambda r: r[0] == 200),
+        )
+        yield receiver.wait_for(len(held) + 1)
+        yield task.deferLater(
+            reactor, max(0.0, paused_at + 10 - reactor.seconds()), lambda: None
+        )
+        # It wakes with every held job overdue and its clock ten seconds behind.
+        process.send_signal(signal.SIGCONT)
+        yield task.deferLater(reactor, 3.0, lambda: None)
+        fired = [r.headers["x-timemachine-job-id"] for r in receiver.requests]
+        self.assertEqual(sorted(fired), sorted([*held, "w"]))
+        self.assertTrue(all(r.at * 1000 >= due for r in receiver.requests), "a job fired early")
+        yield self.until(
+            f"{victim} serves again as a follower",
+            lambda: self.call(victim, "GET", "/job/c/w").addCallback(
+                lambda r: r[0] == 200 and r[1]["status"] == "fired"
+            ),
+        )
