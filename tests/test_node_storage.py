@@ -58,7 +58,9 @@ class StorageLifecycleTests(NodeTestCase):
         # 300 creates, 300 outcomes and the purges of the shards and the meta group
         # went through the one Raft log; what is left is each group's tail and the
         # entries since its last cut (quiet groups are copied forward).
-        self.assertLessEqual(len(segment_files(self.raft_log())), 4)
+        # Where the last compactions fell decides between 3 and 5 segments; a log that
+        # kept its history holds 12 here.
+        self.assertLessEqual(len(segment_files(self.raft_log())), 6)
         metrics = self.node.metrics.render().decode()
         self.assertIn("timemachine_jobs_purged_total 300.0", metrics)
         self.assertIn('timemachine_log_bytes{log="raft"}', metrics)
