@@ -217,16 +217,31 @@ class ReplicatedClusterTests(_ClusterTestCase):
         yield self.until("every replica of every shard serving", every_replica_serves)
 
     @defer.inlineCallbacks
-    def test_jobs_fire_on_time_and_a_killed_node_loses_none(self):
+    def configured_with_receiver(self, via):
+        """Three configured nodes and a route ``hook`` (written through ``via``) to a
+        receiver; fires with the receiver."""
         receiver = HTTPReceiver(reactor)
         receiver.start()
         self.addCleanup(receiver.stop)
         yield self.three_nodes_configured()
         code, answer = yield self.call(
-            "node2", "POST", "/route",
+            via, "POST", "/route",
             {"id": "hook", "type": "http", "webhook_url": receiver.url("/hook")},
         )
         self.assertEqual(code, 200, answer)
+        return receiver
+
+    @defer.inlineCallbacks
+    def busiest_leader(self, via):
+        """The node leading the most shards, as ``via`` sees it."""
+        code, answer = yield self.call(via, "GET", "/cluster/shards")
+        self.assertEqual(code, 200, answer)
+        leaders = [entry["leader"] for entry in answer["shards"]]
+        return max(sorted(set(leaders)), key=leaders.count)
+
+    @defer.inlineCallbacks
+    def test_jobs_fire_on_time_and_a_killed_node_loses_none(self):
+        receiver = yield self.configured_with_receiver("node2")
         due = int(reactor.seconds() * 1000) + 5000
         ids = [f"job-{i}" for i in range(60)]
         for i, job_id in enumerate(ids):
@@ -236,9 +251,7 @@ class ReplicatedClusterTests(_ClusterTestCase):
             )
             self.assertEqual(code, 200, (node_id, answer))
         # Before they fire, the node leading the most shards dies.
-        code, answer = yield self.call("node2", "GET", "/cluster/shards")
-        leaders = [entry["leader"] for entry in answer["shards"]]
-        victim = max(sorted(set(leaders)), key=leaders.count)
+        victim = yield self.busiest_leader("node2")
         self.nodes[victim].kill(signal.SIGKILL)
         yield receiver.wait_for(60)
         yield task.deferLater(reactor, 1.0, lambda: None)
@@ -249,18 +262,8 @@ class ReplicatedClusterTests(_ClusterTestCase):
 
     @defer.inlineCallbacks
     def test_a_partitioned_leader_stops_and_the_majority_takes_over(self):
-        receiver = HTTPReceiver(reactor)
-        receiver.start()
-        self.addCleanup(receiver.stop)
-        yield self.three_nodes_configured()
-        code, answer = yield self.call(
-            "node1", "POST", "/route",
-            {"id": "hook", "type": "http", "webhook_url": receiver.url("/hook")},
-        )
-        self.assertEqual(code, 200, answer)
-        code, answer = yield self.call("node1", "GET", "/cluster/shards")
-        leaders = [entry["leader"] for entry in answer["shards"]]
-        victim = max(sorted(set(leaders)), key=leaders.count)
+        receiver = yield self.configured_with_receiver("node1")
+        victim = yield self.busiest_leader("node1")
         majority = [n for n in self.nodes if n != victim]
         # Jobs the cut-off leader holds, due after its lease (~0.8 s) has run out but
         # around when it notices it lost its quorum: only the new leaders may fire them.
@@ -327,18 +330,8 @@ class ReplicatedClusterTests(_ClusterTestCase):
 
     @defer.inlineCallbacks
     def test_a_paused_leader_fires_nothing_when_it_wakes(self):
-        receiver = HTTPReceiver(reactor)
-        receiver.start()
-        self.addCleanup(receiver.stop)
-        yield self.three_nodes_configured()
-        code, answer = yield self.call(
-            "node1", "POST", "/route",
-            {"id": "hook", "type": "http", "webhook_url": receiver.url("/hook")},
-        )
-        self.assertEqual(code, 200, answer)
-        code, answer = yield self.call("node1", "GET", "/cluster/shards")
-        leaders = [entry["leader"] for entry in answer["shards"]]
-        victim = max(sorted(set(leaders)), key=leaders.count)
+        receiver = yield self.configured_with_receiver("node1")
+        victim = yield self.busiest_leader("node1")
         majority = [n for n in self.nodes if n != victim]
         due = int((reactor.seconds() + 1.5) * 1000)
         held = [f"b{i}" for i in range(30)]
