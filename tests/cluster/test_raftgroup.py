@@ -72,13 +72,14 @@ class _Member:
     """One node's member of group 1: its host, disk, store and Raft group."""
 
     def __init__(self, testcase, directory, node_id, link, bootstrap, keep_entries=1000,
-                 **options):
+                 host_options=(), **options):
         self.testcase = testcase
         self.directory = directory
         self.node_id = node_id
         self.link = link
         self.bootstrap = bootstrap
         self.keep_entries = keep_entries
+        self.host_options = {**FAST, **dict(host_options)}
         self.options = options
         self.group = None
 
@@ -87,7 +88,7 @@ class _Member:
         self.io = IOThread(reactor, f"raft-{self.node_id}")
         self.io.start()
         self.host = RaftHost(reactor, self.node_id, self.link.sender(self.node_id),
-                             random.Random(self.node_id), **FAST)
+                             random.Random(self.node_id), **self.host_options)
         self.link.hosts[self.node_id] = self.host
         self.engine = RaftEngine(os.path.join(self.directory, "raft"), reactor, self.io,
                                  keep_entries=self.keep_entries)
@@ -285,6 +286,16 @@ class ThreeMemberTests(RaftGroupTestCase):
         self.assertGreaterEqual(follower.group.applied_index, index)
         job = yield follower.group.store.get("c", "seen")
         self.assertEqual(job.version, index)
+
+    @defer.inlineCallbacks
+    def test_a_read_whose_leader_is_lost_fails_retryably_in_time(self):
+        link, members = yield self.start_all(host_options={"proposal_timeout": 0.5})
+        leader = self.leader(members)
+        follower = next(m for m in members if m is not leader)
+        yield _until(lambda: follower.group.leader == leader.node_id)
+        link.isolate(follower.node_id)
+        # The ReadIndex request to the leader it still knows is dropped.
+        yield self.assertFailure(follower.group.read_barrier(), Unavailable)
 
     @defer.inlineCallbacks
     def test_a_follower_acknowledges_entries_only_once_they_are_durable(self):

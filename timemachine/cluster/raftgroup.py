@@ -312,7 +312,8 @@ class RaftGroup:
         self._leadership_listeners: list[Callable[[bool], None]] = []
         # index -> (term, answer, deadline)
         self._answers: dict[int, tuple[int, defer.Deferred, float]] = {}
-        self._reads: dict[bytes, defer.Deferred] = {}
+        # ReadIndex context -> (answer, deadline)
+        self._reads: dict[bytes, tuple[defer.Deferred, float]] = {}
         self._read_states: list = []
         self._next_read = 0
         self._scheduled = None
@@ -550,7 +551,8 @@ class RaftGroup:
         """Fire once a read from the store sees every write acknowledged before the
         call (linearizable): at once under a valid lease, else after a ReadIndex round.
 
-        Fails with `NotLeader` when no leader is known.
+        Fails with `NotLeader` when no leader is known, and with `Unavailable` when
+        no answer came within ``proposal_timeout`` (the request or its leader was lost).
         """
         if not self._open:
             return defer.fail(Unavailable(f"{self.name} is not serving"))
@@ -562,7 +564,7 @@ class RaftGroup:
         if not core.read_index(context):
             return defer.fail(NotLeader(f"{self.name} has no leader now", core.leader))
         waiter = defer.Deferred()
-        self._reads[context] = waiter
+        self._reads[context] = (waiter, self.host.reactor.seconds() + self.host.proposal_timeout)
         self._schedule()
         return waiter
 
@@ -579,7 +581,7 @@ class RaftGroup:
             return
         for _ in range(count):
             self.core.tick()
-        self._expire_answers()
+        self._expire_waiters()
         self._schedule()
 
     # -- the Ready loop --------------------------------------------------------------
@@ -785,14 +787,14 @@ class RaftGroup:
         waiting = []
         for state in self._read_states:
             if state.index <= applied:
-                answer = self._reads.pop(state.context, None)
-                if answer is not None:
-                    answer.callback(None)
+                waiting_read = self._reads.pop(state.context, None)
+                if waiting_read is not None:
+                    waiting_read[0].callback(None)
             else:
                 waiting.append(state)
         self._read_states = waiting
 
-    def _expire_answers(self) -> None:
+    def _expire_waiters(self) -> None:
         now = self.host.reactor.seconds()
         expired = [i for i, (_, _, deadline) in self._answers.items() if deadline <= now]
         for index in expired:
@@ -800,6 +802,10 @@ class RaftGroup:
             answer.errback(
                 Unavailable(f"{self.name}: entry {index} did not commit in time; retry")
             )
+        late = [context for context, (_, deadline) in self._reads.items() if deadline <= now]
+        for context in late:
+            answer, _ = self._reads.pop(context)
+            answer.errback(Unavailable(f"{self.name}: no leader confirmed a read in time; retry"))
         self._maybe_idle()
 
     def _notify_leadership(self) -> None:
@@ -828,7 +834,7 @@ class RaftGroup:
         for _, answer, _ in answers.values():
             answer.errback(self._broken)
         reads, self._reads = self._reads, {}
-        for answer in reads.values():
+        for answer, _ in reads.values():
             answer.errback(self._broken)
         self._maybe_idle()
 
@@ -861,7 +867,7 @@ class RaftGroup:
         for _, answer, _ in answers.values():
             answer.errback(closing)
         reads, self._reads = self._reads, {}
-        for answer in reads.values():
+        for answer, _ in reads.values():
             answer.errback(closing)
         waiters, self._leading_waiters = self._leading_waiters, []
         for waiter in waiters:
