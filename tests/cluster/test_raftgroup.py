@@ -298,6 +298,19 @@ class ThreeMemberTests(RaftGroupTestCase):
         yield self.assertFailure(follower.group.read_barrier(), Unavailable)
 
     @defer.inlineCallbacks
+    def test_a_read_sent_to_a_lost_leader_is_asked_again_of_the_next(self):
+        link, members = yield self.start_all(host_options={"proposal_timeout": 5.0})
+        old = self.leader(members)
+        follower = next(m for m in members if m is not old)
+        yield _until(lambda: follower.group.leader == old.node_id)
+        index, _ = yield old.group.propose(PutJobs((_spec("seen"),)))
+        link.isolate(old.node_id)
+        # Sent to the old leader, and lost; the majority elects another meanwhile.
+        yield follower.group.read_barrier()
+        self.assertNotEqual(follower.group.leader, old.node_id)
+        self.assertGreaterEqual(follower.group.applied_index, index)
+
+    @defer.inlineCallbacks
     def test_a_follower_acknowledges_entries_only_once_they_are_durable(self):
         _, members = yield self.start_all()
         leader = self.leader(members)

@@ -68,6 +68,8 @@ ELECTION_TICKS = 10
 HEARTBEAT_TICKS = 1
 #: Seconds a proposal may wait for its entry to apply before it fails as `Unavailable`.
 PROPOSAL_TIMEOUT = 10.0
+#: Seconds after which an unanswered ReadIndex request is sent again (etcd: 0.5 s).
+READ_RETRY_SECONDS = 0.5
 #: Compaction: after this many applied entries, snapshot at the store's durable index
 #: and let the disk cut the log below it (less the tail it keeps for followers).
 COMPACT_EVERY_ENTRIES = 10_000
@@ -312,8 +314,8 @@ class RaftGroup:
         self._leadership_listeners: list[Callable[[bool], None]] = []
         # index -> (term, answer, deadline)
         self._answers: dict[int, tuple[int, defer.Deferred, float]] = {}
-        # ReadIndex context -> (answer, deadline)
-        self._reads: dict[bytes, tuple[defer.Deferred, float]] = {}
+        # ReadIndex context -> (answer, deadline, when to ask again)
+        self._reads: dict[bytes, tuple[defer.Deferred, float, float]] = {}
         self._read_states: list = []
         self._next_read = 0
         self._scheduled = None
@@ -551,8 +553,10 @@ class RaftGroup:
         """Fire once a read from the store sees every write acknowledged before the
         call (linearizable): at once under a valid lease, else after a ReadIndex round.
 
+        A request unanswered after `READ_RETRY_SECONDS` is sent again, to the leader
+        known then: the first may have gone to a leader since cut off or replaced.
         Fails with `NotLeader` when no leader is known, and with `Unavailable` when
-        no answer came within ``proposal_timeout`` (the request or its leader was lost).
+        none answered within ``proposal_timeout``.
         """
         if not self._open:
             return defer.fail(Unavailable(f"{self.name} is not serving"))
@@ -564,7 +568,8 @@ class RaftGroup:
         if not core.read_index(context):
             return defer.fail(NotLeader(f"{self.name} has no leader now", core.leader))
         waiter = defer.Deferred()
-        self._reads[context] = (waiter, self.host.reactor.seconds() + self.host.proposal_timeout)
+        now = self.host.reactor.seconds()
+        self._reads[context] = (waiter, now + self.host.proposal_timeout, now + READ_RETRY_SECONDS)
         self._schedule()
         return waiter
 
@@ -802,10 +807,16 @@ class RaftGroup:
             answer.errback(
                 Unavailable(f"{self.name}: entry {index} did not commit in time; retry")
             )
-        late = [context for context, (_, deadline) in self._reads.items() if deadline <= now]
-        for context in late:
-            answer, _ = self._reads.pop(context)
-            answer.errback(Unavailable(f"{self.name}: no leader confirmed a read in time; retry"))
+        for context, (answer, deadline, retry_at) in list(self._reads.items()):
+            if deadline <= now:
+                del self._reads[context]
+                answer.errback(
+                    Unavailable(f"{self.name}: no leader confirmed a read in time; retry")
+                )
+            elif retry_at <= now:
+                # A duplicate answer is harmless: the first releases the read.
+                self.core.read_index(context)
+                self._reads[context] = (answer, deadline, now + READ_RETRY_SECONDS)
         self._maybe_idle()
 
     def _notify_leadership(self) -> None:
@@ -834,7 +845,7 @@ class RaftGroup:
         for _, answer, _ in answers.values():
             answer.errback(self._broken)
         reads, self._reads = self._reads, {}
-        for answer, _ in reads.values():
+        for answer, _, _ in reads.values():
             answer.errback(self._broken)
         self._maybe_idle()
 
@@ -867,7 +878,7 @@ class RaftGroup:
         for _, answer, _ in answers.values():
             answer.errback(closing)
         reads, self._reads = self._reads, {}
-        for answer, _ in reads.values():
+        for answer, _, _ in reads.values():
             answer.errback(closing)
         waiters, self._leading_waiters = self._leading_waiters, []
         for waiter in waiters:
