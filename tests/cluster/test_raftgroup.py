@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from timemachine.cluster.raftgroup import EngineDisk, NotLeader, RaftGroup, RaftHost
 from timemachine.domain.commands import DeleteJob, PutJobs
-from timemachine.domain.errors import CorruptLog, Unavailable
+from timemachine.domain.errors import CorruptLog, StorageError, Unavailable
 from timemachine.domain.jobs import JobSpec
 from timemachine.interfaces import IShardLog
 from timemachine.raft.engine import RaftEngine
@@ -449,3 +449,137 @@ class SnapshotTests(RaftGroupTestCase):
         away.host.stop()
         yield away.engine.close()
         away.io.stop()
+
+
+def _hold_applies(testcase, store):
+    """Make ``store``'s apply transactions wait until the returned Deferred fires (the
+    entries are durable, not applied); released at cleanup if the test did not."""
+    held = defer.Deferred()
+    real_apply = store.apply
+    store.apply = lambda batch: held.addCallback(lambda _: real_apply(batch))
+    testcase.addCleanup(lambda: None if held.called else held.callback(None))
+    return held
+
+
+class CounterTests(RaftGroupTestCase):
+    """What a member counts about itself and reports in `RaftGroup.stats`."""
+
+    @defer.inlineCallbacks
+    def test_a_lone_leader_counts_its_proposals_and_their_commit_latency(self):
+        _, [member] = self.members(1)
+        yield member.start()
+        yield _until(member.group.is_leader)
+        last = yield self.write(member, 12)
+        status = member.group.stats()
+        self.assertEqual((status.role, status.leader, status.lease), ("leader", "node1", True))
+        self.assertEqual(status.voters, ("node1",))
+        self.assertEqual((status.commit_index, status.applied_index), (last, last))
+        self.assertEqual(status.apply_lag, 0)
+        counters = status.counters
+        self.assertEqual((counters.proposals, counters.proposals_failed), (12, 0))
+        self.assertEqual(counters.leader_changes, 1)
+        latency = counters.commit_seconds
+        self.assertEqual(latency.total, 12)
+        self.assertEqual(latency.cumulative()[-1], (float("inf"), 12))
+        self.assertGreater(latency.sum, 0)
+
+    @defer.inlineCallbacks
+    def test_apply_lag_counts_the_entries_the_store_has_not_applied(self):
+        _, [member] = self.members(1)
+        yield member.start()
+        yield _until(member.group.is_leader)
+        store = member.group.store
+        held = _hold_applies(self, store)
+        answer = member.group.propose(PutJobs((_spec("a"),)))
+        yield _until(lambda: member.group.stats().last_index > store.applied_index)
+        self.assertEqual(member.group.stats().apply_lag, 1)
+        held.callback(None)
+        yield answer
+        self.assertEqual(member.group.stats().apply_lag, 0)
+
+    @defer.inlineCallbacks
+    def test_refused_and_stranded_proposals_fail_and_leaders_are_counted(self):
+        link, members = yield self.start_all()
+        old = self.leader(members)
+        term = old.group.stats().term
+        follower = next(m for m in members if m is not old)
+        yield _until(lambda: follower.group.leader == old.node_id)
+        yield self.assertFailure(follower.group.propose(PutJobs((_spec("a"),))), NotLeader)
+        self.assertEqual(follower.group.stats().role, "follower")
+        self.assertEqual(follower.group.stats().leader, old.node_id)
+        self.assertEqual(
+            (follower.group.counters.proposals, follower.group.counters.proposals_failed),
+            (1, 1),
+        )
+        changes = {m.node_id: m.group.counters.leader_changes for m in members}
+        link.isolate(old.node_id)
+        others = [m for m in members if m is not old]
+        yield _until(lambda: self.leader(others) is not None)
+        stranded = old.group.propose(PutJobs((_spec("lost"),)))
+        new = self.leader(others)
+        yield new.group.propose(PutJobs((_spec("after"),)))
+        link.heal()
+        yield self.assertFailure(stranded, Unavailable)
+        self.assertEqual(old.group.counters.proposals_failed, 1)
+        self.assertEqual(new.group.counters.commit_seconds.total, 1)
+        yield _until(lambda: old.group.leader == new.node_id)
+        self.assertGreater(new.group.stats().term, term)
+        for m in members:
+            self.assertGreater(m.group.counters.leader_changes, changes[m.node_id], m.node_id)
+
+    @defer.inlineCallbacks
+    def test_a_snapshot_sent_and_installed_is_counted_on_both_sides(self):
+        _, members = yield self.start_all(**COMPACTING)
+        leader = self.leader(members)
+        away = next(m for m in members if m is not leader)
+        yield away.stop()
+        last = yield self.write(leader, 200)
+        yield leader.group.compact()
+        self.assertEqual(leader.group.counters.snapshots_sent, 0)
+        yield away.start()
+        # Counted once the install is finished, just after the store holds the data.
+        yield _until(lambda: away.group.counters.snapshots_received == 1)
+        self.assertGreaterEqual(away.group.applied_index, last)
+        self.assertGreaterEqual(leader.group.counters.snapshots_sent, 1)
+        self.assertEqual(away.group.counters.snapshots_sent, 0)
+
+    @defer.inlineCallbacks
+    def test_proposals_that_expire_or_meet_a_store_failure_are_counted_failed(self):
+        _, [member] = self.members(1)
+        yield member.start()
+        yield _until(member.group.is_leader)
+        group = member.group
+        held = _hold_applies(self, group.store)
+        member.host.proposal_timeout = 0.05
+        late = group.propose(PutJobs((_spec("late"),)))
+        failure = yield self.assertFailure(late, Unavailable)
+        self.assertIn("did not commit in time", str(failure))
+        self.assertEqual(group.counters.proposals_failed, 1)
+        member.host.proposal_timeout = 60.0
+        stuck = group.propose(PutJobs((_spec("stuck"),)))
+        held.errback(OSError("the disk is gone"))
+        yield self.assertFailure(stuck, StorageError)
+        self.flushLoggedErrors(OSError)
+        status = group.stats()
+        self.assertIn("the disk is gone", status.error)
+        self.assertEqual((status.role, status.lease), (None, False))
+        self.assertEqual((group.counters.proposals, group.counters.proposals_failed), (2, 2))
+        self.assertEqual(group.counters.commit_seconds.total, 0)
+
+    @defer.inlineCallbacks
+    def test_closing_fails_what_waits_and_a_closed_member_refuses_counted(self):
+        _, [member] = self.members(1)
+        yield member.start()
+        yield _until(member.group.is_leader)
+        group = member.group
+        held = _hold_applies(self, group.store)
+        waiting = group.propose(PutJobs((_spec("w"),)))
+        yield _until(lambda: group.stats().apply_lag == 1)
+        stopping = member.stop()
+        yield self.assertFailure(waiting, Unavailable)
+        held.callback(None)
+        yield stopping
+        status = group.stats()
+        self.assertEqual((status.role, status.leader, status.lease), (None, None, False))
+        yield self.assertFailure(group.propose(PutJobs((_spec("x"),))), Unavailable)
+        self.assertEqual((group.counters.proposals, group.counters.proposals_failed), (2, 2))

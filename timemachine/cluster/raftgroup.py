@@ -44,6 +44,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from timemachine.cluster.groupstats import GroupCounters, GroupStatus
 from timemachine.domain.codec import decode_command, encode_command
 from timemachine.domain.errors import AlreadyConfigured, CorruptLog, StorageError, Unavailable
 from timemachine.interfaces import IShardLog
@@ -326,6 +327,8 @@ class RaftGroup:
         self._leading_waiters: list[defer.Deferred] = []
         self._restore_listeners: list[Callable[[], None]] = []
         self._idle: list[defer.Deferred] = []
+        self.counters = GroupCounters()
+        self._leader_term = 0  # the last term in which a leader was learnt
 
     # -- IShardLog -------------------------------------------------------------------
 
@@ -506,14 +509,36 @@ class RaftGroup:
         """The node this member believes leads the group, or None (also once closed)."""
         return None if self.core is None or not self._open else self.core.leader
 
+    def stats(self) -> GroupStatus:
+        """This member's state and counters now (for metrics and ``/cluster/shards``)."""
+        core = self.core
+        running = self._open and self._broken is None and core is not None
+        conf = self.conf if core is not None else ConfState()
+        return GroupStatus(
+            group=self.group,
+            name=self.name,
+            role=core.state if running else None,
+            term=core.term if core is not None else 0,
+            leader=self.leader if running else None,
+            lease=self.is_leader(),
+            commit_index=core.commit_index if core is not None else 0,
+            applied_index=self._store.applied_index,
+            last_index=core.log.last_index() if core is not None else 0,
+            voters=tuple(sorted(conf.voters)),
+            learners=tuple(sorted(conf.learners)),
+            error=None if self._broken is None else str(self._broken),
+            counters=self.counters,
+        )
+
     def propose(self, command):
+        self.counters.proposals += 1
         if not self._open:
-            return defer.fail(Unavailable(f"{self.name} is not serving"))
+            return self._refuse(Unavailable(f"{self.name} is not serving"))
         if self._broken is not None:
-            return defer.fail(self._broken)
+            return self._refuse(self._broken)
         core = self.core
         if core.state != LEADER or not core.propose(encode_command(command)):
-            return defer.fail(
+            return self._refuse(
                 NotLeader(f"{self.name}: this node does not lead it now", core.leader)
             )
         return self._await(core.log.last_index())
@@ -524,18 +549,23 @@ class RaftGroup:
         Fails with `NotLeader` off the leader, and `Unavailable` while another change
         is under way (one server at a time) or when it would change nothing.
         """
+        self.counters.proposals += 1
         if not self._open:
-            return defer.fail(Unavailable(f"{self.name} is not serving"))
+            return self._refuse(Unavailable(f"{self.name} is not serving"))
         core = self.core
         if core.state != LEADER:
-            return defer.fail(NotLeader(f"{self.name}: this node does not lead it", core.leader))
+            return self._refuse(NotLeader(f"{self.name}: this node does not lead it", core.leader))
         if not core.propose_conf_change(change):
-            return defer.fail(
+            return self._refuse(
                 Unavailable(f"{self.name}: cannot {change.kind.name} {change.node} now")
             )
         d = self._await(core.log.last_index())
         d.addCallback(lambda answer: answer[0])
         return d
+
+    def _refuse(self, error: Exception):
+        self.counters.proposals_failed += 1
+        return defer.fail(error)
 
     def _await(self, index: int):
         answer = defer.Deferred()
@@ -631,6 +661,7 @@ class RaftGroup:
             self.host.send(self.group, message)
         if installing:
             yield self._finish_install(rd.snapshot)
+            self.counters.snapshots_received += 1
             for listener in self._restore_listeners:
                 try:
                     listener()
@@ -691,6 +722,8 @@ class RaftGroup:
         point = self._storage.snapshot().index
         sending = self._sending
         if sending is not None and sending.index >= point:
+            # The core asks only as it begins a transfer.
+            self.counters.snapshots_sent += 1
             return sending
         if self._preparing is None:
             self._preparing = self._prepare_copy()
@@ -763,6 +796,7 @@ class RaftGroup:
             else:
                 batch.append((entry.index, None))
         results = yield self._store.apply(batch)
+        now = self.host.reactor.seconds()
         self._applied_since_compaction += len(batch)
         if self._applied_since_compaction >= self._compact_every:
             self.compact()
@@ -777,10 +811,15 @@ class RaftGroup:
             waiting = self._answers.pop(index, None)
             if waiting is None:
                 continue
-            term, answer, _ = waiting
+            term, answer, deadline = waiting
             if term == entry.term:
                 answers.append((answer, (index, result)))
+                # The deadline is the proposal's time plus the timeout.
+                self.counters.commit_seconds.observe(
+                    now - deadline + self.host.proposal_timeout
+                )
             else:
+                self.counters.proposals_failed += 1
                 lost = Unavailable(
                     f"{self.name}: leadership changed before entry {index} committed"
                 )
@@ -802,6 +841,7 @@ class RaftGroup:
     def _expire_waiters(self) -> None:
         now = self.host.reactor.seconds()
         expired = [i for i, (_, _, deadline) in self._answers.items() if deadline <= now]
+        self.counters.proposals_failed += len(expired)
         for index in expired:
             _, answer, _ = self._answers.pop(index)
             answer.errback(
@@ -820,6 +860,10 @@ class RaftGroup:
         self._maybe_idle()
 
     def _notify_leadership(self) -> None:
+        core = self.core
+        if core.leader is not None and core.term != self._leader_term:
+            self._leader_term = core.term
+            self.counters.leader_changes += 1
         leading = self.is_leader()
         if leading == self._was_leader:
             return
@@ -842,6 +886,7 @@ class RaftGroup:
         self.log.failure("Raft group {name} stopped", name=self.name)
         self._notify_leadership()
         answers, self._answers = self._answers, {}
+        self.counters.proposals_failed += len(answers)
         for _, answer, _ in answers.values():
             answer.errback(self._broken)
         reads, self._reads = self._reads, {}
@@ -875,6 +920,7 @@ class RaftGroup:
             self._scheduled = None
         closing = Unavailable(f"{self.name} is closing")
         answers, self._answers = self._answers, {}
+        self.counters.proposals_failed += len(answers)
         for _, answer, _ in answers.values():
             answer.errback(closing)
         reads, self._reads = self._reads, {}
