@@ -69,9 +69,10 @@ class PeerNetworkTestCase(unittest.TestCase):
     """Builds started networks, stopped at cleanup."""
 
     timeout = 30  # a broken network fails a test in seconds, not trial's 120
+    hosts = HOSTS
 
     def make_network(self, node_id: str, port: int = 0, host: str | None = None, **kwargs):
-        host = host or HOSTS[node_id]
+        host = host or self.hosts[node_id]
         kwargs.setdefault("backoff_initial", 0.01)
         kwargs.setdefault("backoff_max", 0.05)
         kwargs.setdefault("request_timeout", 5.0)
@@ -521,6 +522,59 @@ class RequestTests(PeerNetworkTestCase):
         response = yield a.request("b", pb.Request(http=pb.HttpCall()))
         self.assertEqual(response.error_code, "E_TOO_LARGE")
         self.assertEqual(a.connected_peers(), ["b"])
+
+
+class CounterTests(PeerNetworkTestCase):
+    """`PeerNetwork.stats`: what each side counts of the other (the metrics' source)."""
+
+    hosts = {"a": "127.0.2.1", "b": "127.0.2.2"}
+
+    @defer.inlineCallbacks
+    def test_both_sides_count_the_same_frames_bytes_and_messages(self):
+        a, b = yield self.connected_pair()
+        b.handle("http", lambda frm, call: pb.HttpAnswer(status=200, body=call.body))
+        for n in range(3):
+            yield a.request("b", pb.Request(http=pb.HttpCall(body=b"x" * (100 * n))))
+        a.send_raft("b", heartbeat(1, 1))
+        a.send_raft("b", heartbeat(2, 1))
+        yield wait_until(lambda: len(b.received) == 2, "b has both messages")
+        sent, got = a.stats()["b"], b.stats()["a"]
+        self.assertTrue(sent.connected)
+        self.assertEqual((sent.requests_sent, got.requests_received), (3, 3))
+        self.assertEqual((sent.raft_messages_sent, got.raft_messages_received), (2, 2))
+        # Hello, three requests, one Raft batch; and back: Hello, three answers.
+        self.assertEqual((sent.frames_sent, got.frames_received), (5, 5))
+        self.assertEqual((sent.frames_received, got.frames_sent), (4, 4))
+        self.assertEqual(sent.bytes_sent, got.bytes_received)
+        self.assertEqual(sent.bytes_received, got.bytes_sent)
+        self.assertGreater(sent.bytes_sent, 300)
+        self.assertEqual((sent.requests_timed_out, sent.requests_failed), (0, 0))
+
+    @defer.inlineCallbacks
+    def test_timeouts_and_failures_of_requests_are_counted_apart(self):
+        a, b = yield self.connected_pair(max_frame_bytes=1000)
+        b.handle("http", lambda frm, call: defer.Deferred())
+        yield self.assertFailure(
+            a.request("b", pb.Request(http=pb.HttpCall()), timeout=0.05), PeerTimeout
+        )
+        self.assertEqual((a.stats()["b"].requests_timed_out, a.stats()["b"].requests_failed),
+                         (1, 0))
+        yield self.assertFailure(
+            a.request("b", pb.Request(http=pb.HttpCall(body=b"x" * 2000))), MessageTooLarge
+        )
+        self.assertEqual(a.stats()["b"].requests_failed, 1)
+        # An answer carrying an error is an answer.
+        response = yield a.request("b", pb.Request(propose=pb.Propose(group=1)))
+        self.assertEqual(response.error_code, "E_UNAVAILABLE")
+        pending = a.request("b", pb.Request(http=pb.HttpCall()))
+        yield wait_until(lambda: b.stats()["a"].requests_received == 3, "b has it")
+        yield b.stop()
+        yield self.assertFailure(pending, PeerUnavailable)
+        yield wait_until(lambda: not a.stats()["b"].connected, "a saw the connection go")
+        yield self.assertFailure(a.request("b", pb.Request(ping=pb.Ping())), PeerUnavailable)
+        stats = a.stats()["b"]
+        self.assertEqual((stats.requests_timed_out, stats.requests_failed), (1, 3))
+        self.assertEqual(stats.requests_sent, 3)
 
 
 class ProtocolErrorTests(PeerNetworkTestCase):

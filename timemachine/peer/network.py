@@ -76,6 +76,10 @@ class PeerStats:
     ``address`` is where this node dials it (None when it is not in the peer set, e.g.
     a joining node that dialled in); ``advertise`` is what its last `Hello` said.
     ``reconnects`` counts the dials made again after a failure or a lost connection.
+    Of the requests this node sent (or tried to), ``requests_timed_out`` got no answer
+    in time and ``requests_failed`` failed otherwise: not connected, the connection
+    lost or replaced before the answer, too large to frame, the network stopped. (A
+    request answered with an error is answered: neither.)
     """
 
     node_id: str
@@ -91,6 +95,8 @@ class PeerStats:
     raft_dropped: int = 0
     requests_sent: int = 0
     requests_received: int = 0
+    requests_timed_out: int = 0
+    requests_failed: int = 0
     reconnects: int = 0
 
 
@@ -414,6 +420,8 @@ class PeerNetwork:
         peer = self._peers.get(node_id)
         connection = None if peer is None else peer.connection
         if connection is None:
+            if peer is not None:
+                peer.stats.requests_failed += 1
             return defer.fail(PeerUnavailable(node_id, "not connected"))
         state = self._connections[connection]
         request_id = next(self._request_ids)
@@ -421,6 +429,7 @@ class PeerNetwork:
         try:
             self._send(connection, pb.Envelope(request=request))
         except MessageTooLarge as error:
+            peer.stats.requests_failed += 1
             return defer.fail(error)
         timeout = self._request_timeout if timeout is None else timeout
 
@@ -438,6 +447,7 @@ class PeerNetwork:
     def _timed_out(self, state: _Connection, request_id: int) -> None:
         pending = state.pending.pop(request_id, None)
         if pending is not None:
+            self._peers[pending.node_id].stats.requests_timed_out += 1
             pending.deferred.errback(PeerTimeout(pending.node_id, pending.timeout))
 
     def _fail_pending(self, state: _Connection, error_class, why: str) -> None:
@@ -445,6 +455,7 @@ class PeerNetwork:
         for pending in pendings.values():
             if pending.timer.active():
                 pending.timer.cancel()
+            self._peers[pending.node_id].stats.requests_failed += 1
             pending.deferred.errback(error_class(pending.node_id, why))
 
     def _pong(self, from_node: str, ping: pb.Ping) -> pb.Pong:
