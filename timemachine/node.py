@@ -227,6 +227,7 @@ class Node(service.Service):
             tick_seconds=self.tick_seconds,
         )
         self.network.set_raft_receiver(self._receive_raft)
+        self.metrics.follow_cluster(self.host.groups, self.network.stats)
         self.cluster_store = ClusterStore(
             os.path.join(self.data_dir, "meta", "cluster.sqlite"), self.reactor, self.store_io
         )
