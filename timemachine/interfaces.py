@@ -192,6 +192,10 @@ class IShardLog(Interface):
     def is_leader():
         """True while this node leads the group and holds its lease (may fire jobs)."""
 
+    def stats():
+        """This member's view of its group now, and its counters: a
+        `timemachine.cluster.groupstats.GroupStatus`."""
+
 
 class IPublisher(Interface):
     """Delivers one job to its route and classifies the outcome; never errbacks."""

@@ -30,6 +30,12 @@ from timemachine.peer.raftcodec import group_of_shard
 # A trigger this far in the past is a client's mistake; nearer, it fires now.
 PAST_TOLERANCE_MS = 5000
 
+# What `Coordinator.shard_status` says of a shard without a running replica here.
+_UNKNOWN = {
+    "leader": None, "applied_index": None, "jobs": None, "term": None, "commit_index": None,
+    "role": None, "lease": False, "voters": None, "learners": None,
+}
+
 
 class Coordinator:
     """Routes reads and writes to the shards of ``ring``.
@@ -276,12 +282,17 @@ class Coordinator:
 
     @defer.inlineCallbacks
     def shard_status(self):
-        """For each shard: replicas, leader, applied index, job count, status.
+        """For each shard: replicas, leader, applied index, job count, status, and
+        what this node's replica knows of its group.
 
-        ``status`` is ``serving`` (its group has a leader), ``unavailable`` (it has
-        none, or this node's replica could not open: ``error`` says why) or
-        ``elsewhere`` (this node holds no replica: ask one of ``replicas``); only a
-        replica here has an applied index and a job count.
+        ``replicas`` is the shard map's placement. ``status`` is ``serving`` (its group
+        has a leader), ``unavailable`` (it has none, or this node's replica could not
+        open or stopped: ``error`` says why) or ``elsewhere`` (this node holds no
+        replica: ask one of ``replicas``). Only a replica here knows the rest: the
+        applied index and job count; the group's ``term``, ``commit_index``, its
+        ``voters`` and ``learners`` (its membership, which a replica move makes differ
+        from ``replicas`` for a while); this node's ``role`` in it and whether it
+        holds the ``lease``. Elsewhere they are null (``lease`` false).
         """
         self._require_config()
         serving = [s for s in range(self.ring.shards) if s in self.shards]
@@ -293,19 +304,25 @@ class Coordinator:
             entry = {"shard": shard, "replicas": list(self.ring.replicas(shard))}
             error = self.unavailable_shards.get(shard)
             if error is not None:
-                entry.update(
-                    leader=None, applied_index=None, jobs=None, status="unavailable",
-                    error=str(error),
-                )
+                entry.update(_UNKNOWN, status="unavailable", error=str(error))
             elif shard not in self.shards:
-                entry.update(leader=None, applied_index=None, jobs=None, status="elsewhere")
+                entry.update(_UNKNOWN, status="elsewhere")
             else:
                 log, _ = self.shards[shard]
+                group = log.stats()
                 entry.update(
-                    leader=log.leader,
-                    applied_index=log.applied_index,
+                    leader=group.leader,
+                    applied_index=group.applied_index,
                     jobs=count_of[shard],
-                    status="serving" if log.leader is not None else "unavailable",
+                    status="serving" if group.leader is not None else "unavailable",
+                    term=group.term,
+                    commit_index=group.commit_index,
+                    role=group.role,
+                    lease=group.lease,
+                    voters=list(group.voters),
+                    learners=list(group.learners),
                 )
+                if group.error is not None:
+                    entry["error"] = group.error
             out.append(entry)
         return out
