@@ -82,6 +82,7 @@ class GroupStatus:
     ``learner``), None while the member is not running (closed, or stopped by
     ``error``); ``leader`` is the node it believes leads (None: none known);
     ``lease``: it leads with a valid lease (it fires and serves lease reads).
+    ``counters`` are the member's own, live (read them at once).
     """
 
     group: int
