@@ -158,9 +158,11 @@ class OneNodeTests(NodeTestCase):
         code, view = yield self.call("GET", "/cluster/shards")
         self.assertEqual(code, 200, view)
         entry = view["shards"][shard]
-        self.assertEqual((entry["status"], entry["leader"], entry["role"]),
-                         ("unavailable", None, None))
+        self.assertEqual(entry["status"], "unavailable")
         self.assertIn("the disk is gone", entry["error"])
+        # As for a store that refused to open: nothing this replica says can be trusted.
+        for key in ("leader", "applied_index", "jobs", "term", "role", "voters"):
+            self.assertIsNone(entry[key], key)
         scrape = yield self.scrape()
         labels = group_labels(shard)
         self.assertEqual(scrape.value("timemachine_raft_stopped", **labels), 1)

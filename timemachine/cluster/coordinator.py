@@ -288,28 +288,32 @@ class Coordinator:
         ``replicas`` is the shard map's placement. ``status`` is ``serving`` (its group
         has a leader), ``unavailable`` (it has none, or this node's replica could not
         open or stopped: ``error`` says why) or ``elsewhere`` (this node holds no
-        replica: ask one of ``replicas``). Only a replica here knows the rest: the
-        applied index and job count; the group's ``term``, ``commit_index``, its
-        ``voters`` and ``learners`` (its membership, which a replica move makes differ
-        from ``replicas`` for a while); this node's ``role`` in it and whether it
-        holds the ``lease``. Elsewhere they are null (``lease`` false).
+        replica: ask one of ``replicas``). Only a running replica here knows the
+        rest: the applied index and job count; the group's ``term``,
+        ``commit_index``, its ``voters`` and ``learners`` (its membership, which a
+        replica move makes differ from ``replicas`` for a while); this node's ``role``
+        in it and whether it holds the ``lease``. Without one they are null (``lease``
+        false).
         """
         self._require_config()
-        serving = [s for s in range(self.ring.shards) if s in self.shards]
+        groups = {s: self.shards[s][0].stats() for s in range(self.ring.shards) if s in self.shards}
+        # A replica that stopped on a disk or store failure is not asked to count.
+        counting = [s for s, group in groups.items() if group.error is None]
         # Asked together: the counts queue up on the store thread and come back in one hop.
-        counts = yield defer.gatherResults([self.shards[s][1].count(None) for s in serving])
-        count_of = dict(zip(serving, counts, strict=True))
+        counts = yield defer.gatherResults([self.shards[s][1].count(None) for s in counting])
+        count_of = dict(zip(counting, counts, strict=True))
         out = []
         for shard in range(self.ring.shards):
             entry = {"shard": shard, "replicas": list(self.ring.replicas(shard))}
+            group = groups.get(shard)
             error = self.unavailable_shards.get(shard)
-            if error is not None:
-                entry.update(_UNKNOWN, status="unavailable", error=str(error))
-            elif shard not in self.shards:
+            if error is not None or (group is not None and group.error is not None):
+                entry.update(
+                    _UNKNOWN, status="unavailable", error=str(error or group.error)
+                )
+            elif group is None:
                 entry.update(_UNKNOWN, status="elsewhere")
             else:
-                log, _ = self.shards[shard]
-                group = log.stats()
                 entry.update(
                     leader=group.leader,
                     applied_index=group.applied_index,
@@ -322,7 +326,5 @@ class Coordinator:
                     voters=list(group.voters),
                     learners=list(group.learners),
                 )
-                if group.error is not None:
-                    entry["error"] = group.error
             out.append(entry)
         return out
