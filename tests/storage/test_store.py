@@ -689,6 +689,24 @@ class ClusterStoreTests(_StoreTestCase):
         self.assertIsNone(store.route("billing"))
 
     @inlineCallbacks
+    def test_a_moved_shard_map_keeps_its_origin(self):
+        path = self.mktemp()
+        store = ClusterStore(path, reactor)
+        yield store.open()
+        first = Configure(2, 1, (("a",), ("b",)))
+        moved = first.moved_to(2, (("a", "b"), ("b", "a")))
+        self.assertEqual(moved.origin, first.placement)
+        self.assertEqual(moved.first_replicas(1), ("b",))
+        # A second move keeps the map's first placement.
+        self.assertEqual(moved.moved_to(1, (("b",), ("a",))).origin, first.placement)
+        yield store.apply([(1, first)])
+        self.assertEqual(store.config, first)
+        yield store.apply([(2, moved)])
+        yield store.close()
+        store = yield self.cluster(path)
+        self.assertEqual(store.config, moved)
+
+    @inlineCallbacks
     def test_failed_batch_changes_nothing(self):
         store = yield self.cluster()
         d = store.apply([(1, PutRoute(http_route())), (2, put(spec("a")))])

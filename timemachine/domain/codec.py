@@ -106,10 +106,8 @@ def command_to_pb(command: Command) -> pb.Command:
             configure=pb.ClusterConfig(
                 shards=command.shards,
                 replicas=command.replicas,
-                placement=[
-                    pb.ShardPlacement(shard=shard, replicas=list(replicas))
-                    for shard, replicas in enumerate(command.placement)
-                ],
+                placement=_placement_to_pb(command.placement),
+                origin=_placement_to_pb(command.origin),
             )
         )
     if isinstance(command, PutMember):
@@ -157,10 +155,10 @@ def command_from_pb(msg: pb.Command) -> Command:
         return DeleteRoute(msg.delete_route.id)
     if kind == "configure":
         c = msg.configure
-        placement = [()] * len(c.placement)
-        for p in c.placement:
-            placement[p.shard] = tuple(p.replicas)
-        return from_record(Configure, c.shards, c.replicas, tuple(placement))
+        return from_record(
+            Configure, c.shards, c.replicas, _placement_from_pb(c.placement),
+            _placement_from_pb(c.origin),
+        )
     if kind == "put_member":
         m = msg.put_member
         return from_record(PutMember, m.node_id, m.peer_address, m.http_address)
@@ -179,3 +177,17 @@ def decode_command(data: bytes) -> Command:
     msg = pb.Command()
     msg.ParseFromString(data)
     return command_from_pb(msg)
+
+
+def _placement_to_pb(placement) -> list[pb.ShardPlacement]:
+    return [
+        pb.ShardPlacement(shard=shard, replicas=list(replicas))
+        for shard, replicas in enumerate(placement)
+    ]
+
+
+def _placement_from_pb(placements) -> tuple[tuple[str, ...], ...]:
+    placement = [()] * len(placements)
+    for p in placements:
+        placement[p.shard] = tuple(p.replicas)
+    return tuple(placement)

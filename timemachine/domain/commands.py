@@ -101,17 +101,35 @@ class DeleteRoute:
 
 @dataclass(frozen=True, slots=True)
 class Configure:
-    """Cluster settings: shard count, replication factor, replica placement."""
+    """Cluster settings: shard count, replication factor, replica placement.
+
+    ``placement`` names where each shard's replicas should be. ``origin`` is the
+    placement the shards' Raft groups were created with, when a replica move has
+    changed it since (empty: ``placement`` is the origin, a new shard map): a node
+    opening a replica it never held starts the group with the origin's members
+    if it is one of them, and otherwise waits, blank, for the leader's snapshot.
+    """
 
     shards: int
     replicas: int
     placement: tuple[tuple[str, ...], ...] = field(default=())
+    origin: tuple[tuple[str, ...], ...] = field(default=())
 
     def __post_init__(self):
         check_int("shards", self.shards, 1, 4096)
         check_int("replicas", self.replicas, 1, 99)
         if self.placement and len(self.placement) != self.shards:
             raise InvalidField("placement", "must name the replicas of every shard")
+        if self.origin and len(self.origin) != self.shards:
+            raise InvalidField("origin", "must name the first replicas of every shard")
+
+    def first_replicas(self, shard: int) -> tuple[str, ...]:
+        """The members ``shard``'s Raft group was created with."""
+        return (self.origin or self.placement)[shard]
+
+    def moved_to(self, replicas: int, placement) -> Configure:
+        """This shard map with ``replicas`` per shard, moving to ``placement``."""
+        return Configure(self.shards, replicas, placement, self.origin or self.placement)
 
 
 @dataclass(frozen=True, slots=True)

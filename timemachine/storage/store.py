@@ -588,10 +588,25 @@ class _ClusterState(NamedTuple):
 
 
 def _config_from_row(row) -> Configure:
-    shards, replicas, placement = row
+    shards, replicas, shard_map = row
+    shard_map = json.loads(shard_map)
+    if isinstance(shard_map, list):  # a placement that never moved
+        shard_map = {"placement": shard_map}
     return from_record(
-        Configure, shards, replicas, tuple(tuple(p) for p in json.loads(placement))
+        Configure,
+        shards,
+        replicas,
+        tuple(tuple(p) for p in shard_map["placement"]),
+        tuple(tuple(p) for p in shard_map.get("origin", ())),
     )
+
+
+def _config_to_json(config: Configure) -> str:
+    """The ``placement`` column: the placement, and its origin once replicas moved."""
+    placement = [list(p) for p in config.placement]
+    if not config.origin:
+        return json.dumps(placement)
+    return json.dumps({"placement": placement, "origin": [list(p) for p in config.origin]})
 
 
 @implementer(IClusterStore)
@@ -687,7 +702,7 @@ class ClusterStore(_SQLiteStore):
             values = {
                 "shards": command.shards,
                 "replicas": command.replicas,
-                "placement": json.dumps([list(p) for p in command.placement]),
+                "placement": _config_to_json(command),
             }
             upsert = sqlite_insert(config_table).values(id=1, **values)
             conn.execute(upsert.on_conflict_do_update(index_elements=["id"], set_=values))
