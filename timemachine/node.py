@@ -28,6 +28,8 @@ from timemachine.cluster.coordinator import Coordinator
 from timemachine.cluster.forwarding import Forwarding
 from timemachine.cluster.membership import Membership
 from timemachine.cluster.migrate import migrate_single_node_layout
+from timemachine.cluster.mover import ReplicaMover
+from timemachine.cluster.placement import removal_problem
 from timemachine.cluster.raftgroup import TICK_SECONDS, EngineDisk, RaftGroup, RaftHost
 from timemachine.cluster.retention import (
     DEFAULT_RETAIN_FAILED_MS,
@@ -39,6 +41,7 @@ from timemachine.cluster.shards import Shards
 from timemachine.domain.commands import Configure, PutMember, RemoveMember
 from timemachine.domain.errors import (
     CorruptLog,
+    InvalidField,
     NotConfigured,
     StorageError,
     Unavailable,
@@ -64,6 +67,10 @@ from timemachine.storage.iothread import IOThread
 from timemachine.storage.store import ClusterStore, VnodeStore
 from timemachine.storage.wal import DEFAULT_SEGMENT_BYTES
 
+#: Seconds ``/cluster/remove`` waits for a node's replicas to move off it.
+REMOVE_WAIT_SECONDS = 60.0
+#: Seconds a stopping node waits for its groups' new leaders to take over.
+HANDOVER_SECONDS = 3.0
 #: Marks a REST request a node passed on to another, which must answer it itself.
 FORWARDED_HEADER = "X-TimeMachine-Forwarded"
 
@@ -143,6 +150,7 @@ class Node(service.Service):
         self.network = None
         self.host = None
         self.membership = None
+        self.mover = None
         self.forwarding = None
         self.http_client = None
         self._joining = None
@@ -280,6 +288,7 @@ class Node(service.Service):
             metrics=self.metrics,
             count_elsewhere=self._count_elsewhere,
         )
+        self.mover = ReplicaMover(self.reactor, self.node_id, self.shards, self._group_view)
         if self.cluster_store.config is None and bootstrapping:
             yield self.meta_log.propose(Ring.single_node(self.node_id, self.initial_shards).config)
         # Before the shards open: nothing is held for firing or served yet, so the
@@ -296,6 +305,7 @@ class Node(service.Service):
             self._http_address = f"{address.host}:{address.port}"
         yield self._announce(self._http_address)
         self.membership.start()
+        self.mover.start()
         if self.meta_log.blank and self.join_address is not None:
             self._joining = self._ask_to_join()
         self.log.info(
@@ -357,6 +367,20 @@ class Node(service.Service):
         return None if held is None else held[0]
 
     @defer.inlineCallbacks
+    def _group_view(self, node_id: str):
+        """What node ``node_id`` knows of each shard (its ``/cluster/shards`` entries,
+        by shard); `Unavailable` when it cannot say."""
+        member = self.cluster_store.member(node_id)
+        if member is None or not member.http_address:
+            raise Unavailable(f"node {node_id} has no known HTTP address")
+        try:
+            response = yield self.http_client.get(f"http://{member.http_address}/cluster/shards")
+            answer = yield response.json()
+            return {entry["shard"]: entry for entry in answer["shards"]}
+        except Exception as e:
+            raise Unavailable(f"node {node_id} cannot tell its shards now: {e}") from e
+
+    @defer.inlineCallbacks
     def _count_elsewhere(self, ring, shards):
         """The jobs ``shards`` store, asked of a node holding a replica of each."""
         by_node: dict[str, list[int]] = {}
@@ -364,19 +388,12 @@ class Node(service.Service):
             by_node.setdefault(ring.replicas(shard)[0], []).append(shard)
         total = 0
         for node_id, held in by_node.items():
-            member = self.cluster_store.member(node_id)
-            try:
-                response = yield self.http_client.get(
-                    f"http://{member.http_address}/cluster/shards"
-                )
-                answer = yield response.json()
-                counts = {entry["shard"]: entry["jobs"] for entry in answer["shards"]}
-            except Exception as e:
-                raise Unavailable(f"node {node_id} cannot count its jobs now: {e}") from e
+            entries = yield self._group_view(node_id)
             for shard in held:
-                if counts.get(shard) is None:
+                jobs = entries.get(shard, {}).get("jobs")
+                if jobs is None:
                     raise Unavailable(f"shard {shard}'s jobs cannot be counted now; retry")
-                total += counts[shard]
+                total += jobs
         return total
 
     @defer.inlineCallbacks
@@ -451,6 +468,75 @@ class Node(service.Service):
                 request.responseHeaders.setRawHeaders(name, values)
         return body
 
+    @defer.inlineCallbacks
+    def join(self, node_id: str, peer_address: str, http_address: str | None = None):
+        """Admit a node (`Membership.join`), then give it its share of the replicas."""
+        yield self.membership.join(node_id, peer_address, http_address)
+        yield self.shards.rebalance()
+
+    @defer.inlineCallbacks
+    def remove(self, node_id: str):
+        """Take ``node_id`` out of the cluster, on the meta group's leader: refuse with
+        the reason when its shards cannot do without it (`placement.removal_problem`),
+        move its replicas to the other members, wait until every shard's group has
+        let it go, then remove it from the meta group and the member list.
+
+        `Unavailable` when the moves take longer than `REMOVE_WAIT_SECONDS`: they go
+        on, and the same call made again finishes the removal. The meta leader does
+        not remove itself: it hands the meta group over first, and answers
+        `Unavailable` so that the call is made again, to the new leader.
+        """
+        self.membership.check_removable(node_id)
+        if node_id == self.node_id:
+            successor = self.meta_log.successor()
+            if successor is None or not self.meta_log.transfer_leadership(successor):
+                raise InvalidField(
+                    "node_id", f"{node_id} leads the meta group, and no voter can take over"
+                )
+            raise Unavailable(
+                f"{node_id} led the meta group and hands it to {successor}: send the "
+                "removal again"
+            )
+        config = self.cluster_store.config
+        if config is not None:
+            members = [m.node_id for m in self.cluster_store.members()]
+            connected = {n for n, peer in self.network.stats().items() if peer.connected}
+            down = [n for n in members if n != self.node_id and n not in connected]
+            problem = removal_problem(node_id, config.placement, members, config.replicas, down)
+            if problem is not None:
+                raise InvalidField("node_id", problem)
+            yield self.shards.rebalance(leaving=(node_id,))
+            yield self._until_groups_let_go(node_id, self.cluster_store.config.shards)
+        yield self.membership.remove(node_id)
+
+    @defer.inlineCallbacks
+    def _until_groups_let_go(self, node_id: str, shards: int):
+        """Fire once no shard's group counts ``node_id`` as a member, as its leader
+        says."""
+        deadline = self.reactor.seconds() + REMOVE_WAIT_SECONDS
+        holding = set(range(shards))
+        while True:
+            views = []
+            for member in self.cluster_store.members():
+                try:
+                    views.append((yield self._group_view(member.node_id)))
+                except Unavailable:
+                    continue  # down, or the node leaving: the leaders' views tell
+            for view in views:
+                for shard, entry in view.items():
+                    if entry.get("role") == "leader" and node_id not in (
+                        entry["voters"] + entry["learners"]
+                    ):
+                        holding.discard(shard)
+            if not holding:
+                return
+            if self.reactor.seconds() > deadline:
+                raise Unavailable(
+                    f"the replicas of shards {sorted(holding)} are still moving off "
+                    f"{node_id}; ask again to finish removing it"
+                )
+            yield task.deferLater(self.reactor, 0.5, lambda: None)
+
     def meta_leader(self) -> str | None:
         """The node leading the meta group, as this node knows it."""
         return self.meta_log.leader
@@ -472,6 +558,30 @@ class Node(service.Service):
         return config
 
     @defer.inlineCallbacks
+    def _hand_over_leadership(self):
+        """Before stopping: hand each group this node leads to another voter, so the
+        cluster need not wait an election timeout for its new leaders. Fires once
+        they took over, or after `HANDOVER_SECONDS`."""
+        groups = [group for group, _ in self.shard_logs.values()]
+        if self.meta_log is not None:
+            groups.append(self.meta_log)
+        handing = []
+        for group in groups:
+            successor = group.successor()
+            if successor is not None and group.transfer_leadership(successor):
+                handing.append(group)
+        deadline = self.reactor.seconds() + HANDOVER_SECONDS
+        while any(group.leads for group in handing) and self.reactor.seconds() < deadline:
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        if handing:
+            kept = [group.name for group in handing if group.leads]
+            self.log.info(
+                "handed over the leadership of {count} groups before stopping{kept}",
+                count=len(handing) - len(kept),
+                kept=f"; still leading {', '.join(kept)}" if kept else "",
+            )
+
+    @defer.inlineCallbacks
     def stopService(self):
         """Stop accepting requests, let in-flight deliveries finish, close the groups."""
         super().stopService()
@@ -480,8 +590,11 @@ class Node(service.Service):
                 yield self.port.stopListening()
             if self.membership is not None:
                 self.membership.stop()
+            if self.mover is not None:
+                self.mover.stop()
             if self.executor is not None:
                 yield self.executor.stop()
+            yield self._hand_over_leadership()
             yield self.retention.stop()
             if self.shards is not None:
                 yield self.shards.close()

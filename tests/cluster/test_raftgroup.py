@@ -311,6 +311,21 @@ class ThreeMemberTests(RaftGroupTestCase):
         self.assertGreaterEqual(follower.group.applied_index, index)
 
     @defer.inlineCallbacks
+    def test_a_leader_hands_over_to_its_successor(self):
+        _, members = yield self.start_all()
+        old = self.leader(members)
+        index, _ = yield old.group.propose(PutJobs((_spec("seen"),)))
+        yield _until(lambda: old.group.successor() is not None)
+        successor = old.group.successor()
+        self.assertIn(successor, {m.node_id for m in members} - {old.node_id})
+        self.assertTrue(old.group.transfer_leadership(successor))
+        new = next(m for m in members if m.node_id == successor)
+        yield _until(lambda: new.group.is_leader())
+        self.assertFalse(old.group.leads)
+        job = yield new.group.store.get("c", "seen")
+        self.assertEqual(job.version, index)
+
+    @defer.inlineCallbacks
     def test_a_follower_acknowledges_entries_only_once_they_are_durable(self):
         _, members = yield self.start_all()
         leader = self.leader(members)

@@ -88,10 +88,86 @@ class _ClusterTestCase(unittest.TestCase):
         return code == 200
 
     @defer.inlineCallbacks
+    def create_batch(self, node_id, jobs):
+        """POST ``jobs`` as one batch through ``node_id``; every item must be stored."""
+        code, answer = yield self.call(node_id, "POST", "/job/c", jobs)
+        self.assertEqual(code, 200, answer)
+        failed = [r for r in answer["results"] if r["status"] != "ok"]
+        self.assertEqual(failed, [], node_id)
+
+    @defer.inlineCallbacks
     def servers(self, node_id):
         code, answer = yield self.call(node_id, "GET", "/cluster/servers")
         return answer if code == 200 else None
 
+
+    @defer.inlineCallbacks
+    def join(self, number, via="node1"):
+        """Start node ``number`` and have ``via`` admit it, as join.sh does."""
+        node = yield self.start(number)
+        code, answer = yield self.call(
+            via, "POST", "/cluster/join",
+            {"node_id": node.node_id, "raft_address": node.peer_address,
+             "http_address": node.http_address},
+        )
+        self.assertEqual(code, 200, answer)
+        return node
+
+    @defer.inlineCallbacks
+    def joined(self, count):
+        """``count`` nodes, node1 having admitted the others; fires once all vote."""
+        yield self.start(1)
+        for number in range(2, count + 1):
+            yield self.join(number)
+
+        @defer.inlineCallbacks
+        def all_vote():
+            answer = yield self.servers("node1")
+            return sorted(s["Suffrage"] for s in answer["servers"]) == ["Voter"] * count
+
+        yield self.until(f"{count} voters", all_vote)
+
+    @defer.inlineCallbacks
+    def configure(self, via, shards, replicas):
+        """Configure (as configure.sh, through ``via``); fire once every node sees
+        every shard's group made of the replicas the map names, all serving."""
+        code, answer = yield self.call(
+            via, "POST", "/cluster/configure", {"shards": shards, "replicas": replicas}
+        )
+        self.assertEqual((code, answer.get("replicas")), (200, replicas), answer)
+        yield self.until(
+            "every shard's group as the map places it", self.groups_as_placed,
+            timeout=60.0,
+        )
+
+    @defer.inlineCallbacks
+    def groups_as_placed(self):
+        """Whether, on every running node, each shard serves and each replica it holds
+        has the map's replicas as voters (and no learner)."""
+        for node_id, node in self.nodes.items():
+            if node.process.poll() is not None:
+                continue
+            code, answer = yield self.call(node_id, "GET", "/cluster/shards")
+            if code != 200:
+                return False
+            for entry in answer["shards"]:
+                if (entry["status"] == "elsewhere") == (node_id in entry["replicas"]):
+                    return False  # a replica placed here missing, or one not dropped
+                if entry["status"] == "elsewhere":
+                    continue
+                if entry["status"] != "serving" or entry["learners"]:
+                    return False
+                if sorted(entry["voters"]) != sorted(entry["replicas"]):
+                    return False
+        return True
+
+    @defer.inlineCallbacks
+    def busiest_leader(self, via):
+        """The node leading the most shards, as ``via`` sees it."""
+        code, answer = yield self.call(via, "GET", "/cluster/shards")
+        self.assertEqual(code, 200, answer)
+        leaders = [entry["leader"] for entry in answer["shards"]]
+        return max(sorted(set(leaders)), key=leaders.count)
 
 
 class ClusterTests(_ClusterTestCase):
@@ -194,40 +270,9 @@ class ReplicatedClusterTests(_ClusterTestCase):
 
     @defer.inlineCallbacks
     def three_nodes_configured(self, shards=6):
-        yield self.start(1)
-        for number in (2, 3):
-            node = yield self.start(number)
-            code, answer = yield self.call(
-                "node1", "POST", "/cluster/join",
-                {"node_id": node.node_id, "raft_address": node.peer_address,
-                 "http_address": node.http_address},
-            )
-            self.assertEqual(code, 200, answer)
-
-        @defer.inlineCallbacks
-        def three_voters():
-            answer = yield self.servers("node1")
-            return sorted(s["Suffrage"] for s in answer["servers"]) == ["Voter"] * 3
-
-        yield self.until("three voters", three_voters)
+        yield self.joined(3)
         # As configure.sh, sent to a node that passes it on to the meta leader.
-        code, answer = yield self.call(
-            "node3", "POST", "/cluster/configure", {"shards": shards, "replicas": 3}
-        )
-        self.assertEqual((code, answer.get("replicas")), (200, 3), answer)
-
-        @defer.inlineCallbacks
-        def every_replica_serves():
-            for node_id in self.nodes:
-                code, answer = yield self.call(node_id, "GET", "/cluster/shards")
-                if code != 200 or len(answer["shards"]) != shards:
-                    return False
-                for entry in answer["shards"]:
-                    if entry["status"] != "serving" or len(entry["replicas"]) != 3:
-                        return False
-            return True
-
-        yield self.until("every replica of every shard serving", every_replica_serves)
+        yield self.configure("node3", shards, 3)
 
     @defer.inlineCallbacks
     def configured_with_receiver(self, via):
@@ -243,14 +288,6 @@ class ReplicatedClusterTests(_ClusterTestCase):
         )
         self.assertEqual(code, 200, answer)
         return receiver
-
-    @defer.inlineCallbacks
-    def busiest_leader(self, via):
-        """The node leading the most shards, as ``via`` sees it."""
-        code, answer = yield self.call(via, "GET", "/cluster/shards")
-        self.assertEqual(code, 200, answer)
-        leaders = [entry["leader"] for entry in answer["shards"]]
-        return max(sorted(set(leaders)), key=leaders.count)
 
     @defer.inlineCallbacks
     def test_jobs_fire_on_time_and_a_killed_node_loses_none(self):
@@ -282,11 +319,9 @@ class ReplicatedClusterTests(_ClusterTestCase):
         # around when it notices it lost its quorum: only the new leaders may fire them.
         early_due = int((reactor.seconds() + 1.5) * 1000)
         held = [f"b{i}" for i in range(30)]
-        code, answer = yield self.call(
-            victim, "POST", "/job/c",
-            [{"id": job_id, "trigger_ms": early_due, "route": "hook"} for job_id in held],
+        yield self.create_batch(
+            victim, [{"id": job_id, "trigger_ms": early_due, "route": "hook"} for job_id in held]
         )
-        self.assertEqual(code, 200, answer)
         partition = Partition()
         self.addCleanup(partition.remove)
         partition.cut(self.nodes[victim].host, [self.nodes[n].host for n in majority])
@@ -340,17 +375,67 @@ class ReplicatedClusterTests(_ClusterTestCase):
                                          **dict.fromkeys(ids, due)})
 
     @defer.inlineCallbacks
+    def test_a_rolling_restart_under_load_loses_nothing_and_answers_only_retries(self):
+        receiver = yield self.configured_with_receiver("node1")
+        due_of, refused = {}, []
+        done = []
+
+        @defer.inlineCallbacks
+        def store(n):
+            """Job ``r<n>``, due in 3 s, through one node after another until one
+            stores it; any answer but 200, 404 (GET) or a retryable 503 is refused."""
+            job = {"id": f"r{n}", "trigger_ms": int((reactor.seconds() + 3) * 1000),
+                   "route": "hook"}
+            for attempt in range(600):
+                node_id = f"node{(n + attempt) % 3 + 1}"
+                try:
+                    code, answer = yield self.call(node_id, "GET", f"/job/c/{job['id']}")
+                    if code == 404:
+                        code, answer = yield self.call(node_id, "POST", "/job/c", job)
+                except Exception:
+                    code = None  # the node is stopping or starting: the next one is asked
+                if code == 200:
+                    due_of[job["id"]] = job["trigger_ms"]
+                    return
+                if code not in (None, 503):
+                    refused.append((node_id, code, answer))
+                yield task.deferLater(reactor, 0.05, lambda: None)
+            refused.append((job["id"], "never stored"))
+
+        @defer.inlineCallbacks
+        def load():
+            n = 0
+            while not done:
+                yield store(n)
+                n += 1
+
+        loading = load()
+        for node_id in ("node1", "node2", "node3"):
+            node = self.nodes[node_id]
+            node.kill(signal.SIGTERM)
+            self.assertIn(node.process.returncode, (0, -signal.SIGTERM), node.log_tail())
+            # It led some groups (the meta group, shards): it handed them over first.
+            self.assertIn("handed over the leadership of", node.log_tail())
+            yield start_node_process(self, reactor, self.http, node.data_dir, node=node)
+            yield self.until(f"{node_id} caught up", self.groups_as_placed)
+        done.append(True)
+        yield loading
+        self.assertEqual(refused, [])
+        self.assertGreater(len(due_of), 30)
+        yield receiver.wait_for(len(due_of))
+        yield task.deferLater(reactor, 1.0, lambda: None)
+        self.assert_delivered(receiver, due_of)
+
+    @defer.inlineCallbacks
     def test_a_paused_leader_fires_nothing_when_it_wakes(self):
         receiver = yield self.configured_with_receiver("node1")
         victim = yield self.busiest_leader("node1")
         majority = [n for n in self.nodes if n != victim]
         due = int((reactor.seconds() + 1.5) * 1000)
         held = [f"b{i}" for i in range(30)]
-        code, answer = yield self.call(
-            victim, "POST", "/job/c",
-            [{"id": job_id, "trigger_ms": due, "route": "hook"} for job_id in held],
+        yield self.create_batch(
+            victim, [{"id": job_id, "trigger_ms": due, "route": "hook"} for job_id in held]
         )
-        self.assertEqual(code, 200, answer)
         process = self.nodes[victim].process
         process.send_signal(signal.SIGSTOP)
         self.addCleanup(lambda: process.poll() is None and process.send_signal(signal.SIGCONT))
@@ -378,3 +463,105 @@ class ReplicatedClusterTests(_ClusterTestCase):
                 lambda r: r[0] == 200 and r[1]["status"] == "fired"
             ),
         )
+
+
+class MovingReplicaTests(_ClusterTestCase):
+    """Replicas of shards holding jobs move between nodes by Raft membership change
+    (learner, snapshot, promotion, removal) while the shards go on serving."""
+
+    @defer.inlineCallbacks
+    def jobs_everywhere(self, ids, nodes):
+        """Every job of ``ids`` reads back through each of ``nodes``."""
+        for node_id in nodes:
+            for job_id in ids:
+                code, answer = yield self.call(node_id, "GET", f"/job/c/{job_id}")
+                self.assertEqual(code, 200, (node_id, job_id, answer))
+
+    @defer.inlineCallbacks
+    def test_raising_the_replication_factor_copies_every_shard_while_writes_go_on(self):
+        receiver = HTTPReceiver(reactor)
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        yield self.joined(3)
+        yield self.configure("node2", 6, 1)
+        code, answer = yield self.call(
+            "node1", "POST", "/route",
+            {"id": "hook", "type": "http", "webhook_url": receiver.url("/hook")},
+        )
+        self.assertEqual(code, 200, answer)
+        due = int((reactor.seconds() + 20) * 1000)
+        before = [f"before-{i}" for i in range(60)]
+        yield self.create_batch(
+            "node1", [{"id": job_id, "trigger_ms": due, "route": "hook"} for job_id in before]
+        )
+
+        # Three replicas per shard now: each group takes two learners, which copy the
+        # shard's store, are promoted, and the writes sent meanwhile all land.
+        code, answer = yield self.call(
+            "node3", "POST", "/cluster/configure", {"shards": 6, "replicas": 3}
+        )
+        self.assertEqual((code, answer.get("replicas")), (200, 3), answer)
+        during = [f"during-{i}" for i in range(30)]
+        for i, job_id in enumerate(during):
+            job = {"id": job_id, "trigger_ms": due, "route": "hook"}
+            node_id = f"node{i % 3 + 1}"
+            yield self.until(
+                f"{job_id} stored through {node_id}",
+                lambda n=node_id, j=job: self.create_once(n, "c", j),
+            )
+        yield self.until("three voters in every group", self.groups_as_placed, timeout=60.0)
+        yield self.jobs_everywhere(before + during, ["node1", "node2", "node3"])
+        # No node can leave now: its shards would keep two of their three replicas.
+        code, answer = yield self.call("node1", "POST", "/cluster/remove", {"node_id": "node2"})
+        self.assertEqual((code, answer["code"]), (400, "E_INVALID"), answer)
+        self.assertIn("lower replicas to 2", answer["error"])
+        answer = yield self.servers("node3")
+        self.assertEqual(len(answer["servers"]), 3)
+
+        # Every shard has three copies: one node may die before the jobs fire.
+        victim = yield self.busiest_leader("node1")
+        self.nodes[victim].kill(signal.SIGKILL)
+        yield receiver.wait_for(len(before) + len(during))
+        yield task.deferLater(reactor, 1.0, lambda: None)
+        self.assert_delivered(receiver, dict.fromkeys(before + during, due))
+
+    @defer.inlineCallbacks
+    def test_a_joining_node_takes_its_share_and_a_removed_one_hands_its_replicas_on(self):
+        yield self.joined(3)
+        yield self.configure("node1", 6, 2)
+        code, answer = yield self.call(
+            "node1", "POST", "/route",
+            {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
+        )
+        self.assertEqual(code, 200, answer)
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        ids = [f"job-{i}" for i in range(40)]
+        yield self.create_batch(
+            "node2", [{"id": job_id, "trigger_ms": far, "route": "hook"} for job_id in ids]
+        )
+
+        # node4 joins: 12 replicas over 4 nodes, 3 each; some move to it.
+        yield self.join(4)
+        yield self.until("replicas moved to node4", self.groups_as_placed, timeout=60.0)
+        code, answer = yield self.call("node4", "GET", "/cluster/shards")
+        held = [e["shard"] for e in answer["shards"] if e["status"] != "elsewhere"]
+        self.assertEqual(len(held), 3, answer)
+        for node_id in ("node1", "node2", "node3"):
+            code, answer = yield self.call(node_id, "GET", "/cluster/shards")
+            mine = [e["shard"] for e in answer["shards"] if e["status"] != "elsewhere"]
+            self.assertEqual(len(mine), 3, (node_id, answer))
+            # A replica given away is deleted from its old node.
+            on_disk = sorted(os.listdir(os.path.join(self.nodes[node_id].data_dir, "shards")))
+            self.assertEqual(on_disk, sorted(str(s) for s in mine), node_id)
+        yield self.jobs_everywhere(ids, ["node4"])
+
+        # node3 leaves: its replicas move to the others first.
+        code, answer = yield self.call(
+            "node1", "POST", "/cluster/remove", {"node_id": "node3"}
+        )
+        self.assertEqual(code, 200, answer)
+        answer = yield self.servers("node1")
+        self.assertEqual(sorted(s["ID"] for s in answer["servers"]), ["node1", "node2", "node4"])
+        self.nodes.pop("node3").kill(signal.SIGKILL)
+        yield self.until("node3's replicas moved", self.groups_as_placed, timeout=60.0)
+        yield self.jobs_everywhere(ids, ["node1", "node2", "node4"])

@@ -94,13 +94,17 @@ class Coordinator:
 
     def _serving(self, shard: int):
         """The (log, store) of ``shard``; `Unavailable` when it could not open, and
-        `ServedElsewhere` when this node holds no replica of it."""
+        `ServedElsewhere` when this node holds no replica of it, or a new one that
+        waits for its first snapshot (it knows neither the data nor the leader)."""
         error = self.unavailable_shards.get(shard)
         if error is not None:
             raise Unavailable(f"shard {shard} is unavailable: {error}")
         held = self.shards.get(shard)
-        if held is None:
-            raise ServedElsewhere(shard, self.ring.replicas(shard))
+        if held is None or held[0].blank:
+            others = [n for n in self.ring.replicas(shard) if n != self.node_id]
+            if not others:
+                raise Unavailable(f"shard {shard} has no replica that can serve yet; retry")
+            raise ServedElsewhere(shard, others)
         return held
 
     def _write(self, shard: int, command):
@@ -209,7 +213,9 @@ class Coordinator:
         self._require_config()
         for shard in sorted(self.unavailable_shards):
             self._serving(shard)  # a list missing a shard's jobs would look complete
-        missing = [s for s in range(self.ring.shards) if s not in self.shards]
+        missing = [
+            s for s in range(self.ring.shards) if s not in self.shards or self.shards[s][0].blank
+        ]
         if missing:
             # Served by a node that holds every shard, if one does.
             everywhere = set(self.ring.replicas(0))

@@ -146,22 +146,25 @@ class Membership:
         if error is not None:
             raise error
 
-    @defer.inlineCallbacks
-    def remove(self, node_id: str):
-        """Take a member out of the meta group and the member list."""
+    def check_removable(self, node_id: str) -> None:
+        """Refuse to remove a node that is not a member, or off the meta leader."""
         self._require_leader()
         if self._store.member(node_id) is None:
             raise NotFound(f"node {node_id} is not a member")
+
+    @defer.inlineCallbacks
+    def remove(self, node_id: str):
+        """Take a member that holds no replicas out of the meta group and the member
+        list (not this node, the meta leader)."""
+        self.check_removable(node_id)
         if node_id == self.node_id:
-            raise InvalidField("node_id", "is the meta group's leader: remove it from another node")
+            raise InvalidField("node_id", "is the meta group's leader: hand it over first")
         config = self._store.config
         if config is not None:
             held = Ring(config).shards_of(node_id)
             if held:
                 raise InvalidField(
-                    "node_id",
-                    f"{node_id} holds replicas of shards {held}: lower the replication "
-                    "factor or move them first",
+                    "node_id", f"{node_id} is still placed with replicas of shards {held}"
                 )
         conf = self._meta.conf
         if node_id in conf.voters | conf.learners:

@@ -567,6 +567,31 @@ class RaftGroup:
         self.counters.proposals_failed += 1
         return defer.fail(error)
 
+    def successor(self) -> str | None:
+        """On the leader: the voter that would take over soonest (heard from
+        recently, furthest along), or None when there is none."""
+        if self.core is None or self.core.state != LEADER:
+            return None
+        candidates = [
+            (progress.match, node)
+            for node, progress in self.core.prs.items()
+            if node != self.host.node_id and node in self.core.conf.voters
+            and progress.recent_active
+        ]
+        return max(candidates)[1] if candidates else None
+
+    def transfer_leadership(self, node: str) -> bool:
+        """Hand this group's leadership to voter ``node`` (it catches up first, then
+        campaigns at once); False when this member does not lead or ``node`` cannot
+        take it. Proposals are refused meanwhile; an election timeout ends an attempt
+        that did not take."""
+        if not self._open or self._broken is not None or self.core.state != LEADER:
+            return False
+        if not self.core.transfer_leadership(node):
+            return False
+        self._schedule()
+        return True
+
     def _await(self, index: int):
         answer = defer.Deferred()
         deadline = self.host.reactor.seconds() + self.host.proposal_timeout

@@ -76,21 +76,17 @@ class Shards:
     def _shard_dir(self, shard: int) -> str:
         return os.path.join(self._data_dir, "shards", str(shard))
 
+    @property
+    def ring(self):
+        """The shard map requests are routed by (None while it changes)."""
+        return self._coordinator.ring
+
     @defer.inlineCallbacks
     def open(self, config):
         """Open this node's replicas of ``config``; then route to them."""
         ring = Ring(config)
-        known = set(self._engine.groups())
         for shard in ring.shards_of(self._node_id):
-            group_id = group_of_shard(shard)
-            # A replica the engine has never seen was placed by this config, with the
-            # others listed: they start the group together. (A replica added to a
-            # running group later starts blank and waits for the leader's snapshot.)
-            bootstrap = None if group_id in known else ConfState(frozenset(ring.replicas(shard)))
-            try:
-                yield self._open_replica(shard, bootstrap)
-            except StorageError as error:
-                self._shard_unavailable(shard, error)
+            yield self._open_placed(config, shard)
         # A replica alone in its group leads it at once: wait for that, so a one-node
         # cluster serves (and fires) when it says it is ready.
         yield defer.gatherResults(
@@ -98,6 +94,22 @@ class Shards:
         )
         # Only now: a request routed by the ring must find its shard's replica open.
         self._coordinator.ring = ring
+
+    @defer.inlineCallbacks
+    def _open_placed(self, config, shard: int):
+        """Open this node's replica of ``shard``, placed here by ``config``.
+
+        A replica the engine has never seen starts its group with the other members
+        the group was created with, if this node is one of them; a replica added to
+        a running group later starts blank and waits for the leader's snapshot.
+        """
+        first = config.first_replicas(shard)
+        known = group_of_shard(shard) in self._engine.groups()
+        bootstrap = ConfState(frozenset(first)) if self._node_id in first and not known else None
+        try:
+            yield self._open_replica(shard, bootstrap)
+        except StorageError as error:
+            self._shard_unavailable(shard, error)
 
     @defer.inlineCallbacks
     def _open_replica(self, shard: int, bootstrap):
@@ -168,19 +180,40 @@ class Shards:
             return
         opened = self._opened
         if opened is not None and opened.shards == config.shards:
-            # The same shards with other replicas: a move, which only adds or drops
-            # replicas (not built yet); route by the new map meanwhile.
-            self.log.warn(
-                "the shard map changed its replicas ({placement}); this build does not "
-                "move replicas yet",
-                placement=config.placement,
-            )
-            self._coordinator.ring = Ring(config)
+            yield self._move(config)
             return
         if opened is not None:
             yield self._drop_all(opened)
         yield self.open(config)
         self._opened = config
+
+    @defer.inlineCallbacks
+    def _move(self, config):
+        """The same shards with replicas moving (`ReplicaMover`): open this node's new
+        replicas, blank until their leader's snapshot arrives. A replica the map no
+        longer places here stays open, voting and copying, until its group's leader
+        has removed it (`drop`)."""
+        for shard in Ring(config).shards_of(self._node_id):
+            if shard not in self.logs and shard not in self.unavailable:
+                yield self._open_placed(config, shard)
+        self._coordinator.ring = Ring(config)
+        self._opened = config
+
+    def drop(self, shard: int):
+        """Close and delete this node's replica of ``shard``: its group removed it."""
+        return self._configuring.run(self._drop, shard)
+
+    @defer.inlineCallbacks
+    def _drop(self, shard: int):
+        ring = self._coordinator.ring
+        if shard not in self.logs or (ring is not None and self._node_id in ring.replicas(shard)):
+            return  # placed here again meanwhile: the group adds it back, and it catches up
+        group, _ = self.logs.pop(shard)
+        self._executor.remove_shard(shard)
+        yield group.close()
+        if group_of_shard(shard) in self._engine.groups():
+            yield self._engine.remove_group(group_of_shard(shard))
+        yield self._store_io.call(shutil.rmtree, self._shard_dir(shard), True)
 
     @defer.inlineCallbacks
     def _drop_all(self, old):
@@ -204,13 +237,40 @@ class Shards:
         """Set the shard count and replication factor (``POST /cluster/configure``),
         on the meta group's leader.
 
-        The replication factor is at most the number of members. The shard map is
-        made anew (every replica placed afresh, balanced over the members) only while
-        the cluster stores no jobs; with jobs stored it cannot change yet. Calls run
+        The replication factor is at most the number of members. A new replication
+        factor moves replicas (`ReplicaMover`) to a balanced placement that keeps as
+        many of the current ones as it can, while the shards go on serving. A new
+        shard count makes the shard map anew (every replica placed afresh), which only
+        an empty cluster can: a job's shard is its hash modulo the count. Calls run
         one at a time, in the order they came: each closes and opens replicas, which
         two at once would do over each other.
         """
         return self._configuring.run(self._configure, shards, replicas)
+
+    def rebalance(self, leaving=()):
+        """On the meta group's leader, after the members changed: move replicas to a
+        balanced placement over the members, less ``leaving`` (nodes whose replicas
+        must go before they are removed). Fires with the shard map then in force."""
+        return self._configuring.run(self._rebalance, tuple(leaving))
+
+    @defer.inlineCallbacks
+    def _rebalance(self, leaving):
+        config = self._cluster_store.config
+        if config is None:
+            return None
+        members = [m.node_id for m in self._cluster_store.members() if m.node_id not in leaving]
+        moved = yield self._move_to(config, config.replicas, members)
+        return moved
+
+    @defer.inlineCallbacks
+    def _move_to(self, config, replicas: int, members):
+        placement = target_placement(config.shards, replicas, members, config.placement)
+        if (replicas, placement) == (config.replicas, config.placement):
+            return config
+        moved = config.moved_to(replicas, placement)
+        yield self._meta.propose(moved)
+        yield self._follow(moved)
+        return moved
 
     @defer.inlineCallbacks
     def _configure(self, shards: int, replicas: int):
@@ -220,8 +280,9 @@ class Shards:
                 "replicas", f"must be at most the number of members ({len(members)})"
             )
         current = self._cluster_store.config
-        if current is not None and (current.shards, current.replicas) == (shards, replicas):
-            return current
+        if current is not None and current.shards == shards:
+            moved = yield self._move_to(current, replicas, members)
+            return moved
         if self.unavailable:
             # A new map deletes every shard's files: never those of a shard whose jobs
             # cannot even be counted.
@@ -244,10 +305,9 @@ class Shards:
                 if elsewhere and self._count_elsewhere is not None:
                     counts.append((yield self._count_elsewhere(Ring(current), elsewhere)))
                 if sum(counts):
-                    what = "shard count" if shards != current.shards else "replication factor"
                     raise AlreadyConfigured(
-                        f"the {what} cannot change while jobs are stored (a new shard map "
-                        "is made only for an empty cluster)"
+                        "the shard count cannot change while jobs are stored (a job's "
+                        "shard is its hash modulo the count)"
                     )
             except Exception:
                 self._coordinator.ring = ring

@@ -368,7 +368,7 @@ class TimeMachineAPI:
         leader = self._meta_leader_elsewhere()
         if leader is not None:
             return await self._node.proxy(request, leader)
-        await self._node.membership.join(body["node_id"], body["raft_address"], http_address)
+        await self._node.join(body["node_id"], body["raft_address"], http_address)
         return respond(request, {"status": "ok", "node_id": body["node_id"]})
 
     @app.route("/cluster/remove", methods=["POST"])
@@ -381,7 +381,7 @@ class TimeMachineAPI:
         leader = self._meta_leader_elsewhere()
         if leader is not None:
             return await self._node.proxy(request, leader)
-        await self._node.membership.remove(body["node_id"])
+        await self._node.remove(body["node_id"])
         return respond(request, {"status": "ok", "node_id": body["node_id"]})
 
     @app.route("/metrics", methods=["GET"])
