@@ -1,15 +1,18 @@
 """timeMachine benchmark: prints figures (never asserts); see bench/README.md.
 
     python bench/bench.py [--quick] [--target http://127.0.0.1:PORT [--target-pid PID]]
+    python bench/bench.py --target http://127.0.0.1:8001,http://127.0.0.2:8002 ...
 
 End to end it:
 
 1. starts a node (``python -m twisted timemachine``, temp data dir, free ports) unless
-   ``--target`` names a running one, starts a webhook receiver (bench/receiver.py)
-   and creates a route pointing at it;
-2. runs wrk with bench/create.lua (single creates, keep-alive) against the node and
+   ``--target`` names running ones (several: the nodes of one cluster), starts a
+   webhook receiver (bench/receiver.py) and creates a route pointing at it;
+2. runs wrk with bench/create.lua (single creates, keep-alive) against the node (with
+   several targets, one wrk per target at once, the connections shared out) and
    against bench/noop_server.py, and prints both rates and their ratio;
-3. posts batches of 500 jobs from a few keep-alive connections (jobs/s);
+3. posts batches of 500 jobs from a few keep-alive connections (jobs/s), each batch
+   to a target picked at random;
 4. schedules jobs to fire over a few seconds and measures, at the receiver, how late
    each delivery arrives; counts early, duplicate and missing deliveries;
 5. reads the node's VmRSS before, after the creates, and after loading far-future jobs;
@@ -31,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import re
 import resource
 import secrets
@@ -416,19 +420,61 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_wrk(base: str, route: str, prefix: str, args) -> dict:
-    """wrk with create.lua against ``base``/job/bench; returns the parsed figures."""
+def run_wrk(bases: list[str], route: str, prefix: str, args) -> dict:
+    """wrk with create.lua against each of ``bases``/job/bench at once, the
+    connections (and threads) shared out between them; returns the figures, summed
+    over the targets (latencies: the worst target's)."""
     wrk = shutil.which("wrk")
     if wrk is None:
         return {"skipped": "wrk is not installed (apt-get install -y wrk)"}
-    argv = [
-        wrk, f"-t{args.wrk_threads}", f"-c{args.wrk_conns}", f"-d{args.wrk_duration}s",
-        "-s", str(BENCH_DIR / "create.lua"), f"{base}/job/{COLLECTION}", "--", route, prefix,
-    ]
     children_cpu = _children_cpu()
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=args.wrk_duration + 60)
+    results: list[dict] = [{}] * len(bases)
+
+    def one(i: int) -> None:
+        conns = args.wrk_conns // len(bases) + (i < args.wrk_conns % len(bases))
+        threads = max(1, min(conns, args.wrk_threads // len(bases)))
+        # Each target's ids of their own: the wrk threads of two runs number alike.
+        results[i] = _one_wrk(bases[i], route, f"{prefix}-{i}", threads, conns, args)
+
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(len(bases))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
     # wrk runs on the same 2 CPUs as the server: what it used is part of the picture.
     wrk_cpu = _children_cpu() - children_cpu
+    combined = results[0] if len(results) == 1 else _summed(results)
+    if "error" not in combined:
+        combined["wrk_cpu_percent"] = round(wrk_cpu * 100 / args.wrk_duration)
+    return combined
+
+
+def _summed(results: list[dict]) -> dict:
+    """The figures of wrk runs made at once against several targets, as one."""
+    combined: dict = {"per_target": results}
+    failed = [r for r in results if r.get("requests_per_s") is None]
+    if failed:
+        combined["error"] = "; ".join(r.get("error", "no figure") for r in failed)
+        return combined
+    combined["command"] = " & ".join(r["command"] for r in results)
+    for key in ("requests_per_s", "non_2xx", "requests", "ok_per_s"):
+        combined[key] = round(sum(r.get(key) or 0 for r in results), 1)
+    combined["socket_errors"] = {
+        kind: sum(r["socket_errors"][kind] for r in results)
+        for kind in ("connect", "read", "write", "timeout")
+    }
+    for key in ("latency_p50_ms", "latency_p99_ms", "latency_max_ms"):
+        combined[key] = max((r.get(key) or 0) for r in results)
+    return combined
+
+
+def _one_wrk(base: str, route: str, prefix: str, threads: int, conns: int, args) -> dict:
+    wrk = shutil.which("wrk")
+    argv = [
+        wrk, f"-t{threads}", f"-c{conns}", f"-d{args.wrk_duration}s",
+        "-s", str(BENCH_DIR / "create.lua"), f"{base}/job/{COLLECTION}", "--", route, prefix,
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=args.wrk_duration + 60)
     text = out.stdout + out.stderr
     result: dict = {"command": " ".join(["wrk", *argv[1:]])}
     match = re.search(r"Requests/sec:\s+([\d.]+)", text)
@@ -451,7 +497,6 @@ def run_wrk(base: str, route: str, prefix: str, args) -> dict:
         result["latency_max_ms"] = figures["latency_max_us"] / 1000
         seconds = figures["duration_us"] / 1e6
         result["ok_per_s"] = round((figures["requests"] - result["non_2xx"]) / seconds, 1)
-        result["wrk_cpu_percent"] = round(wrk_cpu * 100 / seconds)
     if result["requests_per_s"] is None:
         result["error"] = f"could not parse wrk output (exit {out.returncode}): {text[-500:]}"
     return result
@@ -468,19 +513,20 @@ def job_line(job_id: str, trigger_ms: int, route: str, n: int) -> str:
     )
 
 
-def post_batches(base: str, make_body, n_batches: int, conns: int, time_limit: float,
+def post_batches(bases: list[str], make_body, n_batches: int, conns: int, time_limit: float,
                  want_ids: bool = False) -> dict:
     """POST ``n_batches`` bodies (``make_body(i)`` -> (bytes, job count)) from ``conns``
-    threads; the figures and, with ``want_ids``, the ids the node acknowledged.
+    threads, each batch to one of ``bases`` picked at random; the figures and, with
+    ``want_ids``, the ids the node acknowledged.
 
-    Each thread keeps one keep-alive ``http.client`` connection and has at most one
-    batch outstanding, as a real client would. Plain threads rather than treq: bodies
+    Each thread keeps one keep-alive ``http.client`` connection per target and has at
+    most one batch outstanding, as a real client would. Plain threads rather than treq: bodies
     are formatted by hand and answers parsed by the C json module, so the client uses
     a few percent of one CPU (reported as ``client_cpu_percent``) and the node, not the
     client, sets the pace. Stops starting batches after ``time_limit`` seconds and
     says so (``time_limit_hit``).
     """
-    parts = urlsplit(base)
+    targets = [urlsplit(base) for base in bases]
     lock = threading.Lock()
     state = {"next": 0, "limit_hit": False}
     ok_ids: list[str] = []
@@ -493,8 +539,9 @@ def post_batches(base: str, make_body, n_batches: int, conns: int, time_limit: f
         with lock:
             errors[code] = errors.get(code, 0) + n
 
-    def worker() -> None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    def worker(seed: int) -> None:
+        pick = random.Random(seed)
+        connections: dict[int, http.client.HTTPConnection] = {}
         try:
             while True:
                 with lock:
@@ -506,6 +553,13 @@ def post_batches(base: str, make_body, n_batches: int, conns: int, time_limit: f
                         return
                     state["next"] += 1
                 body, n_jobs = make_body(index)
+                target = pick.randrange(len(targets))
+                if target not in connections:
+                    parts = targets[target]
+                    connections[target] = http.client.HTTPConnection(
+                        parts.hostname, parts.port, timeout=120
+                    )
+                conn = connections[target]
                 sent = time.perf_counter()
                 try:
                     conn.request("POST", f"/job/{COLLECTION}", body,
@@ -515,7 +569,7 @@ def post_batches(base: str, make_body, n_batches: int, conns: int, time_limit: f
                 except (OSError, http.client.HTTPException) as e:
                     count_error(f"transport: {type(e).__name__}", n_jobs)
                     conn.close()
-                    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+                    del connections[target]
                     continue
                 elapsed = time.perf_counter() - sent
                 local_ok, local_ids, local_errors = 0, [], {}
@@ -543,11 +597,12 @@ def post_batches(base: str, make_body, n_batches: int, conns: int, time_limit: f
                     for code, n in local_errors.items():
                         errors[code] = errors.get(code, 0) + n
         finally:
-            conn.close()
+            for conn in connections.values():
+                conn.close()
 
     started = time.perf_counter()
     client_cpu = time.process_time()
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(conns)]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(conns)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -584,10 +639,10 @@ def batch_bodies(prefix: str, route: str, n_jobs: int, batch_size: int, trigger_
     return make_body, -(-n_jobs // batch_size)
 
 
-def load_jobs(base: str, prefix: str, route: str, n_jobs: int, trigger_of, args,
+def load_jobs(bases: list[str], prefix: str, route: str, n_jobs: int, trigger_of, args,
               time_limit: float, want_ids: bool = False) -> dict:
     make_body, n_batches = batch_bodies(prefix, route, n_jobs, args.batch_size, trigger_of)
-    return post_batches(base, make_body, n_batches, args.batch_conns, time_limit, want_ids)
+    return post_batches(bases, make_body, n_batches, args.batch_conns, time_limit, want_ids)
 
 
 # ---- 4. firing lateness ------------------------------------------------------------------------
@@ -669,7 +724,7 @@ def lateness_by_second(first_lateness: dict[str, float], scheduled: dict[str, in
     return rows
 
 
-def measure_firing(base: str, route: str, run_id: str, receiver_base: str, dump: Path,
+def measure_firing(bases: list[str], route: str, run_id: str, receiver_base: str, dump: Path,
                    batch_rate: float | None, node_pid: int | None, args) -> dict:
     """Schedule ``args.fire_jobs`` jobs over ``args.fire_spread_s`` s; measure lateness.
 
@@ -686,7 +741,7 @@ def measure_firing(base: str, route: str, run_id: str, receiver_base: str, dump:
     triggers = {i: start_ms + i * spread_ms // n for i in range(n)}
     prefix = f"fire-{run_id}"
     creation = load_jobs(
-        base, prefix, route, n, triggers.__getitem__, args,
+        bases, prefix, route, n, triggers.__getitem__, args,
         # Creates still running when the first job is due would distort the figure.
         time_limit=max(1.0, start_ms / 1000 - time.time() - 1.0), want_ids=True,
     )
@@ -696,7 +751,7 @@ def measure_firing(base: str, route: str, run_id: str, receiver_base: str, dump:
     last_trigger_s = max(scheduled.values(), default=start_ms) / 1000
     # From the first trigger on, the node's work is firing only.
     time.sleep(max(0.0, start_ms / 1000 - time.time() - 0.05))
-    probe = Probe(base, node_pid)
+    probe = Probe(bases[0], node_pid)
 
     # Wait for every delivery, then a little longer so duplicates can show up.
     grace_deadline = last_trigger_s + args.fire_grace_s
@@ -805,8 +860,10 @@ def print_report(report: dict) -> None:
 
     p("")
     creates = report.get("single_creates", {})
+    targets = len(report["args"]["targets"]) or 1
+    split = f", shared out over {targets} targets, one wrk each" if targets > 1 else ""
     p(f"1. single creates (wrk -t{report['args']['wrk_threads']} "
-      f"-c{report['args']['wrk_conns']} -d{report['args']['wrk_duration']}s, keep-alive)")
+      f"-c{report['args']['wrk_conns']} -d{report['args']['wrk_duration']}s, keep-alive{split})")
     if "skipped" in creates:
         p(f"   skipped: {creates['skipped']}")
     else:
@@ -836,8 +893,9 @@ def print_report(report: dict) -> None:
     b = report.get("batches")
     p("")
     if b:
+        spread = f", each batch to one of {targets} targets at random" if targets > 1 else ""
         p(f"2. batches of {report['args']['batch_size']} "
-          f"({report['args']['batch_conns']} keep-alive connections)")
+          f"({report['args']['batch_conns']} keep-alive connections{spread})")
         p(f"   {fmt_num(b['jobs_ok'])} of {fmt_num(b['jobs_requested'])} jobs acknowledged in "
           f"{b['seconds']:.1f} s = {fmt_num(b['jobs_per_s'])} jobs/s   "
           f"batch latency p50 {fmt_num(b['batch_latency_p50_ms'], 1)} ms, "
@@ -935,9 +993,12 @@ def parse_args(argv):
     )
     parser.add_argument("--quick", action="store_true",
                         help="smaller counts and shorter runs (about 2 minutes)")
-    parser.add_argument("--target", help="benchmark a running node at http://127.0.0.1:PORT "
-                        "instead of starting one (its data is left behind)")
-    parser.add_argument("--target-pid", type=int, help="PID of --target, to read its RSS")
+    parser.add_argument("--target", action="append", help="benchmark a running node at "
+                        "http://127.0.0.1:PORT instead of starting one (its data is left "
+                        "behind); repeated or comma-separated: the nodes of one cluster, "
+                        "each request to one of them at random")
+    parser.add_argument("--target-pid", type=int, help="PID of the first --target, to read "
+                        "its RSS and CPU")
     parser.add_argument("--python", help="interpreter for the node and helper processes "
                         "(default: this one if it has twisted+klein, else $TM_BENCH_PYTHON, "
                         "./.venv or /work/venv)")
@@ -969,11 +1030,14 @@ def parse_args(argv):
     # Time limits keep a slow node from stretching the run past its budget.
     args.batch_time_limit = 30.0 if args.quick else 120.0
     args.far_future_time_limit = 45.0 if args.quick else 300.0
-    if args.target:
-        host = urlsplit(args.target).hostname
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            parser.error("--target must be a 127.0.0.1 address: the benchmark stays local")
-        args.target = args.target.rstrip("/")
+    args.targets = [
+        target.strip().rstrip("/")
+        for option in args.target or () for target in option.split(",") if target.strip()
+    ]
+    for target in args.targets:
+        host = urlsplit(target).hostname or ""
+        if not (host.startswith("127.") or host in ("localhost", "::1")):
+            parser.error("--target must be a loopback address: the benchmark stays local")
     return args
 
 
@@ -983,12 +1047,13 @@ def run(args, tmp: Path, children: list[Child], report: dict) -> None:
     report["machine"] = machine_facts(python, tmp)
     run_id = f"{time.strftime('%H%M%S')}{secrets.token_hex(2)}"
 
-    if args.target:
-        base, node_pid = args.target, args.target_pid
-        report["node"] = {"base": base, "pid": node_pid}
+    if args.targets:
+        bases, node_pid = args.targets, args.target_pid
+        report["node"] = {"base": ", ".join(bases), "pid": node_pid}
     else:
         log("starting the node")
         node, base = start_node(python, tmp, args.shards)
+        bases = [base]
         children.append(node)
         node_pid = node.pid
         report["node"] = {"base": base, "pid": node.pid,
@@ -1001,6 +1066,8 @@ def run(args, tmp: Path, children: list[Child], report: dict) -> None:
     route_body = {"id": route, "type": "http", "webhook_url": f"{receiver_base}/hook"}
     if args.route_max_in_flight:
         route_body["max_in_flight"] = args.route_max_in_flight
+    # The node (the first target) that the node: lines and memory figures describe.
+    base = bases[0]
     status, body = request_json(base, "POST", "/route", route_body)
     if status != 200:
         raise RuntimeError(f"could not create route {route}: {status} {body}")
@@ -1026,13 +1093,13 @@ def run(args, tmp: Path, children: list[Child], report: dict) -> None:
     else:
         log(f"wrk against the node for {args.wrk_duration} s")
         probe = Probe(base, node_pid)
-        creates["node"] = run_wrk(base, route, f"w-{run_id}", args)
+        creates["node"] = run_wrk(bases, route, f"w-{run_id}", args)
         creates["node"]["node"] = probe.done(creates["node"].get("requests"))
         log(f"wrk against the no-op server for {args.wrk_duration} s")
         noop, noop_base = start_noop(python, tmp)
         children.append(noop)
         try:
-            creates["noop"] = run_wrk(noop_base, route, f"w-{run_id}", args)
+            creates["noop"] = run_wrk([noop_base], route, f"w-{run_id}", args)
         finally:
             noop.stop()
         node_rps = creates["node"].get("requests_per_s")
@@ -1043,7 +1110,7 @@ def run(args, tmp: Path, children: list[Child], report: dict) -> None:
     log(f"{args.batch_jobs:,} jobs in batches of {args.batch_size}")
     far_trigger = int(time.time() * 1000) + YEAR_MS
     probe = Probe(base, node_pid)
-    batches = load_jobs(base, f"b-{run_id}", route, args.batch_jobs,
+    batches = load_jobs(bases, f"b-{run_id}", route, args.batch_jobs,
                         lambda n: far_trigger + n, args, args.batch_time_limit)
     batches["node"] = probe.done(batches["jobs_ok"])
     batches.pop("ok_ids")
@@ -1054,7 +1121,7 @@ def run(args, tmp: Path, children: list[Child], report: dict) -> None:
     # 4. firing lateness; a short pause lets the node finish background work first
     time.sleep(2.0)
     log(f"firing {args.fire_jobs:,} jobs over {args.fire_spread_s:g} s")
-    report["firing"] = measure_firing(base, route, run_id, receiver_base, dump,
+    report["firing"] = measure_firing(bases, route, run_id, receiver_base, dump,
                                       batches["jobs_per_s"], node_pid, args)
     memory_point("after firing")
 
@@ -1065,7 +1132,7 @@ def run(args, tmp: Path, children: list[Child], report: dict) -> None:
         log(f"loading {args.far_future:,} far-future jobs")
         year_ahead = int(time.time() * 1000) + YEAR_MS
         probe = Probe(base, node_pid)
-        far = load_jobs(base, f"ff-{run_id}", route, args.far_future,
+        far = load_jobs(bases, f"ff-{run_id}", route, args.far_future,
                         # Spread over a day a year ahead, like real timers would be.
                         lambda n: year_ahead + (n * 86_400_000) // max(args.far_future, 1),
                         args, args.far_future_time_limit)
