@@ -197,6 +197,10 @@ class Node(service.Service):
             self.on_start_failure()
         if self.reactor.running:
             self.reactor.stop()
+        else:
+            # twistd starts the service before it runs the reactor: a step that fails
+            # at once gets here first, and the reactor must still stop once it runs.
+            self.reactor.callWhenRunning(self.reactor.stop)
         return failure
 
     @defer.inlineCallbacks

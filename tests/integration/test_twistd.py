@@ -8,7 +8,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support import HTTPReceiver, call_json, start_node_process
+from tests.support import HTTPReceiver, NodeProcess, call_json, start_node_process
 
 
 class KillNineTests(unittest.TestCase):
@@ -85,3 +85,26 @@ class KillNineTests(unittest.TestCase):
         self.node = yield self.start_node()
         code, route = yield self.call("GET", "/route/hook")
         self.assertEqual((code, route["webhook_url"]), (200, self.receiver.url()))
+
+
+class StartFailureTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_node_that_fails_before_its_reactor_runs_exits_with_status_1(self):
+        # Its data dir is a file: the node fails in startService, which twistd calls
+        # before it runs the reactor.
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        data_dir = os.path.join(base, "data")
+        with open(data_dir, "w"):
+            pass
+        node = NodeProcess(data_dir, os.path.join(base, "node.log"))
+        node.start()
+        self.addCleanup(node.kill)
+        for _ in range(300):
+            if node.process.poll() is not None:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(node.process.returncode, 1, node.log_tail())
+        self.assertIn("node node1 failed to start", node.log_tail())
