@@ -54,6 +54,37 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def numbered_port_base(nodes: int, offsets=(0, 100), first: int | None = None) -> int:
+    """A port base B such that, for node i of 1..``nodes``, every port B + offset + i
+    (one per ``offsets``) is free on 127.0.0.i: upstream's numbering (HTTP 800i, peer
+    810i) on other bases. ``first`` is tried first (e.g. 8000, upstream's own).
+
+    Raises ``unittest.SkipTest`` when fifty tries find none.
+    """
+
+    def bindable(host: str, port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+        return True
+
+    def candidate() -> int:
+        # Just below a port the kernel handed out: a range that is usually free.
+        return max(1024, free_port() - max(offsets) - nodes - 1)
+
+    tries = [first] if first is not None else []
+    for base in [*tries, *(candidate() for _ in range(50))]:
+        if base + max(offsets) + nodes <= 65535 and all(
+            bindable(f"127.0.0.{i}", base + offset + i)
+            for i in range(1, nodes + 1)
+            for offset in offsets
+        ):
+            return base
+    raise unittest.SkipTest(f"no free port base for {nodes} nodes on 127.0.0.1-{nodes}")
+
+
 # ---- Redis ---------------------------------------------------------------------------
 
 
@@ -650,10 +681,11 @@ def start_node_process(testcase, reactor, http, data_dir: str, until: str = "/re
 
 
 @defer.inlineCallbacks
-def call_json(http, method: str, url: str, body=None):
-    """``(status, decoded JSON answer)`` of a request with an optional JSON ``body``."""
+def call_json(http, method: str, url: str, body=None, timeout: float | None = None):
+    """``(status, decoded JSON answer)`` of a request with an optional JSON ``body``;
+    with ``timeout``, a request unanswered after that many seconds fails."""
     data = None if body is None else json.dumps(body).encode()
-    response = yield http.request(method, url, data=data)
+    response = yield http.request(method, url, data=data, timeout=timeout)
     content = yield response.content()
     return response.code, json.loads(content)
 

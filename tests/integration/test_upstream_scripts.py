@@ -13,46 +13,17 @@ that keeps peer = HTTP + 100.
 
 import os
 import signal
-import socket
 
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support import NodeProcess, call_json, start_node_process
+from tests.support import NodeProcess, call_json, numbered_port_base, start_node_process
 
 NODES = 3
 #: The shard count every node bootstraps with (`NodeProcess`), which configure.sh keeps.
 SHARDS = 4
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def upstream_base() -> int:
-    """8000 when 127.0.0.N:800N and :810N are free for every node, else another base
-    with the same layout."""
-    for base in [8000, *(socket_base() for _ in range(50))]:
-        if all(
-            _bindable(f"127.0.0.{i}", base + i) and _bindable(f"127.0.0.{i}", base + 100 + i)
-            for i in range(1, NODES + 1)
-        ):
-            return base
-    raise unittest.SkipTest("no free pair of port bases on 127.0.0.1-3")
-
-
-def socket_base() -> int:
-    """A base below a port the kernel just handed out (so the range is usually free)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return max(1024, s.getsockname()[1] - 200)
 
 
 def http_of_raft(address: str) -> str:
@@ -70,7 +41,8 @@ class UpstreamScriptsTests(unittest.TestCase):
         self.http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
 
     def call(self, address, method, path, body=None):
-        return call_json(self.http, method, f"http://{address}{path}", body)
+        # Bounded: a call that is never answered fails (and `until` asks again).
+        return call_json(self.http, method, f"http://{address}{path}", body, timeout=10)
 
     @defer.inlineCallbacks
     def until(self, what, check, timeout=30.0):
@@ -87,7 +59,7 @@ class UpstreamScriptsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_spawn_join_configure_status_and_the_cli(self):
-        base = upstream_base()
+        base = numbered_port_base(NODES, first=8000)
         nodes = {}
         # spawn.sh: every node on its own (each bootstraps a one-node cluster).
         for i in range(1, NODES + 1):
@@ -158,6 +130,14 @@ class UpstreamScriptsTests(unittest.TestCase):
             {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
         )
         self.assertEqual(code, 200, answer)
+        # node3 passed the route on to the meta leader; it knows of it once it has
+        # applied it (upstream's tester waits 2 s between its route and its jobs).
+        yield self.until(
+            "node3 knows the route",
+            lambda: self.call(nodes["node3"].http_address, "GET", "/route/hook").addCallback(
+                lambda r: r[0] == 200
+            ),
+        )
         far = int(reactor.seconds() * 1000) + 3_600_000
         code, answer = yield self.call(
             nodes["node3"].http_address, "POST", "/job/c",
