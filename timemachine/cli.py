@@ -1,4 +1,8 @@
-"""The ``timemachine`` command: offline work on a node's data directory.
+"""The ``timemachine`` command: offline work on a node's data directory, and a
+development cluster on this machine.
+
+``timemachine dev-cluster N`` starts N nodes on 127.0.0.1 .. 127.0.0.N, forms one
+cluster of them and stops them all on Ctrl-C (see `timemachine.devcluster`).
 
 ``timemachine repair --data-dir D --raft`` repairs the node's Raft log (one log for
 every group of the node) when it refuses to open
@@ -26,6 +30,7 @@ import sys
 
 from twisted.internet import defer, task, threads
 
+from timemachine import devcluster
 from timemachine.domain.errors import StorageError
 from timemachine.storage.store import ClusterStore, VnodeStore
 from timemachine.storage.wal import RepairPlan, plan_repair, repair_log, survey_log
@@ -34,12 +39,15 @@ from timemachine.storage.wal import RepairPlan, plan_repair, repair_log, survey_
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``timemachine`` console script."""
     args = _parser().parse_args(argv)
+    if args.command is devcluster.run:
+        devcluster.check_arguments(args.command_parser, args)
     task.react(args.command, [args])
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="timemachine", description="Offline commands on a timeMachine node's data."
+        prog="timemachine",
+        description="Offline commands on a timeMachine node's data; a development cluster.",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     repair = commands.add_parser(
@@ -65,6 +73,19 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print what would be lost; change nothing"
     )
     repair.set_defaults(command=_repair)
+    cluster = commands.add_parser(
+        "dev-cluster",
+        help="run N nodes on 127.0.0.1..N as one cluster until Ctrl-C",
+        description=(
+            "Start N `twistd -n timemachine` nodes, node i on 127.0.0.i (HTTP port "
+            "HTTP_BASE+i, peer port PEER_BASE+i), join them into one cluster as "
+            "upstream's join.sh does, configure its shards and replicas, print where "
+            "each node listens and logs, and stop them all on Ctrl-C or SIGTERM. Exit "
+            "status 1 when a node fails to start (its log's end is printed)."
+        ),
+    )
+    devcluster.add_arguments(cluster)
+    cluster.set_defaults(command=devcluster.run, command_parser=cluster)
     return parser
 
 
