@@ -65,7 +65,9 @@ class DevClusterTests(unittest.TestCase):
             self.process.kill()
             self.process.wait(timeout=30)
 
-    def start(self, *options):
+    def start(self, *options, sigint_ignored=False):
+        """Run ``timemachine dev-cluster *options``; ``sigint_ignored`` starts it as a
+        shell starts a background job (``&``), with SIGINT ignored."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
         with open(self.output, "wb") as out:
@@ -73,6 +75,8 @@ class DevClusterTests(unittest.TestCase):
                 [*timemachine_command(), "dev-cluster", *options],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                 cwd=self.base_dir,
+                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                if sigint_ignored else None,
             )
 
     def read_output(self) -> str:
@@ -150,6 +154,21 @@ class DevClusterTests(unittest.TestCase):
         for node_id, pid in pids.items():
             self.assertFalse(_alive(pid), f"{node_id} (pid {pid}) still runs")
         self.assertIn("stopping node1, node2, node3", self.read_output())
+
+    @defer.inlineCallbacks
+    def test_sigint_stops_it_when_started_as_a_background_job(self):
+        base = numbered_port_base(1)
+        self.start("1", "--http-base", str(base), "--peer-base", str(base + 100),
+                   "--data-dir", self.data_dir, "--shards", "1", sigint_ignored=True)
+        yield self.until("the cluster is ready",
+                         lambda: READY_LINE in self.read_output()
+                         or self.process.poll() is not None)
+        pids = self.started_pids()
+        self.assertEqual(list(pids), ["node1"], self.read_output())
+        self.process.send_signal(signal.SIGINT)
+        yield self.exited()
+        self.assertEqual(self.process.returncode, 0, self.read_output())
+        self.assertFalse(_alive(pids["node1"]), "node1 still runs")
 
     @defer.inlineCallbacks
     def test_a_node_that_fails_to_start_stops_the_others(self):
