@@ -245,6 +245,36 @@ class ClusterTests(_ClusterTestCase):
         self.assertEqual(code, 200)
 
     @defer.inlineCallbacks
+    def test_a_route_written_through_a_follower_is_usable_there_at_once(self):
+        yield self.start(1)
+        node2 = yield self.start(2)
+        code, answer = yield self.call(
+            "node1", "POST", "/cluster/join",
+            {"node_id": "node2", "raft_address": node2.peer_address,
+             "http_address": node2.http_address},
+        )
+        self.assertEqual(code, 200, answer)
+        yield self.until(
+            "node2 follows node1's meta group",
+            lambda: self.servers("node2").addCallback(
+                lambda a: a is not None and len(a["servers"]) == 2
+            ),
+        )
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        # node2 passes each route on to the meta leader (node1), then takes a job
+        # naming it, as a client does that writes a route and then its jobs.
+        for n in range(20):
+            code, answer = yield self.call(
+                "node2", "POST", "/route",
+                {"id": f"r{n}", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
+            )
+            self.assertEqual(code, 200, answer)
+            code, answer = yield self.call(
+                "node2", "POST", "/job/c", {"id": f"j{n}", "trigger_ms": far, "route": f"r{n}"}
+            )
+            self.assertEqual(code, 200, (n, answer))
+
+    @defer.inlineCallbacks
     def test_a_node_holding_jobs_is_refused_with_the_reason(self):
         yield self.start(1)
         node2 = yield self.start(2)

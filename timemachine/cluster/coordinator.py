@@ -7,6 +7,7 @@ parses and formats.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections import defaultdict
 
@@ -84,6 +85,21 @@ class Coordinator:
         if self.cluster_store.route(spec.route) is None:
             raise UnknownRoute(f"route {spec.route!r} does not exist")
 
+    @defer.inlineCallbacks
+    def _learn_routes(self, specs) -> None:
+        """Catch up with the meta group when a job names a route this node does not
+        know: the route may be acknowledged already (written through this node, which
+        passed it on to the meta leader) and not yet applied here. A read barrier
+        brings this node's meta state up to every write acknowledged before it; with
+        no leader to ask, the check goes by what this node knows."""
+        meta = self.meta_log
+        if meta.blank or meta.leads:
+            return
+        if all(self.cluster_store.route(spec.route) is not None for spec in specs):
+            return
+        with contextlib.suppress(Unavailable):
+            yield meta.read_barrier()
+
     def _require_config(self):
         if self.ring is None:
             raise NotConfigured("the cluster has no shards yet: POST /cluster/configure")
@@ -122,6 +138,7 @@ class Coordinator:
     @defer.inlineCallbacks
     def put_job(self, spec: JobSpec):
         """Create or replace one job; fires with its version (the entry's index)."""
+        yield self._learn_routes([spec])
         self.check_job(spec)
         self._require_config()
         index, _ = yield self._write(self.ring.shard_for(spec.id), PutJobs((spec,)))
@@ -139,6 +156,7 @@ class Coordinator:
         the others' items stand.
         """
         results: list = list(items)
+        yield self._learn_routes([item for item in items if isinstance(item, JobSpec)])
         by_shard: dict[int, list[int]] = defaultdict(list)
         for position, item in enumerate(items):
             if isinstance(item, TimeMachineError):
