@@ -107,7 +107,7 @@ class DevNode(protocol.ProcessProtocol):
         )
         self.ended.callback(self.exit_status)
 
-    def signal(self, number: int) -> None:
+    def send_signal(self, number: int) -> None:
         """Send ``number`` to this node's process (its PID only), if it still runs."""
         if self.running:
             # It may have ended already, its processEnded on its way.
@@ -123,12 +123,15 @@ class DevNode(protocol.ProcessProtocol):
         return f"exit status {self.exit_status}"
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        """The last ``lines`` lines of the node's log."""
+        """The last ``lines`` lines of the node's log (of its last 64 KiB: a log that
+        grew large is not read whole)."""
         try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+                text = f.read().decode("utf-8", "replace")
         except OSError as e:
             return f"(cannot read {self.log_path}: {e})\n"
+        return "".join(text.splitlines(keepends=True)[-lines:])
 
 
 def twistd_command() -> list[str]:
@@ -377,13 +380,13 @@ class DevCluster:
             return
         self.say(f"stopping {', '.join(node.node_id for node in running)}")
         for node in running:
-            node.signal(signal.SIGTERM)
+            node.send_signal(signal.SIGTERM)
         yield self._wait_ended(running, self._args.stop_timeout)
         stuck = [node for node in running if node.running]
         for node in stuck:
             self.say(f"{node.node_id} still runs after {self._args.stop_timeout:g} s: SIGKILL",
                      self._err)
-            node.signal(signal.SIGKILL)
+            node.send_signal(signal.SIGKILL)
         yield self._wait_ended(stuck, KILL_SECONDS)
         for node in running:
             self.say(f"  {node.node_id} (pid {node.pid}): {node.describe_end()}")
