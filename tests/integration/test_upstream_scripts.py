@@ -109,10 +109,13 @@ class UpstreamScriptsTests(unittest.TestCase):
                 for entry in answer["shards"]:
                     if entry["status"] != "serving" or len(entry["replicas"]) != NODES:
                         return False
+                    # The replicas moved in: every one votes in its group.
+                    if sorted(entry["voters"]) != sorted(entry["replicas"]) or entry["learners"]:
+                        return False
             return True
 
         yield self.until("every node serving a replica of every shard",
-                         every_node_serves_every_shard)
+                         every_node_serves_every_shard, timeout=60.0)
 
         # status.sh: /health and /cluster of each node; one of them leads.
         states = []
