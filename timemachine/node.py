@@ -28,7 +28,7 @@ from timemachine.cluster.coordinator import Coordinator
 from timemachine.cluster.forwarding import Forwarding
 from timemachine.cluster.membership import Membership
 from timemachine.cluster.migrate import migrate_single_node_layout
-from timemachine.cluster.mover import ReplicaMover
+from timemachine.cluster.mover import LeaderSpreader, ReplicaMover
 from timemachine.cluster.placement import removal_problem
 from timemachine.cluster.raftgroup import TICK_SECONDS, EngineDisk, RaftGroup, RaftHost
 from timemachine.cluster.retention import (
@@ -43,6 +43,7 @@ from timemachine.domain.errors import (
     CorruptLog,
     InvalidField,
     NotConfigured,
+    NotFound,
     StorageError,
     Unavailable,
 )
@@ -151,6 +152,7 @@ class Node(service.Service):
         self.host = None
         self.membership = None
         self.mover = None
+        self.spreader = None
         self.forwarding = None
         self.http_client = None
         self._joining = None
@@ -293,6 +295,10 @@ class Node(service.Service):
             count_elsewhere=self._count_elsewhere,
         )
         self.mover = ReplicaMover(self.reactor, self.node_id, self.shards, self._group_view)
+        self.spreader = LeaderSpreader(
+            self.reactor, self.meta_log, self.cluster_store, self._group_view,
+            self._ask_transfer,
+        )
         if self.cluster_store.config is None and bootstrapping:
             yield self.meta_log.propose(Ring.single_node(self.node_id, self.initial_shards).config)
         # Before the shards open: nothing is held for firing or served yet, so the
@@ -310,6 +316,7 @@ class Node(service.Service):
         yield self._announce(self._http_address)
         self.membership.start()
         self.mover.start()
+        self.spreader.start()
         if self.meta_log.blank and self.join_address is not None:
             self._joining = self._ask_to_join()
         self.log.info(
@@ -383,6 +390,47 @@ class Node(service.Service):
             return {entry["shard"]: entry for entry in answer["shards"]}
         except Exception as e:
             raise Unavailable(f"node {node_id} cannot tell its shards now: {e}") from e
+
+    @defer.inlineCallbacks
+    def _ask_transfer(self, node_id: str, shard: int, to: str):
+        """Ask node ``node_id`` (it leads ``shard``) to hand the shard over to ``to``."""
+        member = self.cluster_store.member(node_id)
+        if member is None or not member.http_address:
+            raise Unavailable(f"node {node_id} has no known HTTP address")
+        try:
+            response = yield self.http_client.post(
+                f"http://{member.http_address}/cluster/shards/{shard}/leader",
+                json={"node_id": to},
+            )
+            answer = yield response.json()
+        except Exception as e:
+            raise Unavailable(f"node {node_id} cannot be asked now: {e}") from e
+        if response.code != 200:
+            raise Unavailable(f"node {node_id} answered {response.code}: {answer}")
+        return answer
+
+    @defer.inlineCallbacks
+    def transfer_shard(self, shard: int, to: str):
+        """Hand the leadership of ``shard``, which this node leads, to voter ``to``;
+        fire with the leader then known, once this node no longer leads (or after
+        `HANDOVER_SECONDS`: `Unavailable`)."""
+        ring = self.coordinator.ring
+        if ring is None:
+            raise NotConfigured("the cluster has no shards yet")
+        if not 0 <= shard < ring.shards:
+            raise NotFound(f"shard {shard} does not exist (the cluster has {ring.shards})")
+        held = self.shard_logs.get(shard)
+        if held is None or not held[0].leads:
+            raise Unavailable(f"this node does not lead shard {shard}; ask its leader")
+        group = held[0]
+        if to != self.node_id and not group.transfer_leadership(to):
+            raise InvalidField("node_id", f"{to} is not a voter of shard {shard} that can lead")
+        deadline = self.reactor.seconds() + HANDOVER_SECONDS
+        while group.leads and to != self.node_id:
+            if self.reactor.seconds() > deadline:
+                raise Unavailable(f"{to} did not take over shard {shard} in time; retry")
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        return group.leader
 
     @defer.inlineCallbacks
     def _count_elsewhere(self, ring, shards):
@@ -596,6 +644,7 @@ class Node(service.Service):
                 self.membership.stop()
             if self.mover is not None:
                 self.mover.stop()
+                self.spreader.stop()
             if self.executor is not None:
                 yield self.executor.stop()
             yield self._hand_over_leadership()

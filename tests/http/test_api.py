@@ -975,3 +975,15 @@ class ClusterTests(APITestCase):
         yield self.error("POST", "/cluster/remove", data=b"{", code="E_BAD_JSON")
         servers = yield self.ok("GET", "/cluster/servers")
         self.assertEqual(len(servers["servers"]), 1)
+
+    @defer.inlineCallbacks
+    def test_a_shard_leadership_transfer_checks_the_shard_and_the_voter(self):
+        yield self.error(
+            "POST", "/cluster/shards/99/leader", {"node_id": "node1"},
+            status=404, code="E_NOT_FOUND",
+        )
+        yield self.error("POST", "/cluster/shards/0/leader", {"node_id": "node2"}, names="node_id")
+        yield self.error("POST", "/cluster/shards/0/leader", {}, names="node_id")
+        # To the leader itself: nothing to do.
+        body = yield self.ok("POST", "/cluster/shards/0/leader", {"node_id": "node1"})
+        self.assertEqual(body, {"status": "ok", "shard": 0, "leader": "node1"})

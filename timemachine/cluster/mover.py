@@ -1,4 +1,5 @@
-"""Replica moves: each shard's Raft group walks to the replicas the shard map names.
+"""Replica moves and leader spreading: each shard's Raft group walks to the replicas
+the shard map names, and the shard leaders spread evenly over the nodes.
 
 The meta group's shard map (`Configure.placement`) says where each shard's replicas
 should be; a group's own membership says where they are. The two differ after a
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from timemachine.cluster.placement import StepKind, next_step
+from timemachine.cluster.placement import StepKind, leadership_moves, next_step
 from timemachine.domain.errors import TimeMachineError
 from timemachine.raft.types import ConfChange, ConfChangeKind
 
@@ -39,6 +40,8 @@ from timemachine.raft.types import ConfChange, ConfChangeKind
 MOVE_EVERY = 0.5
 #: Seconds between two questions to a group's leader about a replica the map dropped.
 CHECK_REMOVED_EVERY = 2.0
+#: Seconds between two rounds of leader spreading (on the meta leader).
+SPREAD_EVERY = 5.0
 
 
 class ReplicaMover:
@@ -171,3 +174,70 @@ class ReplicaMover:
             yield self._shards.drop(shard)
             self._checked_at.pop(shard, None)
             return
+
+
+class LeaderSpreader:
+    """On the meta group's leader: spreads shard leaderships evenly over the nodes.
+
+    Elections put leaders wherever a candidate won first, and a node that restarted
+    (or handed its groups over on SIGTERM) leads nothing until something moves
+    leaders back; every leader fires its shard's jobs and takes its writes, so an
+    uneven spread makes one node do the work of several. Every `SPREAD_EVERY`
+    seconds this asks each member which groups it leads (``group_view``), and has
+    `placement.leadership_moves` (fewest transfers to counts within one of each other)
+    carried out by the shards' leaders (``transfer(leader, shard, to)``).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, meta, cluster_store, group_view: Callable, transfer: Callable):
+        self._meta = meta
+        self._cluster_store = cluster_store
+        self._group_view = group_view
+        self._transfer = transfer
+        self._running: defer.Deferred | None = None
+        self._loop = task.LoopingCall(self._round)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        self._loop.start(SPREAD_EVERY, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def _round(self) -> None:
+        if self._running is None and self._meta.is_leader():
+            self._running = self.spread()
+            self._running.addErrback(
+                lambda f: self.log.info("spreading shard leaders waits: {error}",
+                                        error=f.getErrorMessage())
+            )
+            self._running.addBoth(lambda _: setattr(self, "_running", None))
+
+    @defer.inlineCallbacks
+    def spread(self):
+        """One round: learn the shard leaders, ask for the transfers that even them
+        out; fires with the transfers asked for."""
+        config = self._cluster_store.config
+        if config is None:
+            return []
+        leaders: dict[int, str] = {}
+        for member in self._cluster_store.members():
+            try:
+                view = yield self._group_view(member.node_id)
+            except TimeMachineError:
+                return []  # a node that cannot say may lead some: wait for a full picture
+            for shard, entry in view.items():
+                if entry.get("role") == "leader":
+                    leaders[shard] = member.node_id
+        moves = leadership_moves(config.placement, leaders)
+        for shard, to in moves:
+            self.log.info("shard {shard}: moving its leadership from {leader} to {to}, to "
+                          "spread leaders evenly", shard=shard, leader=leaders[shard], to=to)
+            try:
+                yield self._transfer(leaders[shard], shard, to)
+            except TimeMachineError as e:
+                self.log.info("shard {shard}: the transfer to {to} waits: {error}",
+                              shard=shard, to=to, error=e)
+        return moves

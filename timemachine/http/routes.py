@@ -330,6 +330,14 @@ class TimeMachineAPI:
         shards = await self._coordinator.shard_status()
         return respond(request, {"shards": shards})
 
+    @app.route("/cluster/shards/<int:shard>/leader", methods=["POST"])
+    async def cluster_shard_leader(self, request, shard):
+        """Hand a shard's leadership to one of its voters (``node_id``), on its leader."""
+        body = read_object(request)
+        check_name("node_id", body.get("node_id"), MAX_NODE_ID)
+        leader = await self._node.transfer_shard(shard, body["node_id"])
+        return respond(request, {"status": "ok", "shard": shard, "leader": leader})
+
     @app.route("/cluster/configure", methods=["POST"])
     async def cluster_configure(self, request):
         """Set the shard count and replication factor."""
