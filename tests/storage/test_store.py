@@ -10,6 +10,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from timemachine._pb import timemachine_pb2 as pb
 from timemachine.domain.commands import (
     Configure,
     DeleteJob,
@@ -720,15 +721,43 @@ class ClusterStoreTests(_StoreTestCase):
     def test_snapshot_and_restore(self):
         source = yield self.cluster()
         config = Configure(1, 1, (("node1",),))
-        yield source.apply([(1, PutRoute(http_route())), (2, config)])
+        member = PutMember("node1", "127.0.0.1:8101", "127.0.0.1:8001")
+        yield source.apply([(1, PutRoute(http_route())), (2, config), (3, member)])
         snapshot = self.mktemp()
-        yield source.snapshot(snapshot)
+        self.assertEqual((yield source.snapshot(snapshot)), 3)
+        # The meta state as protobuf: the commands that rebuild it.
+        with open(snapshot, "rb") as f:
+            message = pb.ClusterSnapshot.FromString(f.read())
+        self.assertEqual(message.applied_index, 3)
+        self.assertEqual(len(message.commands), 3)
+        target = yield self.cluster()
+        yield target.apply([(1, PutRoute(http_route("other"))), (2, PutMember("x", "h:1"))])
+        yield target.restore(snapshot)
+        expected = (3, [http_route()], config, [member])
+        self.assertEqual(
+            (target.applied_index, target.routes(), target.config, target.members()), expected
+        )
+        yield target.close()
+        target = yield self.cluster(target.path)
+        self.assertEqual(
+            (target.applied_index, target.routes(), target.config, target.members()), expected
+        )
+
+    @inlineCallbacks
+    def test_restore_refuses_a_damaged_snapshot_and_takes_a_database_copy(self):
+        source = yield self.cluster()
+        yield source.apply([(1, PutRoute(http_route()))])
         target = yield self.cluster()
         yield target.apply([(1, PutRoute(http_route("other")))])
-        yield target.restore(snapshot)
-        self.assertEqual(
-            (target.applied_index, target.routes(), target.config), (2, [http_route()], config)
-        )
+        damaged = self.mktemp()
+        with open(damaged, "wb") as f:
+            f.write(b"\xff\xff not a snapshot")
+        yield self.assertFailure(target.restore(damaged), StorageError)
+        self.assertEqual((target.applied_index, target.routes()), (1, [http_route("other")]))
+        # What an earlier build sent: a copy of its database file.
+        yield source.close()
+        yield target.restore(source.path)
+        self.assertEqual((target.applied_index, target.routes()), (1, [http_route()]))
 
     @inlineCallbacks
     def test_unknown_schema_version_refused(self):

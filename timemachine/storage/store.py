@@ -22,12 +22,15 @@ import sqlite3
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
+from google.protobuf.message import DecodeError
 from sqlalchemy import MetaData, Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from twisted.internet import defer
 from zope.interface import implementer
 
+from timemachine._pb import timemachine_pb2 as pb
+from timemachine.domain.codec import command_from_pb, command_to_pb
 from timemachine.domain.commands import (
     Configure,
     DeleteJob,
@@ -46,6 +49,7 @@ from timemachine.domain.jobs import Job, JobStatus, job_from_row, status_after_d
 from timemachine.domain.records import from_record
 from timemachine.domain.routes import Route
 from timemachine.interfaces import IClusterStore, IJobStore
+from timemachine.storage.durable import write_atomically
 from timemachine.storage.iothread import IOThread
 from timemachine.storage.schema import (
     JOB_COLUMNS,
@@ -372,6 +376,10 @@ class _SQLiteStore:
         self._check_meta(meta, origin)
 
 
+#: How every SQLite database file begins.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 # ---- the shard store -----------------------------------------------------------------
 
 
@@ -687,6 +695,45 @@ class ClusterStore(_SQLiteStore):
         }
         config = None if row is None else _config_from_row(row)
         return _ClusterState(routes, config, members)
+
+    def _thd_snapshot(self, path: str) -> int:
+        """The meta state as protobuf (a `ClusterSnapshot`): the commands that rebuild
+        it, not a copy of the database, so any build that reads the log reads it."""
+        with self._db.thd_transaction() as conn:
+            state = self._thd_load_state(conn)
+        commands = [PutRoute(route) for route in state.routes.values()]
+        commands += [] if state.config is None else [state.config]
+        commands += list(state.members.values())
+        snapshot = pb.ClusterSnapshot(
+            applied_index=self._thd_applied_index,
+            commands=[command_to_pb(command) for command in commands],
+        )
+        write_atomically(path, snapshot.SerializeToString())
+        return self._thd_applied_index
+
+    def _thd_restore(self, path: str) -> _Loaded:
+        """Replace the meta state with a `ClusterSnapshot`'s, in one transaction."""
+        with open(path, "rb") as f:
+            data = f.read()
+        if data.startswith(SQLITE_HEADER):
+            return super()._thd_restore(path)  # sent by a build that copied its file
+        try:
+            snapshot = pb.ClusterSnapshot.FromString(data)
+            commands = [command_from_pb(command) for command in snapshot.commands]
+        except (DecodeError, ValueError, TypeError) as e:
+            raise StorageError(f"{path}: not a usable meta snapshot: {e}") from e
+        applied = snapshot.applied_index
+        with self._db.thd_transaction() as conn:
+            for table in (routes_table, config_table, members_table):
+                conn.execute(delete(table))
+            for command in commands:
+                self._thd_apply_command(conn, applied, command)
+            driver_cursor(conn).execute(
+                self._set_applied_sql, {"key": "applied_index", "value": str(applied)}
+            )
+            loaded = _Loaded(applied, self._thd_load_state(conn))
+        self._thd_applied_index = applied
+        return loaded
 
     def _thd_apply_command(self, conn, index, command):
         if isinstance(command, PutRoute):
