@@ -265,8 +265,10 @@ class RaftGroup:
     `IOThread` for the snapshot files. ``bootstrap`` is the membership of a group that
     has never persisted anything (None: wait to be sent a snapshot).
 
-    Snapshots are the store's SQLite file. A member snapshots by recording only the
-    point (index, term, membership) every `COMPACT_EVERY_ENTRIES` entries, and its disk
+    Snapshots are what the store's ``snapshot(path)`` writes: a shard store copies its
+    SQLite file, the meta group's store writes its state as protobuf. A member
+    snapshots by recording only the point (index, term, membership) every
+    `COMPACT_EVERY_ENTRIES` entries, and its disk
     cuts the log below it; the store is that point's state, made durable by a
     checkpoint.
     When a follower needs a snapshot, the leader sends a fresh copy of its store (as
