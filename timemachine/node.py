@@ -70,6 +70,9 @@ from timemachine.storage.wal import DEFAULT_SEGMENT_BYTES
 
 #: Seconds ``/cluster/remove`` waits for a node's replicas to move off it.
 REMOVE_WAIT_SECONDS = 60.0
+#: Seconds a replica asked to answer a read for this node may take before the next
+#: replica is asked.
+REPLICA_PROXY_TIMEOUT = 5.0
 #: Seconds a stopping node waits for its groups' new leaders to take over.
 HANDOVER_SECONDS = 3.0
 #: Marks a REST request a node passed on to another, which must answer it itself.
@@ -434,18 +437,28 @@ class Node(service.Service):
 
     @defer.inlineCallbacks
     def _count_elsewhere(self, ring, shards):
-        """The jobs ``shards`` store, asked of a node holding a replica of each."""
-        by_node: dict[str, list[int]] = {}
-        for shard in shards:
-            by_node.setdefault(ring.replicas(shard)[0], []).append(shard)
+        """The jobs ``shards`` store, asked of other nodes: for each shard, the first
+        of its placed replicas, then of the other members, that holds its data (while
+        replicas move, a placed one may not yet)."""
+        views = {}
         total = 0
-        for node_id, held in by_node.items():
-            entries = yield self._group_view(node_id)
-            for shard in held:
-                jobs = entries.get(shard, {}).get("jobs")
-                if jobs is None:
-                    raise Unavailable(f"shard {shard}'s jobs cannot be counted now; retry")
-                total += jobs
+        for shard in shards:
+            placed = list(ring.replicas(shard))
+            others = [m.node_id for m in self.cluster_store.members() if m.node_id not in placed]
+            for node_id in placed + others:
+                if node_id == self.node_id:
+                    continue
+                if node_id not in views:
+                    try:
+                        views[node_id] = yield self._group_view(node_id)
+                    except Unavailable:
+                        views[node_id] = {}
+                jobs = views[node_id].get(shard, {}).get("jobs")
+                if jobs is not None:
+                    total += jobs
+                    break
+            else:
+                raise Unavailable(f"shard {shard}'s jobs cannot be counted now; retry")
         return total
 
     @defer.inlineCallbacks
@@ -498,8 +511,9 @@ class Node(service.Service):
             yield task.deferLater(self.reactor, 1.0, lambda: None)
 
     @defer.inlineCallbacks
-    def proxy(self, request, node_id: str):
-        """Answer ``request`` with what node ``node_id``'s REST API answers to it."""
+    def proxy(self, request, node_id: str, timeout: float | None = None):
+        """Answer ``request`` with what node ``node_id``'s REST API answers to it
+        (within ``timeout`` seconds, if given)."""
         member = self.cluster_store.member(node_id)
         if member is None or not member.http_address:
             raise Unavailable(f"node {node_id} has no known HTTP address; retry")
@@ -512,6 +526,7 @@ class Node(service.Service):
             url,
             data=request.content.read() or None,
             headers={FORWARDED_HEADER: "1", "Content-Type": "application/json"},
+            timeout=timeout,
         )
         body = yield response.content()
         request.setResponseCode(response.code)
@@ -519,6 +534,20 @@ class Node(service.Service):
             if name.lower() in (b"content-type",):
                 request.responseHeaders.setRawHeaders(name, values)
         return body
+
+    @defer.inlineCallbacks
+    def proxy_to_replica(self, request, node_ids):
+        """`proxy` ``request`` to the first of ``node_ids`` (replicas of a shard this
+        node cannot serve) that answers within `REPLICA_PROXY_TIMEOUT`: one may be
+        down or cut off while the others serve."""
+        failures = []
+        for node_id in node_ids:
+            try:
+                body = yield self.proxy(request, node_id, timeout=REPLICA_PROXY_TIMEOUT)
+                return body
+            except Exception as e:
+                failures.append(f"{node_id}: {e.__class__.__name__}")
+        raise Unavailable(f"no replica answered ({', '.join(failures)}); retry")
 
     @defer.inlineCallbacks
     def join(self, node_id: str, peer_address: str, http_address: str | None = None):

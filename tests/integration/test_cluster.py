@@ -6,6 +6,7 @@ The meta group then holds every member: its state (routes, members) is the same 
 every node, any call reaches its leader, and it survives the loss of its leader.
 """
 
+import itertools
 import os
 import signal
 
@@ -15,6 +16,8 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.support import HTTPReceiver, Partition, call_json, start_node_process
+from timemachine.cluster.placement import meta_voters
+from timemachine.cluster.ring import shard_of
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
 
@@ -115,17 +118,20 @@ class _ClusterTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def joined(self, count):
-        """``count`` nodes, node1 having admitted the others; fires once all vote."""
+        """``count`` nodes, node1 having admitted the others; fires once the meta group
+        has its voters (all of them up to 3; 3 of 4)."""
         yield self.start(1)
         for number in range(2, count + 1):
             yield self.join(number)
+        voters = len(meta_voters([f"node{n}" for n in range(1, count + 1)], ()))
+        suffrage = ["Nonvoter"] * (count - voters) + ["Voter"] * voters
 
         @defer.inlineCallbacks
-        def all_vote():
+        def all_in():
             answer = yield self.servers("node1")
-            return sorted(s["Suffrage"] for s in answer["servers"]) == ["Voter"] * count
+            return sorted(s["Suffrage"] for s in answer["servers"]) == suffrage
 
-        yield self.until(f"{count} voters", all_vote)
+        yield self.until(f"{voters} voters of {count} members", all_in)
 
     @defer.inlineCallbacks
     def configure(self, via, shards, replicas):
@@ -611,3 +617,61 @@ class MovingReplicaTests(_ClusterTestCase):
         self.nodes.pop("node3").kill(signal.SIGKILL)
         yield self.until("node3's replicas moved", self.groups_as_placed, timeout=60.0)
         yield self.jobs_everywhere(ids, ["node1", "node2", "node4"])
+
+    @defer.inlineCallbacks
+    def test_a_read_through_a_node_without_the_shard_is_answered_by_a_live_replica(self):
+        yield self.joined(4)
+        yield self.configure("node1", 6, 3)
+        code, answer = yield self.call(
+            "node1", "POST", "/route",
+            {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
+        )
+        self.assertEqual(code, 200, answer)
+        code, answer = yield self.call("node1", "GET", "/cluster/shards")
+        placement = [entry["replicas"] for entry in answer["shards"]]
+        # A shard some node holds no replica of; its first replica, asked first, dies.
+        shard, outside = next(
+            (s, node) for s, nodes in enumerate(placement)
+            for node in sorted(self.nodes) if node not in nodes
+        )
+        job_id = next(f"j{n}" for n in itertools.count() if shard_of(f"j{n}", 6) == shard)
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        yield self.create_batch(outside, [{"id": job_id, "trigger_ms": far, "route": "hook"}])
+        self.nodes[placement[shard][0]].kill(signal.SIGKILL)
+        yield self.until(
+            f"{outside} reads {job_id} from a live replica of shard {shard}",
+            lambda: self.call(outside, "GET", f"/job/c/{job_id}").addCallback(
+                lambda r: r[0] == 200
+            ),
+        )
+
+    @defer.inlineCallbacks
+    def test_a_new_replica_still_without_its_snapshot_counts_no_jobs_for_its_shard(self):
+        yield self.joined(3)
+        yield self.configure("node1", 3, 1)
+        code, answer = yield self.call(
+            "node1", "POST", "/route",
+            {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
+        )
+        self.assertEqual(code, 200, answer)
+        placement = [entry["replicas"] for entry in (yield self.call(
+            "node1", "GET", "/cluster/shards"))[1]["shards"]]
+        shard = next(s for s, nodes in enumerate(placement) if nodes == ["node3"])
+        job_id = next(f"j{n}" for n in itertools.count() if shard_of(f"j{n}", 3) == shard)
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        yield self.create_batch("node1", [{"id": job_id, "trigger_ms": far, "route": "hook"}])
+        # node3, the only holder of the job, dies; its shard is placed on a second node
+        # too, which opens a blank replica that no leader will ever fill.
+        self.nodes["node3"].kill(signal.SIGKILL)
+        code, answer = yield self.call(
+            "node1", "POST", "/cluster/configure", {"shards": 3, "replicas": 2}
+        )
+        self.assertEqual(code, 200, answer)
+        # A new shard count would delete every shard's files: the blank replica's
+        # empty store must not pass for the shard's jobs.
+        code, answer = yield self.call(
+            "node1", "POST", "/cluster/configure", {"shards": 6, "replicas": 2}
+        )
+        self.assertEqual((code, answer["code"]), (503, "E_UNAVAILABLE"), answer)
+        code, answer = yield self.call("node1", "GET", "/cluster")
+        self.assertEqual(answer["shards"], 3, answer)

@@ -117,10 +117,16 @@ class Coordinator:
             raise Unavailable(f"shard {shard} is unavailable: {error}")
         held = self.shards.get(shard)
         if held is None or held[0].blank:
-            others = [n for n in self.ring.replicas(shard) if n != self.node_id]
-            if not others:
+            # The replicas the map places first; then every other member, as while
+            # replicas move the group's members are not yet the ones placed.
+            placed = [n for n in self.ring.replicas(shard) if n != self.node_id]
+            others = [
+                m.node_id for m in self.cluster_store.members()
+                if m.node_id != self.node_id and m.node_id not in placed
+            ]
+            if not placed + others:
                 raise Unavailable(f"shard {shard} has no replica that can serve yet; retry")
-            raise ServedElsewhere(shard, others)
+            raise ServedElsewhere(shard, placed + others)
         return held
 
     def _write(self, shard: int, command):
@@ -321,8 +327,12 @@ class Coordinator:
         """
         self._require_config()
         groups = {s: self.shards[s][0].stats() for s in range(self.ring.shards) if s in self.shards}
-        # A replica that stopped on a disk or store failure is not asked to count.
-        counting = [s for s, group in groups.items() if group.error is None]
+        # A replica that stopped on a disk or store failure is not asked to count, nor
+        # a new one still waiting for its snapshot: its empty store is not the shard's.
+        counting = [
+            s for s, group in groups.items()
+            if group.error is None and not self.shards[s][0].blank
+        ]
         # Asked together: the counts queue up on the store thread and come back in one hop.
         counts = yield defer.gatherResults([self.shards[s][1].count(None) for s in counting])
         count_of = dict(zip(counting, counts, strict=True))
@@ -341,7 +351,7 @@ class Coordinator:
                 entry.update(
                     leader=group.leader,
                     applied_index=group.applied_index,
-                    jobs=count_of[shard],
+                    jobs=count_of.get(shard),
                     status="serving" if group.leader is not None else "unavailable",
                     term=group.term,
                     commit_index=group.commit_index,

@@ -298,10 +298,13 @@ class Shards:
             ring, self._coordinator.ring = self._coordinator.ring, None
             try:
                 yield defer.gatherResults([group.drain() for group, _ in self.logs.values()])
+                # A new replica waiting for its snapshot has an empty store, not the
+                # shard's jobs: those are counted where a replica holds them.
+                holding = {s: store for s, (group, store) in self.logs.items() if not group.blank}
                 counts = yield defer.gatherResults(
-                    [store.count(None) for _, store in self.logs.values()]
+                    [store.count(None) for store in holding.values()]
                 )
-                elsewhere = [s for s in range(current.shards) if s not in self.logs]
+                elsewhere = [s for s in range(current.shards) if s not in holding]
                 if elsewhere and self._count_elsewhere is not None:
                     counts.append((yield self._count_elsewhere(Ring(current), elsewhere)))
                 if sum(counts):

@@ -403,7 +403,7 @@ class TimeMachineAPI:
     @app.handle_errors(ServedElsewhere)
     def served_elsewhere(self, request, failure):
         """A read of a shard this node holds no replica of: a replica answers it."""
-        return self._node.proxy(request, failure.value.nodes[0])
+        return self._node.proxy_to_replica(request, failure.value.nodes)
 
     @app.handle_errors(TimeMachineError)
     def client_error(self, request, failure):
