@@ -140,7 +140,7 @@ class EncodingTests(unittest.TestCase):
             PutRoute(Route("r", "redis", redis_url="redis://h:1/0", key="k", mode="publish")),
             DeleteRoute("r"),
             Configure(2, 1, (("node1",), ("node1",))),
-            Configure(2, 2, (("node1", "node2"), ("node2", "node3")), (("node1",), ("node1",))),
+            Configure(2, 2, (("node1", "node2"), ("node2", "node3")), (("node1",), ("node1",)), 9),
             PutMember("node2", "127.0.0.2:8102", "127.0.0.2:8002"),
             PutMember("node3", "localhost:8103"),
             RemoveMember("node2"),

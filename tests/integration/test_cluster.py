@@ -675,3 +675,40 @@ class MovingReplicaTests(_ClusterTestCase):
         self.assertEqual((code, answer["code"]), (503, "E_UNAVAILABLE"), answer)
         code, answer = yield self.call("node1", "GET", "/cluster")
         self.assertEqual(answer["shards"], 3, answer)
+
+    @defer.inlineCallbacks
+    def test_a_node_away_while_the_map_was_remade_drops_its_old_replicas(self):
+        yield self.joined(3)
+        yield self.configure("node1", 2, 3)
+        code, answer = yield self.call(
+            "node1", "POST", "/route",
+            {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
+        )
+        self.assertEqual(code, 200, answer)
+        # The old map's groups get a log well ahead of a new group's, then the cluster
+        # is empty again.
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        for n in range(20):
+            yield self.create_batch("node1", [{"id": f"j{n}", "trigger_ms": far, "route": "hook"}])
+            code, answer = yield self.call("node1", "DELETE", f"/job/c/j{n}")
+            self.assertEqual(code, 200, answer)
+        node3 = self.nodes["node3"]
+        node3.kill(signal.SIGKILL)
+        # Remade twice meanwhile, back to as many shards as node3 holds.
+        for shards in (4, 2):
+            code, answer = yield self.call(
+                "node1", "POST", "/cluster/configure", {"shards": shards, "replicas": 3}
+            )
+            self.assertEqual(code, 200, answer)
+        yield start_node_process(self, reactor, self.http, node3.data_dir, node=node3)
+
+        # node3's replicas of shards 0 and 1 are the new groups', not the old ones.
+        @defer.inlineCallbacks
+        def as_the_leaders():
+            views = {}
+            for node_id in ("node1", "node3"):
+                _, answer = yield self.call(node_id, "GET", "/cluster/shards")
+                views[node_id] = [(e["applied_index"], e["term"]) for e in answer["shards"]]
+            return views["node1"] == views["node3"]
+
+        yield self.until("node3 in the new groups", as_the_leaders)

@@ -3,6 +3,7 @@
 import os
 import shutil
 import sqlite3
+from dataclasses import replace
 
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from twisted.internet import reactor
@@ -608,6 +609,8 @@ class ClusterStoreTests(_StoreTestCase):
         # Nothing shows before the commit has come back to the reactor.
         self.assertIsNone(store.route("events"))
         self.assertIsNone(store.config)
+        # A new shard map is stamped with the index it was applied at.
+        config = replace(config, map_index=3)
         self.assertEqual((yield d), [events, billing, config])
         self.assertEqual(store.routes(), [billing, events])
         self.assertEqual(store.route("events"), events)
@@ -623,10 +626,11 @@ class ClusterStoreTests(_StoreTestCase):
                 (7, Configure(2, 3)),
             ]
         )
-        self.assertEqual(results, [replaced, True, False, Configure(2, 3)])
+        remade = Configure(2, 3, map_index=7)
+        self.assertEqual(results, [replaced, True, False, remade])
         self.assertEqual(store.routes(), [replaced])
         self.assertIsNone(store.route("events"))
-        self.assertEqual(store.config, Configure(2, 3))
+        self.assertEqual(store.config, remade)
 
     @inlineCallbacks
     def test_members_are_kept_and_reloaded(self):
@@ -684,7 +688,7 @@ class ClusterStoreTests(_StoreTestCase):
         store = yield self.cluster(path)
         self.assertEqual(store.applied_index, 4)
         self.assertEqual(store.routes(), [events])
-        self.assertEqual(store.config, config)
+        self.assertEqual(store.config, replace(config, map_index=4))
         # Replay of old entries is skipped here too.
         self.assertEqual((yield store.apply([(1, PutRoute(http_route()))])), [None])
         self.assertIsNone(store.route("billing"))
@@ -694,13 +698,14 @@ class ClusterStoreTests(_StoreTestCase):
         path = self.mktemp()
         store = ClusterStore(path, reactor)
         yield store.open()
-        first = Configure(2, 1, (("a",), ("b",)))
+        first = Configure(2, 1, (("a",), ("b",)), map_index=1)
         moved = first.moved_to(2, (("a", "b"), ("b", "a")))
+        self.assertEqual(moved.map_index, 1)
         self.assertEqual(moved.origin, first.placement)
         self.assertEqual(moved.first_replicas(1), ("b",))
         # A second move keeps the map's first placement.
         self.assertEqual(moved.moved_to(1, (("b",), ("a",))).origin, first.placement)
-        yield store.apply([(1, first)])
+        yield store.apply([(1, replace(first, map_index=0))])
         self.assertEqual(store.config, first)
         yield store.apply([(2, moved)])
         yield store.close()
@@ -723,6 +728,7 @@ class ClusterStoreTests(_StoreTestCase):
         config = Configure(1, 1, (("node1",),))
         member = PutMember("node1", "127.0.0.1:8101", "127.0.0.1:8001")
         yield source.apply([(1, PutRoute(http_route())), (2, config), (3, member)])
+        config = replace(config, map_index=2)
         snapshot = self.mktemp()
         self.assertEqual((yield source.snapshot(snapshot)), 3)
         # The meta state as protobuf: the commands that rebuild it.

@@ -31,6 +31,7 @@ from timemachine.domain.errors import (
 )
 from timemachine.peer.raftcodec import group_of_shard
 from timemachine.raft.types import ConfState
+from timemachine.storage.durable import read_if_exists, write_atomically
 from timemachine.storage.store import VnodeStore
 
 
@@ -105,11 +106,41 @@ class Shards:
         """
         first = config.first_replicas(shard)
         known = group_of_shard(shard) in self._engine.groups()
+        if known:
+            known = yield self._same_map(config, shard)
         bootstrap = ConfState(frozenset(first)) if self._node_id in first and not known else None
         try:
             yield self._open_replica(shard, bootstrap)
+            yield self._store_io.call(
+                write_atomically, self._map_marker(shard), str(config.map_index).encode()
+            )
         except StorageError as error:
             self._shard_unavailable(shard, error)
+
+    def _map_marker(self, shard: int) -> str:
+        """The file naming the shard map (its ``map_index``) a replica belongs to."""
+        return os.path.join(self._shard_dir(shard), "map")
+
+    @defer.inlineCallbacks
+    def _same_map(self, config, shard: int):
+        """Whether this node's replica of ``shard`` on disk belongs to ``config``'s map.
+
+        One from an earlier map (this node was away when the map was made anew,
+        only ever for an empty cluster) is deleted: its Raft state - terms, a log,
+        votes - would otherwise meet the new group's under the same group number,
+        and could win an election with a log the new group never wrote. A replica
+        from before maps were marked counts as the current map's.
+        """
+        marker = yield self._store_io.call(read_if_exists, self._map_marker(shard))
+        if marker is None or int(marker) == config.map_index:
+            return True
+        self.log.warn(
+            "shard {shard}: this node's replica belongs to an earlier shard map ({old}, "
+            "now {new}); deleting it", shard=shard, old=int(marker), new=config.map_index,
+        )
+        yield self._engine.remove_group(group_of_shard(shard))
+        yield self._store_io.call(shutil.rmtree, self._shard_dir(shard), True)
+        return False
 
     @defer.inlineCallbacks
     def _open_replica(self, shard: int, bootstrap):
@@ -179,7 +210,7 @@ class Shards:
         if ring is not None and ring.config == config:
             return
         opened = self._opened
-        if opened is not None and opened.shards == config.shards:
+        if opened is not None and opened.map_index == config.map_index:
             yield self._move(config)
             return
         if opened is not None:
@@ -267,8 +298,8 @@ class Shards:
         placement = target_placement(config.shards, replicas, members, config.placement)
         if (replicas, placement) == (config.replicas, config.placement):
             return config
-        moved = config.moved_to(replicas, placement)
-        yield self._meta.propose(moved)
+        yield self._meta.propose(config.moved_to(replicas, placement))
+        moved = self._cluster_store.config
         yield self._follow(moved)
         return moved
 
@@ -316,5 +347,7 @@ class Shards:
                 self._coordinator.ring = ring
                 raise
         yield self._meta.propose(config)
+        # As applied: the meta store numbered the new map.
+        config = self._cluster_store.config
         yield self._follow(config)
         return config

@@ -108,6 +108,7 @@ def command_to_pb(command: Command) -> pb.Command:
                 replicas=command.replicas,
                 placement=_placement_to_pb(command.placement),
                 origin=_placement_to_pb(command.origin),
+                map_index=command.map_index,
             )
         )
     if isinstance(command, PutMember):
@@ -157,7 +158,7 @@ def command_from_pb(msg: pb.Command) -> Command:
         c = msg.configure
         return from_record(
             Configure, c.shards, c.replicas, _placement_from_pb(c.placement),
-            _placement_from_pb(c.origin),
+            _placement_from_pb(c.origin), c.map_index,
         )
     if kind == "put_member":
         m = msg.put_member

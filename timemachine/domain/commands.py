@@ -108,12 +108,19 @@ class Configure:
     changed it since (empty: ``placement`` is the origin, a new shard map): a node
     opening a replica it never held starts the group with the origin's members
     if it is one of them, and otherwise waits, blank, for the leader's snapshot.
+
+    ``map_index`` tells shard maps apart: the meta log index at which this map was
+    made anew (0 in a proposal of a new map: the meta store sets it as it applies
+    it, the same on every node). A replica on disk from an earlier map of the same
+    shard number (its node was away when the map was remade) belongs to a group
+    that no longer exists and must not meet the new one.
     """
 
     shards: int
     replicas: int
     placement: tuple[tuple[str, ...], ...] = field(default=())
     origin: tuple[tuple[str, ...], ...] = field(default=())
+    map_index: int = 0
 
     def __post_init__(self):
         check_int("shards", self.shards, 1, 4096)
@@ -122,6 +129,7 @@ class Configure:
             raise InvalidField("placement", "must name the replicas of every shard")
         if self.origin and len(self.origin) != self.shards:
             raise InvalidField("origin", "must name the first replicas of every shard")
+        check_int("map_index", self.map_index, 0, 2**63 - 1)
 
     def first_replicas(self, shard: int) -> tuple[str, ...]:
         """The members ``shard``'s Raft group was created with."""
@@ -129,7 +137,9 @@ class Configure:
 
     def moved_to(self, replicas: int, placement) -> Configure:
         """This shard map with ``replicas`` per shard, moving to ``placement``."""
-        return Configure(self.shards, replicas, placement, self.origin or self.placement)
+        return Configure(
+            self.shards, replicas, placement, self.origin or self.placement, self.map_index
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,3 +26,12 @@ def write_atomically(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def read_if_exists(path: str) -> bytes | None:
+    """The bytes of the file at ``path``, or None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None

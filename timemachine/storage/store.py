@@ -160,7 +160,7 @@ class _Applied(NamedTuple):
 
     applied_index: int
     results: list[Any]
-    commands: list[Any]  # the commands actually applied (skipped ones left out)
+    commands: list[Any]  # (command, result) of those applied (skipped ones left out)
 
 
 class _Loaded(NamedTuple):
@@ -261,7 +261,7 @@ class _SQLiteStore:
 
     def _applied(self, applied: _Applied) -> list[Any]:
         self.applied_index = applied.applied_index
-        self._commands_applied(applied.commands, applied.results)
+        self._commands_applied(applied.commands)
         return applied.results
 
     # Hooks run on the reactor, after a commit (subclasses keep their in-memory views).
@@ -269,8 +269,8 @@ class _SQLiteStore:
     def _install_state(self, state) -> None:
         pass
 
-    def _commands_applied(self, commands, results) -> None:
-        pass
+    def _commands_applied(self, commands) -> None:
+        """``commands``: ``(command, result)`` of each command the batch applied."""
 
     # -- store thread side
 
@@ -335,7 +335,7 @@ class _SQLiteStore:
                     results.append(None)
                 else:
                     results.append(self._thd_apply_command(conn, index, command))
-                    commands.append(command)
+                    commands.append((command, results[-1]))
                 last = index
             if last != self._thd_applied_index:
                 driver_cursor(conn).execute(
@@ -598,7 +598,7 @@ class _ClusterState(NamedTuple):
 def _config_from_row(row) -> Configure:
     shards, replicas, shard_map = row
     shard_map = json.loads(shard_map)
-    if isinstance(shard_map, list):  # a placement that never moved
+    if isinstance(shard_map, list):  # written by a build that knew only the placement
         shard_map = {"placement": shard_map}
     return from_record(
         Configure,
@@ -606,15 +606,17 @@ def _config_from_row(row) -> Configure:
         replicas,
         tuple(tuple(p) for p in shard_map["placement"]),
         tuple(tuple(p) for p in shard_map.get("origin", ())),
+        shard_map.get("map_index", 0),
     )
 
 
 def _config_to_json(config: Configure) -> str:
-    """The ``placement`` column: the placement, and its origin once replicas moved."""
-    placement = [list(p) for p in config.placement]
-    if not config.origin:
-        return json.dumps(placement)
-    return json.dumps({"placement": placement, "origin": [list(p) for p in config.origin]})
+    """The ``placement`` column: the placement, its origin once replicas moved, and
+    the map's index."""
+    shard_map = {"placement": [list(p) for p in config.placement], "map_index": config.map_index}
+    if config.origin:
+        shard_map["origin"] = [list(p) for p in config.origin]
+    return json.dumps(shard_map)
 
 
 @implementer(IClusterStore)
@@ -660,14 +662,14 @@ class ClusterStore(_SQLiteStore):
         self.config = state.config
         self._members = state.members
 
-    def _commands_applied(self, commands, results) -> None:
-        for command in commands:
+    def _commands_applied(self, commands) -> None:
+        for command, result in commands:
             if isinstance(command, PutRoute):
                 self._routes[command.route.id] = command.route
             elif isinstance(command, DeleteRoute):
                 self._routes.pop(command.id, None)
             elif isinstance(command, Configure):
-                self.config = command
+                self.config = result  # as stored, with its map_index
             elif isinstance(command, PutMember):
                 self._members[command.node_id] = command
             elif isinstance(command, RemoveMember):
@@ -746,6 +748,11 @@ class ClusterStore(_SQLiteStore):
             result = conn.execute(delete(routes_table).where(routes_table.c.id == command.id))
             return result.rowcount > 0
         if isinstance(command, Configure):
+            if not command.origin and not command.map_index:
+                # A new map, numbered here; as written (today's rules may be stricter).
+                command = from_record(
+                    Configure, command.shards, command.replicas, command.placement, (), index
+                )
             values = {
                 "shards": command.shards,
                 "replicas": command.replicas,
