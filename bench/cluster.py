@@ -1,9 +1,11 @@
 """A 3-node cluster on this machine: creates, batches, firing lateness, and failover.
 
-    .venv/bin/python bench/cluster.py [--quick] [--shards 12]
+    .venv/bin/python bench/cluster.py [--quick] [--shards 12] [--hosts 127.0.5.1-3]
+        [--profile PATH] [--no-failover] [-- BENCH_ARGS...]
 
 Starts three ``twistd timemachine`` nodes (node1 on 127.0.0.1, node2 on 127.0.0.2,
-node3 on 127.0.0.3, free ports), joins them as upstream's ``join.sh`` does, configures
+node3 on 127.0.0.3 unless ``--hosts`` names three other loopback addresses; free
+ports), joins them as upstream's ``join.sh`` does, configures
 ``--shards`` shards with 3 replicas, then:
 
 1. runs ``bench/bench.py`` with the three nodes as ``--target`` (single creates with
@@ -43,6 +45,21 @@ from timemachine.cluster.ring import shard_of  # noqa: E402
 HOSTS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
 
 
+def loopback_hosts(text):
+    """Three loopback addresses from ``"a,b,c"`` or ``"127.0.5.1-3"`` (argparse type)."""
+    if "," in text:
+        hosts = text.split(",")
+    else:
+        first, _, last = text.rpartition("-")
+        prefix, _, start = first.rpartition(".")
+        if not (prefix and start.isdigit() and last.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a,b,c or 127.0.5.1-3")
+        hosts = [f"{prefix}.{n}" for n in range(int(start), int(last) + 1)]
+    if len(hosts) != 3 or not all(h.startswith("127.") for h in hosts):
+        raise argparse.ArgumentTypeError(f"{text!r}: three loopback (127.x) addresses")
+    return hosts
+
+
 def free_port(host):
     with socket.socket() as s:
         s.bind((host, 0))
@@ -73,9 +90,10 @@ def until(what, check, timeout=60):
 
 
 class Node:
-    def __init__(self, number, base):
+    def __init__(self, number, base, host, profile=None):
         self.node_id = f"node{number}"
-        self.host = HOSTS[number - 1]
+        self.host = host
+        self.profile = profile
         self.http = f"{self.host}:{free_port(self.host)}"
         self.peer = f"{self.host}:{free_port(self.host)}"
         self.data_dir = os.path.join(base, self.node_id)
@@ -90,8 +108,10 @@ class Node:
         host, port = self.http.split(":")
         peer_host, peer_port = self.peer.split(":")
         with open(self.log, "ab") as log:
+            twist = ["-m", "twisted"] if self.profile is None else [
+                os.path.join(REPO, "bench", "profiled_node.py"), f"{self.profile}.{self.node_id}"]
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "twisted", "--log-format=text", "timemachine",
+                [sys.executable, *twist, "--log-format=text", "timemachine",
                  "--node-id", self.node_id, "--data-dir", self.data_dir,
                  "--http", f"tcp:{port}:interface={host}",
                  "--peer", f"tcp:{peer_port}:interface={peer_host}"],
@@ -123,10 +143,10 @@ class Deliveries(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def start_cluster(base, shards, nodes):
+def start_cluster(base, shards, nodes, hosts, profile):
     """Start, join and configure three nodes, appended to ``nodes`` as they start."""
-    for number in (1, 2, 3):
-        node = Node(number, base)
+    for number, host in enumerate(hosts, 1):
+        node = Node(number, base, host, profile)
         nodes.append(node)
         node.start()
     for node in nodes:
@@ -209,6 +229,16 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shards", type=int, default=12)
     parser.add_argument("--failover-jobs", type=int, default=600)
+    parser.add_argument("--hosts", type=loopback_hosts, default=HOSTS,
+                        help="the nodes' three loopback addresses: a,b,c or 127.0.5.1-3 "
+                        "(default 127.0.0.1-3)")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="run each node under cProfile (its reactor thread), saving "
+                        "the stats to PATH.nodeN when it stops")
+    parser.add_argument("--no-failover", action="store_true",
+                        help="stop after bench.py (no kill -9)")
+    parser.add_argument("bench_args", nargs="*", metavar="-- BENCH_ARG",
+                        help="options passed on to bench.py (e.g. -- --fire-jobs 2000)")
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="tm-cluster-bench-")
     # A deep listen queue: the failover jobs are due at one instant, and with the
@@ -218,14 +248,17 @@ def main():
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     nodes = []
     try:
-        start_cluster(base, args.shards, nodes)
+        start_cluster(base, args.shards, nodes, args.hosts, args.profile)
         print(f"cluster: 3 nodes, {args.shards} shards, 3 replicas; requests to all three")
         bench = [sys.executable, os.path.join(REPO, "bench", "bench.py"),
                  "--target", ",".join(node.url for node in nodes),
                  "--target-pid", str(nodes[0].process.pid), "--far-future", "0"]
         if args.quick:
             bench.append("--quick")
+        bench.extend(args.bench_args)
         subprocess.run(bench, cwd=REPO, check=False)
+        if args.no_failover:
+            return
         failover(nodes, args.shards, f"http://127.0.0.1:{receiver.server_port}/hook",
                  args.failover_jobs)
     finally:
