@@ -209,6 +209,43 @@ class OneMemberTests(RaftGroupTestCase):
         self.assertEqual(persisted[0], 50)
 
     @defer.inlineCallbacks
+    def test_a_ready_is_persisted_while_the_last_ones_apply_runs(self):
+        _, [member] = self.members(1)
+        yield member.start()
+        yield _until(member.group.is_leader)
+        group = member.group
+        held = _hold_applies(self, group.store)
+        storage = group._storage
+        applied = group.applied_index
+        first = group.propose(PutJobs((_spec("a"),)))
+        # Durable and committed (a lone member), its apply held.
+        yield _until(lambda: storage.last_index() == applied + 1)
+        second = group.propose(PutJobs((_spec("b"),)))
+        # The next Ready is persisted while that apply still waits.
+        yield _until(lambda: storage.last_index() == applied + 2)
+        self.assertFalse(first.called)
+        held.callback(None)
+        (index_a, _), (index_b, _) = yield defer.gatherResults([first, second])
+        self.assertEqual((index_b, group.applied_index), (index_a + 1, index_b))
+
+    @defer.inlineCallbacks
+    def test_no_lease_until_the_store_applied_the_terms_first_entry(self):
+        _, [member] = self.members(1)
+        yield member.start()
+        yield _until(member.group.is_leader)
+        yield member.stop()
+        yield member.start()
+        group = member.group
+        held = _hold_applies(self, group.store)
+        # The new term's no-op is durable and committed, and the core has moved past
+        # it; the store has not applied it.
+        core = group.core
+        yield _until(lambda: group.leads and core.log.applied >= core.lease_applied_index)
+        self.assertFalse(group.is_leader())
+        held.callback(None)
+        yield _until(group.is_leader)
+
+    @defer.inlineCallbacks
     def test_a_closed_group_refuses_and_fails_what_waits(self):
         _, [member] = self.members(1)
         yield member.start()
