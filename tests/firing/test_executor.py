@@ -324,6 +324,26 @@ class ExecutorTests(unittest.TestCase):
         self.assertEqual([d[0] for d in self.publisher.deliveries], ["patient"])
 
     @defer.inlineCallbacks
+    def test_a_shard_waiting_for_its_lease_does_not_delay_the_others(self):
+        other = LocalGroup(self.mktemp(), reactor, name="shard 1")
+        yield other.open()
+        self.addCleanup(other.close)
+        lapsed = LeaseLapsingLog(self.log)
+        lapsed.lease = False
+        yield self.executor.add_shard(0, self.store, lapsed)
+        yield self.executor.add_shard(1, other.store, other)
+        yield self.put("waits", 1000)
+        spec = JobSpec("c", "on-time", START_MS + 1003, '{"n":1}', "hook")
+        yield other.propose(PutJobs((spec,)))
+        self.advance_to(1000)
+        self.advance_to(1003)
+        self.assertEqual(self.fired_ids(), ["on-time"])
+        lapsed.lease = True
+        self.advance_to(1013)
+        self.assertEqual(self.fired_ids(), ["on-time", "waits"])
+        yield self.settle()
+
+    @defer.inlineCallbacks
     def test_stop_waits_for_in_flight_outcomes(self):
         self.publisher.held = defer.Deferred()
         yield self.executor.add_shard(0, self.store, self.log)

@@ -336,12 +336,18 @@ class Executor:
                 continue
             del state.jobs[key]
             self._fire(state, job_from_row(row), now_ms)
+        if not waiting:
+            self._arm()
+            return
+        # Tried again soon, but the other shards' jobs fire on time meanwhile: the
+        # timer points at whichever comes first.
+        self._drop_stale_head()
+        delay = LEASE_RETRY_SECONDS
+        if self._heap:
+            delay = min(delay, max(0.0, self._heap[0][0] / 1000 - self._reactor.seconds()))
         for entry in waiting:
             heapq.heappush(self._heap, entry)
-        if waiting:
-            self._timer = self._reactor.callLater(LEASE_RETRY_SECONDS, self._fire_due)
-            return
-        self._arm()
+        self._timer = self._reactor.callLater(delay, self._fire_due)
 
     # ---- delivery --------------------------------------------------------------
 
