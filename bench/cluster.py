@@ -179,6 +179,34 @@ def start_cluster(base, shards, nodes, hosts, profile):
     until("every replica serving", serving)
 
 
+def leaders_line(nodes):
+    """How many shards each node leads now, as node1's map says."""
+    _, answer = call(nodes[0].url + "/cluster/shards")
+    leaders = [s["leader"] for s in answer.get("shards", [])]
+    return ", ".join(f"{n.node_id} {leaders.count(n.node_id)}" for n in nodes)
+
+
+def node_figures(node):
+    """CPU seconds the node used so far, and its fires with their node-side lateness
+    (due -> start of delivery) from its /metrics."""
+    with open(f"/proc/{node.process.pid}/stat") as f:
+        stat = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with urllib.request.urlopen(node.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        text = ""
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("timemachine_firing_lateness_seconds_"):
+            values[name] = float(value)
+    fired = values.get("timemachine_firing_lateness_seconds_count", 0.0)
+    late = values.get("timemachine_firing_lateness_seconds_sum", 0.0)
+    return cpu, fired, late
+
+
 def failover(nodes, shards, receiver_url, count):
     code, answer = call(nodes[1].url + "/route", "POST",
                         {"id": "failover", "type": "http", "webhook_url": receiver_url})
@@ -256,7 +284,16 @@ def main():
         if args.quick:
             bench.append("--quick")
         bench.extend(args.bench_args)
+        print(f"shards led: {leaders_line(nodes)}")
+        before = [node_figures(node) for node in nodes]
         subprocess.run(bench, cwd=REPO, check=False)
+        print(f"shards led after bench.py: {leaders_line(nodes)}")
+        for node, (cpu0, fired0, late0) in zip(nodes, before, strict=True):
+            cpu, fired, late = node_figures(node)
+            mean = f", node-side lateness mean {(late - late0) * 1000 / (fired - fired0):.1f} ms" \
+                if fired > fired0 else ""
+            print(f"  {node.node_id}: CPU {cpu - cpu0:.1f} s during bench.py; "
+                  f"fired {fired - fired0:,.0f}{mean}")
         if args.no_failover:
             return
         failover(nodes, args.shards, f"http://127.0.0.1:{receiver.server_port}/hook",
