@@ -27,12 +27,14 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(options["retain-fired-ms"], 7 * 86_400_000)
         self.assertEqual(options["retain-failed-ms"], 30 * 86_400_000)
         self.assertEqual(options["wal-segment-bytes"], 64 * 1024 * 1024)
+        self.assertEqual(options["compact-every"], 10_000)
+        self.assertEqual(options["keep-entries"], 1000)
 
     def test_every_option_is_listed_in_help(self):
         text = str(Options())
         for name in ("--node-id", "--data-dir", "--http", "--peer", "--advertise", "--join",
                      "--shards", "--no-bootstrap", "--retain-fired", "--retain-failed",
-                     "--wal-segment-bytes"):
+                     "--wal-segment-bytes", "--compact-every", "--keep-entries"):
             self.assertIn(name, text)
 
     def test_data_dir_follows_node_id(self):
@@ -48,6 +50,8 @@ class OptionsTests(unittest.TestCase):
             ["--join", "nowhere"],
             ["--wal-segment-bytes", "100"],
             ["--wal-segment-bytes", "1MiB"],
+            ["--compact-every", "0"],
+            ["--keep-entries", "-1"],
         ):
             self.assertRaises((usage.UsageError, ValueError), parse, *argv)
 
@@ -69,6 +73,13 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(
             (node.retention.retain_fired_ms, node.retention.retain_failed_ms), (5000, 0)
         )
+
+    def test_compaction_options_reach_the_node(self):
+        options = parse("--data-dir", self.mktemp(), "--compact-every", "200",
+                        "--keep-entries", "20")
+        node = makeService(options)
+        self.assertEqual(node.group_options, {"compact_every": 200})
+        self.assertEqual(node.raft_log_options, {"keep_entries": 20})
 
     def test_peer_options_reach_the_node(self):
         options = parse("--data-dir", self.mktemp(), "--peer", "tcp:8103:interface=127.0.0.3",

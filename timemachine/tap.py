@@ -9,8 +9,10 @@ import sys
 
 from twisted.python import usage
 
+from timemachine.cluster.raftgroup import COMPACT_EVERY_ENTRIES
 from timemachine.cluster.ring import DEFAULT_SHARDS
 from timemachine.domain.names import ID_ALPHABET
+from timemachine.raft.engine import DEFAULT_KEEP_ENTRIES
 from timemachine.storage.wal import DEFAULT_SEGMENT_BYTES
 
 _HOST_PORT = re.compile(r"\A[^\s:]+:\d{1,5}\Z")
@@ -63,6 +65,11 @@ class Options(usage.Options):
         ["retain-failed", None, "30d", "How long a failed job (dead letter) stays readable."],
         ["wal-segment-bytes", None, DEFAULT_SEGMENT_BYTES,
          "Size after which a log starts a new segment file.", int],
+        ["compact-every", None, COMPACT_EVERY_ENTRIES,
+         "Entries a Raft group applies between two compactions of its log.", int],
+        ["keep-entries", None, DEFAULT_KEEP_ENTRIES,
+         "Entries a compaction keeps below its snapshot, for followers slightly behind.",
+         int],
     ]
 
     def postOptions(self):
@@ -80,6 +87,10 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name}: {e}") from None
         if self["wal-segment-bytes"] < _MIN_SEGMENT_BYTES:
             raise usage.UsageError(f"--wal-segment-bytes must be at least {_MIN_SEGMENT_BYTES}")
+        if self["compact-every"] < 1:
+            raise usage.UsageError("--compact-every must be at least 1")
+        if self["keep-entries"] < 0:
+            raise usage.UsageError("--keep-entries must be at least 0")
         for name in ("http", "peer"):
             if _port_of(self[name]) is None and not self[name].startswith("unix:"):
                 raise usage.UsageError(f"--{name} must be a tcp: or unix: endpoint string")
@@ -119,6 +130,8 @@ def makeService(options):
         wal_segment_bytes=options["wal-segment-bytes"],
         retain_fired_ms=options["retain-fired-ms"],
         retain_failed_ms=options["retain-failed-ms"],
+        group_options={"compact_every": options["compact-every"]},
+        raft_log_options={"keep_entries": options["keep-entries"]},
         join=options["join"],
         on_start_failure=lambda: atexit.register(_exit_status_1),
     )
