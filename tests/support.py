@@ -1,8 +1,10 @@
 """Real collaborators for tests and benchmarks, and the fixtures the tests share.
 
-Collaborators: a Redis server, an HTTP receiver, ``twistd`` node processes. Fixtures:
-`LocalGroup` (a one-member shard group over a real Raft log and store), `start_local_node` and
-`NodeTestCase` (a whole node in the test's process, listening on 127.0.0.1).
+Collaborators: a Redis server, an HTTP receiver, ``twistd`` node processes, nft
+partitions. Fixtures: `ClusterTestCase` (a cluster of ``twistd`` nodes, each on a
+loopback address of its own), `LocalGroup` (a one-member shard group over a real Raft
+log and store), `start_local_node` and `NodeTestCase` (a whole node in the test's
+process, listening on 127.0.0.1).
 
 DESIGN.md asks for real parts rather than mocks: `RedisServer` runs the ``redis-server``
 binary on a free port of 127.0.0.1 (never the system Redis on 6379), `HTTPReceiver`
@@ -688,6 +690,209 @@ def call_json(http, method: str, url: str, body=None, timeout: float | None = No
     response = yield http.request(method, url, data=data, timeout=timeout)
     content = yield response.content()
     return response.code, json.loads(content)
+
+
+class ClusterTestCase(unittest.TestCase):
+    """A cluster of `NodeProcess` nodes, node ``n`` on ``hosts[n - 1]`` (a subclass
+    names the loopback addresses its nodes take), with a treq client and helpers to
+    join and configure it, call its nodes, wait, and check what a receiver got."""
+
+    timeout = 180
+    hosts: list[str] = []
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.base = os.path.abspath(self.mktemp())
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = HTTPClient(Agent(reactor, pool=self.pool))
+        self.nodes = {}
+
+    @defer.inlineCallbacks
+    def start(self, number, until="/ready", extra=()):
+        from twisted.internet import reactor
+
+        node_id = f"node{number}"
+        node = yield start_node_process(
+            self, reactor, self.http, os.path.join(self.base, node_id), until,
+            host=self.hosts[number - 1], node_id=node_id, extra=extra,
+        )
+        self.nodes[node_id] = node
+        return node
+
+    def call(self, node_id, method, path, body=None):
+        return call_json(self.http, method, self.nodes[node_id].url + path, body)
+
+    @defer.inlineCallbacks
+    def until(self, what, check, timeout=30.0):
+        """Poll ``check()`` (a Deferred of a bool) until it holds."""
+        from twisted.internet import reactor, task
+
+        deadline = reactor.seconds() + timeout
+        while True:
+            try:
+                if (yield check()):
+                    return
+            except Exception:
+                pass
+            if reactor.seconds() > deadline:
+                self.fail(f"not within {timeout} s: {what}")
+            yield task.deferLater(reactor, 0.1, lambda: None)
+
+    def assert_delivered(self, receiver, due_of, max_repeats=None):
+        """Every job of ``due_of`` (id -> trigger ms) delivered, none early; repeats only
+        as a failover allows: a delivery whose outcome a leader change cut off, with
+        the same ``Idempotency-Key``, and few of them (a leader that fires without a
+        lease repeats every job it holds): at most ``max_repeats``, by default a tenth
+        of the jobs."""
+        keys = {}
+        repeats = 0
+        for r in receiver.requests:
+            job_id = r.headers["x-timemachine-job-id"]
+            self.assertIn(job_id, due_of)
+            self.assertGreaterEqual(r.at * 1000, due_of[job_id], f"{job_id} fired early")
+            key = r.headers["idempotency-key"]
+            if job_id in keys:
+                self.assertEqual(key, keys[job_id], f"{job_id} repeated with another key")
+                repeats += 1
+            keys[job_id] = key
+        self.assertEqual(sorted(keys), sorted(due_of))
+        if max_repeats is None:
+            max_repeats = len(due_of) // 10
+        self.assertLessEqual(repeats, max_repeats, f"{repeats} repeated deliveries")
+
+    @defer.inlineCallbacks
+    def create_once(self, node_id, collection, job):
+        """POST ``job`` through ``node_id``; fire with whether it is stored. A 503 may
+        hide a commit (the answer was lost, not the write), so a retry first looks
+        for the job: posting it again would replace it, and one already fired would
+        fire again as a new version. Only a 404 says it is absent."""
+        path = f"/job/{collection}"
+        code, _ = yield self.call(node_id, "GET", f"{path}/{job['id']}")
+        if code != 404:
+            return code == 200
+        code, _ = yield self.call(node_id, "POST", path, job)
+        return code == 200
+
+    @defer.inlineCallbacks
+    def create_batch(self, node_id, jobs):
+        """POST ``jobs`` as one batch through ``node_id``; every item must be stored."""
+        code, answer = yield self.call(node_id, "POST", "/job/c", jobs)
+        self.assertEqual(code, 200, answer)
+        failed = [r for r in answer["results"] if r["status"] != "ok"]
+        self.assertEqual(failed, [], node_id)
+
+    @defer.inlineCallbacks
+    def servers(self, node_id):
+        code, answer = yield self.call(node_id, "GET", "/cluster/servers")
+        return answer if code == 200 else None
+
+    @defer.inlineCallbacks
+    def join(self, number, via="node1", extra=()):
+        """Start node ``number`` (``extra`` options) and have ``via`` admit it, as
+        join.sh does."""
+        node = yield self.start(number, extra=extra)
+        code, answer = yield self.call(
+            via, "POST", "/cluster/join",
+            {"node_id": node.node_id, "raft_address": node.peer_address,
+             "http_address": node.http_address},
+        )
+        self.assertEqual(code, 200, answer)
+        return node
+
+    @defer.inlineCallbacks
+    def joined(self, count, extra=()):
+        """``count`` nodes (``extra`` options each), node1 having admitted the others;
+        fires once every node sees them all, with the voters the meta group promotes
+        (all of them up to 3; 3 of 4)."""
+        from timemachine.cluster.placement import meta_voters
+
+        yield self.start(1, extra=extra)
+        for number in range(2, count + 1):
+            yield self.join(number, extra=extra)
+        voters = len(meta_voters([f"node{n}" for n in range(1, count + 1)], ()))
+        expected = ["Nonvoter"] * (count - voters) + ["Voter"] * voters
+
+        @defer.inlineCallbacks
+        def all_in():
+            # As every node sees it: one still waiting for the meta state is not in yet.
+            for node_id in self.nodes:
+                answer = yield self.servers(node_id)
+                if sorted(s["Suffrage"] for s in answer["servers"]) != expected:
+                    return False
+            return True
+
+        yield self.until(f"{count} members, {voters} of them voters", all_in)
+
+    @defer.inlineCallbacks
+    def configure(self, via, shards, replicas):
+        """Configure (as configure.sh, through ``via``); fire once every node sees
+        every shard's group made of the replicas the map names, all serving."""
+        code, answer = yield self.call(
+            via, "POST", "/cluster/configure", {"shards": shards, "replicas": replicas}
+        )
+        self.assertEqual((code, answer.get("replicas")), (200, replicas), answer)
+        yield self.until(
+            "every shard's group as the map places it", self.groups_as_placed,
+            timeout=60.0,
+        )
+
+    @defer.inlineCallbacks
+    def nodes_configured(self, count=3, shards=6, replicas=3, extra=()):
+        """`joined` ``count`` nodes (``extra`` options each), then `configure`d
+        through the last one."""
+        yield self.joined(count, extra=extra)
+        yield self.configure(f"node{count}", shards, replicas)
+
+    @defer.inlineCallbacks
+    def groups_as_placed(self):
+        """Whether, on every running node, each shard serves and each replica it holds
+        has the map's replicas as voters (and no learner)."""
+        for node_id, node in self.nodes.items():
+            if node.process.poll() is not None:
+                continue
+            code, answer = yield self.call(node_id, "GET", "/cluster/shards")
+            if code != 200:
+                return False
+            for entry in answer["shards"]:
+                if (entry["status"] == "elsewhere") == (node_id in entry["replicas"]):
+                    return False  # a replica placed here missing, or one not dropped
+                if entry["status"] == "elsewhere":
+                    continue
+                if entry["status"] != "serving" or entry["learners"]:
+                    return False
+                if sorted(entry["voters"]) != sorted(entry["replicas"]):
+                    return False
+        return True
+
+    @defer.inlineCallbacks
+    def route_to_receiver(self, via, route_id="hook"):
+        """A started `HTTPReceiver` and a route ``route_id`` to it, written through
+        ``via``."""
+        from twisted.internet import reactor
+
+        receiver = HTTPReceiver(reactor)
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        code, answer = yield self.call(
+            via, "POST", "/route",
+            {"id": route_id, "type": "http", "webhook_url": receiver.url(f"/{route_id}")},
+        )
+        self.assertEqual(code, 200, answer)
+        return receiver
+
+    @defer.inlineCallbacks
+    def shard_leaders(self, via):
+        """Each shard's leader, as ``via`` sees it."""
+        code, answer = yield self.call(via, "GET", "/cluster/shards")
+        self.assertEqual(code, 200, answer)
+        return [entry["leader"] for entry in answer["shards"]]
+
+    @defer.inlineCallbacks
+    def busiest_leader(self, via):
+        """The node leading the most shards, as ``via`` sees it."""
+        leaders = yield self.shard_leaders(via)
+        return max(sorted(set(leaders)), key=leaders.count)
 
 
 # ---- fixtures built from the product's own parts -------------------------------------

@@ -10,178 +10,17 @@ import itertools
 import os
 import signal
 
-from treq.client import HTTPClient
 from twisted.internet import defer, reactor, task
-from twisted.trial import unittest
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support import HTTPReceiver, Partition, call_json, start_node_process
-from timemachine.cluster.placement import meta_voters
+from tests.support import ClusterTestCase, HTTPReceiver, Partition, start_node_process
 from timemachine.cluster.ring import shard_of
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
 
 
-class _ClusterTestCase(unittest.TestCase):
-    timeout = 180
+class ClusterTests(ClusterTestCase):
+    hosts = HOSTS
 
-    def setUp(self):
-        self.base = os.path.abspath(self.mktemp())
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.http = HTTPClient(Agent(reactor, pool=self.pool))
-        self.nodes = {}
-
-    @defer.inlineCallbacks
-    def start(self, number, until="/ready", extra=()):
-        node_id = f"node{number}"
-        node = yield start_node_process(
-            self, reactor, self.http, os.path.join(self.base, node_id), until,
-            host=HOSTS[number - 1], node_id=node_id, extra=extra,
-        )
-        self.nodes[node_id] = node
-        return node
-
-    def call(self, node_id, method, path, body=None):
-        return call_json(self.http, method, self.nodes[node_id].url + path, body)
-
-    @defer.inlineCallbacks
-    def until(self, what, check, timeout=30.0):
-        """Poll ``check()`` (a Deferred of a bool) until it holds."""
-        deadline = reactor.seconds() + timeout
-        while True:
-            try:
-                if (yield check()):
-                    return
-            except Exception:
-                pass
-            if reactor.seconds() > deadline:
-                self.fail(f"not within {timeout} s: {what}")
-            yield task.deferLater(reactor, 0.1, lambda: None)
-
-    def assert_delivered(self, receiver, due_of):
-        """Every job of ``due_of`` (id -> trigger ms) delivered, none early; repeats only
-        as a failover allows: a delivery whose outcome a leader change cut off, with
-        the same ``Idempotency-Key``, and few of them (a leader that fires without a
-        lease repeats every job it holds)."""
-        keys = {}
-        repeats = 0
-        for r in receiver.requests:
-            job_id = r.headers["x-timemachine-job-id"]
-            self.assertIn(job_id, due_of)
-            self.assertGreaterEqual(r.at * 1000, due_of[job_id], f"{job_id} fired early")
-            key = r.headers["idempotency-key"]
-            if job_id in keys:
-                self.assertEqual(key, keys[job_id], f"{job_id} repeated with another key")
-                repeats += 1
-            keys[job_id] = key
-        self.assertEqual(sorted(keys), sorted(due_of))
-        self.assertLessEqual(repeats, len(due_of) // 10, f"{repeats} repeated deliveries")
-
-    @defer.inlineCallbacks
-    def create_once(self, node_id, collection, job):
-        """POST ``job`` through ``node_id``; fire with whether it is stored. A 503 may
-        hide a commit (the answer was lost, not the write), so a retry first looks
-        for the job: posting it again would replace it, and one already fired would
-        fire again as a new version. Only a 404 says it is absent."""
-        path = f"/job/{collection}"
-        code, _ = yield self.call(node_id, "GET", f"{path}/{job['id']}")
-        if code != 404:
-            return code == 200
-        code, _ = yield self.call(node_id, "POST", path, job)
-        return code == 200
-
-    @defer.inlineCallbacks
-    def create_batch(self, node_id, jobs):
-        """POST ``jobs`` as one batch through ``node_id``; every item must be stored."""
-        code, answer = yield self.call(node_id, "POST", "/job/c", jobs)
-        self.assertEqual(code, 200, answer)
-        failed = [r for r in answer["results"] if r["status"] != "ok"]
-        self.assertEqual(failed, [], node_id)
-
-    @defer.inlineCallbacks
-    def servers(self, node_id):
-        code, answer = yield self.call(node_id, "GET", "/cluster/servers")
-        return answer if code == 200 else None
-
-
-    @defer.inlineCallbacks
-    def join(self, number, via="node1"):
-        """Start node ``number`` and have ``via`` admit it, as join.sh does."""
-        node = yield self.start(number)
-        code, answer = yield self.call(
-            via, "POST", "/cluster/join",
-            {"node_id": node.node_id, "raft_address": node.peer_address,
-             "http_address": node.http_address},
-        )
-        self.assertEqual(code, 200, answer)
-        return node
-
-    @defer.inlineCallbacks
-    def joined(self, count):
-        """``count`` nodes, node1 having admitted the others; fires once the meta group
-        has its voters (all of them up to 3; 3 of 4)."""
-        yield self.start(1)
-        for number in range(2, count + 1):
-            yield self.join(number)
-        voters = len(meta_voters([f"node{n}" for n in range(1, count + 1)], ()))
-        suffrage = ["Nonvoter"] * (count - voters) + ["Voter"] * voters
-
-        @defer.inlineCallbacks
-        def all_in():
-            answer = yield self.servers("node1")
-            return sorted(s["Suffrage"] for s in answer["servers"]) == suffrage
-
-        yield self.until(f"{voters} voters of {count} members", all_in)
-
-    @defer.inlineCallbacks
-    def configure(self, via, shards, replicas):
-        """Configure (as configure.sh, through ``via``); fire once every node sees
-        every shard's group made of the replicas the map names, all serving."""
-        code, answer = yield self.call(
-            via, "POST", "/cluster/configure", {"shards": shards, "replicas": replicas}
-        )
-        self.assertEqual((code, answer.get("replicas")), (200, replicas), answer)
-        yield self.until(
-            "every shard's group as the map places it", self.groups_as_placed,
-            timeout=60.0,
-        )
-
-    @defer.inlineCallbacks
-    def groups_as_placed(self):
-        """Whether, on every running node, each shard serves and each replica it holds
-        has the map's replicas as voters (and no learner)."""
-        for node_id, node in self.nodes.items():
-            if node.process.poll() is not None:
-                continue
-            code, answer = yield self.call(node_id, "GET", "/cluster/shards")
-            if code != 200:
-                return False
-            for entry in answer["shards"]:
-                if (entry["status"] == "elsewhere") == (node_id in entry["replicas"]):
-                    return False  # a replica placed here missing, or one not dropped
-                if entry["status"] == "elsewhere":
-                    continue
-                if entry["status"] != "serving" or entry["learners"]:
-                    return False
-                if sorted(entry["voters"]) != sorted(entry["replicas"]):
-                    return False
-        return True
-
-    @defer.inlineCallbacks
-    def shard_leaders(self, via):
-        """Each shard's leader, as ``via`` sees it."""
-        code, answer = yield self.call(via, "GET", "/cluster/shards")
-        self.assertEqual(code, 200, answer)
-        return [entry["leader"] for entry in answer["shards"]]
-
-    @defer.inlineCallbacks
-    def busiest_leader(self, via):
-        """The node leading the most shards, as ``via`` sees it."""
-        leaders = yield self.shard_leaders(via)
-        return max(sorted(set(leaders)), key=leaders.count)
-
-
-class ClusterTests(_ClusterTestCase):
     @defer.inlineCallbacks
     def test_nodes_started_alone_join_share_the_meta_state_and_survive_its_leader(self):
         node1 = yield self.start(1)
@@ -306,8 +145,10 @@ class ClusterTests(_ClusterTestCase):
         self.assertEqual(code, 200)
 
 
-class ReplicatedClusterTests(_ClusterTestCase):
+class ReplicatedClusterTests(ClusterTestCase):
     """Three nodes, every shard on all three: jobs survive the loss of any one."""
+
+    hosts = HOSTS
 
     @defer.inlineCallbacks
     def three_nodes_configured(self, shards=6):
@@ -319,15 +160,8 @@ class ReplicatedClusterTests(_ClusterTestCase):
     def configured_with_receiver(self, via):
         """Three configured nodes and a route ``hook`` (written through ``via``) to a
         receiver; fires with the receiver."""
-        receiver = HTTPReceiver(reactor)
-        receiver.start()
-        self.addCleanup(receiver.stop)
         yield self.three_nodes_configured()
-        code, answer = yield self.call(
-            via, "POST", "/route",
-            {"id": "hook", "type": "http", "webhook_url": receiver.url("/hook")},
-        )
-        self.assertEqual(code, 200, answer)
+        receiver = yield self.route_to_receiver(via)
         return receiver
 
     @defer.inlineCallbacks
@@ -517,9 +351,11 @@ class ReplicatedClusterTests(_ClusterTestCase):
         )
 
 
-class MovingReplicaTests(_ClusterTestCase):
+class MovingReplicaTests(ClusterTestCase):
     """Replicas of shards holding jobs move between nodes by Raft membership change
     (learner, snapshot, promotion, removal) while the shards go on serving."""
+
+    hosts = HOSTS
 
     @defer.inlineCallbacks
     def jobs_everywhere(self, ids, nodes):
