@@ -214,6 +214,36 @@ class RestartCatchUpTests(_FaultsTestCase):
         yield self.lead_and_fire(receiver)
 
 
+class ReadsElsewhereTests(_FaultsTestCase):
+    """A read of a shard the node asked holds no replica of is passed on to a replica."""
+
+    @defer.inlineCallbacks
+    def test_a_replica_down_is_passed_over(self):
+        shards = 8
+        yield self.nodes_configured(count=4, shards=shards, replicas=3)
+        yield self.route_to_receiver("node1")
+        placed = yield self.shards_seen_by("node1")
+        shard, entry = next(
+            (s, e) for s, e in placed.items() if "node4" not in e["replicas"]
+        )
+        job_id = ids_by_shard("r", shards, 1)[shard][0]
+        far = now_ms() + 3_600_000
+        code, answer = yield self.call(
+            "node4", "POST", "/job/c", {"id": job_id, "trigger_ms": far, "route": "hook"}
+        )
+        self.assertEqual(code, 200, answer)
+        first, *others = entry["replicas"]
+        self.nodes[first].kill()
+        yield self.led_by_the_living(others[0], [n for n in self.nodes if n != first])
+        code, answer = yield self.call("node4", "GET", f"/job/c/{job_id}")
+        self.assertEqual((code, answer.get("trigger_ms")), (200, far), answer)
+        # With no replica left to ask, the read is one to retry.
+        for node_id in others:
+            self.nodes[node_id].kill()
+        code, answer = yield self.call("node4", "GET", f"/job/c/{job_id}")
+        self.assertEqual((code, answer.get("code")), (503, "E_UNAVAILABLE"), answer)
+
+
 class ManyJobsTests(_FaultsTestCase):
     """Three thousand jobs through random nodes of a three-node cluster."""
 
