@@ -11,6 +11,7 @@ serves, leads and fires as the others do; a shard with no majority answers 503 w
 the others serve.
 """
 
+import itertools
 import random
 import re
 
@@ -242,6 +243,117 @@ class ReadsElsewhereTests(_FaultsTestCase):
             self.nodes[node_id].kill()
         code, answer = yield self.call("node4", "GET", f"/job/c/{job_id}")
         self.assertEqual((code, answer.get("code")), (503, "E_UNAVAILABLE"), answer)
+
+
+class TwoOfFiveDownTests(_FaultsTestCase):
+    """Five nodes, three replicas a shard, two nodes down at once."""
+
+    shards = 10
+
+    @defer.inlineCallbacks
+    def test_shards_with_a_majority_serve_the_others_wait_and_nothing_is_lost(self):
+        yield self.nodes_configured(count=5, shards=self.shards)
+        receiver = yield self.route_to_receiver("node1")
+        placed = yield self.shards_seen_by("node1")
+        replicas = {shard: set(entry["replicas"]) for shard, entry in placed.items()}
+        # The two nodes holding together the most shards' replicas go down.
+        down = max(
+            itertools.combinations(sorted(self.nodes), 2),
+            key=lambda pair: sum(set(pair) <= held for held in replicas.values()),
+        )
+        alive = [n for n in sorted(self.nodes) if n not in down]
+        lost = sorted(s for s, held in replicas.items() if set(down) <= held)
+        kept = sorted(s for s in replicas if s not in lost)
+        self.assertTrue(lost and kept, (down, replicas))
+
+        # Acknowledged before the crash, two a shard, due while the nodes are down.
+        before = ids_by_shard("before", self.shards, 2)
+        due_of = {}
+        due = now_ms() + 8000
+        for held in before.values():
+            for job_id in held:
+                due_of[job_id] = due
+        ids = sorted(due_of)
+        yield self.create_all(
+            len(ids), lambda n: {"id": ids[n], "trigger_ms": due, "route": "hook"},
+            via=sorted(self.nodes),
+        )
+        for node_id in down:
+            self.nodes[node_id].kill()
+
+        # The meta group (five voters, three left) still takes writes.
+        yield self.until(
+            "a route written with two nodes down",
+            lambda: self.call(
+                alive[0], "POST", "/route",
+                {"id": "later", "type": "http", "webhook_url": receiver.url("/later")},
+            ).addCallback(lambda r: r[0] == 200),
+        )
+
+        # A shard with two replicas left elects a leader, takes writes and fires.
+        @defer.inlineCallbacks
+        def kept_led():
+            for node_id in alive:
+                seen = yield self.shards_seen_by(node_id)
+                if any(seen[s]["leader"] not in alive for s in kept if node_id in replicas[s]):
+                    return False
+            return True
+
+        yield self.until("a living leader for every shard with two replicas left", kept_led)
+        during = [job_id for s in kept for job_id in ids_by_shard("during", self.shards, 1)[s]]
+        written_at = now_ms()
+        for job_id in during:
+            due_of[job_id] = written_at + 2000
+        yield self.create_all(
+            len(during),
+            lambda n: {"id": during[n], "trigger_ms": due_of[during[n]], "route": "hook"},
+            via=alive,
+        )
+        for job_id, node_id in itertools.product([before[s][0] for s in kept], alive):
+            code, answer = yield self.call(node_id, "GET", f"/job/c/{job_id}")
+            self.assertEqual(code, 200, (node_id, job_id, answer))
+
+        # A shard with one replica left has no leader: writes and reads through any
+        # node answer 503, and nothing of it fires.
+        @defer.inlineCallbacks
+        def lost_leaderless():
+            for node_id in alive:
+                seen = yield self.shards_seen_by(node_id)
+                if any(seen[s]["leader"] is not None for s in lost):
+                    return False
+            return True
+
+        yield self.until("no leader for the shards with one replica left", lost_leaderless)
+        refused = [job_id for s in lost for job_id in ids_by_shard("refused", self.shards, 1)[s]]
+        for job_id, node_id in itertools.product(refused, alive):
+            code, answer = yield self.call(
+                node_id, "POST", "/job/c",
+                {"id": job_id, "trigger_ms": now_ms() + 2000, "route": "hook"},
+            )
+            self.assertEqual((code, answer.get("code")), (503, "E_UNAVAILABLE"),
+                             (node_id, job_id, answer))
+        for job_id, node_id in itertools.product([before[s][0] for s in lost], alive):
+            code, answer = yield self.call(node_id, "GET", f"/job/c/{job_id}")
+            self.assertEqual((code, answer.get("code")), (503, "E_UNAVAILABLE"),
+                             (node_id, job_id, answer))
+        on_time = [job_id for job_id in due_of if shard_of(job_id, self.shards) in kept]
+        yield self.wait_delivered(receiver, on_time)
+        yield sleep(max(0.0, (due - now_ms()) / 1000) + 1.0)
+        fired = {r.headers["x-timemachine-job-id"] for r in receiver.requests}
+        self.assertEqual(fired, set(on_time), "a shard without a majority fired")
+
+        # Back up: the shards without a leader fire what they held, late, once.
+        yield defer.gatherResults([self.restart(node_id) for node_id in down])
+        yield self.wait_delivered(receiver, due_of)
+        yield sleep(1.0)  # room for a repeat to show
+        self.assert_delivered(receiver, due_of, max_repeats=0)
+        for job_id in refused:
+            yield self.until(
+                f"{job_id}, refused with 503, is absent",
+                lambda j=job_id: self.call(alive[0], "GET", f"/job/c/{j}").addCallback(
+                    lambda r: r[0] == 404
+                ),
+            )
 
 
 class ManyJobsTests(_FaultsTestCase):
