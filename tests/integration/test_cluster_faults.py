@@ -12,12 +12,17 @@ the others serve.
 """
 
 import itertools
+import json
+import os
 import random
 import re
+import signal
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.error import ConnectError, ConnectionRefusedError
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from tests.support import ClusterTestCase, start_node_process
+from tests.support import ClusterTestCase, Partition, start_node_process
 from timemachine.cluster.ring import shard_of
 
 HOSTS = [f"127.0.3.{n}" for n in range(1, 10)]
@@ -378,3 +383,188 @@ class ManyJobsTests(_FaultsTestCase):
         yield self.wait_delivered(receiver, due_of)
         yield sleep(1.0)  # room for a repeat to show
         self.assert_delivered(receiver, due_of, max_repeats=0)
+
+
+#: Seconds the chaos lasts, and seconds a fault holds at most.
+CHAOS_SECONDS = 60
+LONGEST_FAULT = 4.0
+#: A repeated delivery is a failover's when it falls within a fault or this many seconds
+#: after it (elections, a lease running out, the deliveries a new leader resumes).
+FAULT_MARGIN = 10.0
+#: Seconds the chaos client waits for any answer.
+REQUEST_TIMEOUT = 5.0
+#: Seconds the client lets pass after an unclear create (a 503 or no answer) before it
+#: asks whether the job is stored: a request held by a paused node, or passed on to a
+#: leader, may still reach the log until then.
+SETTLE = LONGEST_FAULT + 5.0
+#: What the client gets when a node refused the connection: nothing was sent.
+REFUSED = 0
+
+
+class ChaosTests(_FaultsTestCase):
+    """Seeded chaos: jobs created through random nodes while nodes crash, restart,
+    pause and are cut off. The seed is ``$TM_CHAOS_SEED`` or random, and printed, so a
+    failure replays with the same faults."""
+
+    hosts = [f"127.0.4.{n}" for n in range(1, 10)]
+    timeout = 400
+
+    @defer.inlineCallbacks
+    def ask(self, node_id, method, path, body=None):
+        """``(status, answer)`` of one request; status `REFUSED` when the node refused
+        the connection, None when it gave no answer in time (or lost the connection)."""
+
+        @defer.inlineCallbacks
+        def request():
+            data = None if body is None else json.dumps(body).encode()
+            response = yield self.http.request(method, self.nodes[node_id].url + path,
+                                               data=data)
+            content = yield response.content()
+            return response.code, json.loads(content)
+
+        try:
+            answer = yield request().addTimeout(REQUEST_TIMEOUT, reactor)
+        except ConnectionRefusedError:
+            return REFUSED, None
+        except (ConnectError, ResponseFailed, ResponseNeverReceived, defer.TimeoutError):
+            return None, None
+        return answer
+
+    @defer.inlineCallbacks
+    def stored(self, rng, job_id, patience=60.0):
+        """Whether a node finds ``job_id`` stored (a linearizable read): True, False,
+        or None when none could tell within ``patience`` seconds."""
+        deadline = reactor.seconds() + patience
+        while reactor.seconds() < deadline:
+            code, _ = yield self.ask(rng.choice(sorted(self.nodes)), "GET", f"/job/c/{job_id}")
+            if code in (200, 404):
+                return code == 200
+            yield sleep(0.3)
+        return None
+
+    @defer.inlineCallbacks
+    def create_carefully(self, rng, job, outcome):
+        """Create ``job`` through random nodes; ``outcome["acked"]`` becomes True once
+        a node answered 200, or a read found it stored.
+
+        A 503 or no answer may hide a commit: after `SETTLE` the client reads the job,
+        and creates it again (same body) only when it is not stored, while its trigger
+        is not past. A refused connection sent nothing: the next node is asked at once.
+        """
+        nodes = sorted(self.nodes)
+        give_up = job["trigger_ms"] / 1000 + 4.0  # later, a create is E_PAST
+        while reactor.seconds() < give_up:
+            outcome["attempts"] += 1
+            code, answer = yield self.ask(rng.choice(nodes), "POST", "/job/c", job)
+            if code == 200:
+                outcome["acked"] = True
+                return
+            if code == REFUSED:
+                yield sleep(0.1)
+                continue
+            if code not in (503, None):
+                outcome["refused"] = answer
+                return
+            yield sleep(SETTLE)
+            found = yield self.stored(rng, job["id"])
+            if found is not False:
+                outcome["acked"] = bool(found)
+                return
+
+    @defer.inlineCallbacks
+    def create_jobs(self, rng, until, outcomes):
+        """Jobs due 5-20 s ahead, about 20 a second until ``until``, each created
+        carefully through random nodes; fires when every create has ended."""
+        creates = []
+        while reactor.seconds() < until:
+            yield sleep(rng.expovariate(20.0))
+            job = {"id": f"x{len(outcomes)}", "trigger_ms": now_ms() + rng.randint(5000, 20_000),
+                   "route": "hook"}
+            outcome = outcomes[job["id"]] = {"trigger_ms": job["trigger_ms"], "acked": False,
+                                             "attempts": 0}
+            creates.append(self.create_carefully(random.Random(rng.random()), job, outcome))
+        yield defer.gatherResults(creates)
+
+    @defer.inlineCallbacks
+    def inflict_faults(self, rng, until, faults, partition):
+        """One fault at a time on a random node until ``until``: kill -9 then restart,
+        SIGSTOP then SIGCONT, or cut off from the others then healed, each held 1 s to
+        `LONGEST_FAULT`; ``faults`` gets ``(kind, node, start, end)`` of each."""
+        nodes = sorted(self.nodes)
+        while reactor.seconds() < until:
+            yield sleep(rng.uniform(0.5, 3.0))
+            kind = rng.choice(("kill", "pause", "partition"))
+            node_id = rng.choice(nodes)
+            hold = rng.uniform(1.0, LONGEST_FAULT)
+            node = self.nodes[node_id]
+            start = reactor.seconds()
+            if kind == "kill":
+                node.kill()
+                yield sleep(hold)
+                yield self.restart(node_id, until="/health")
+            elif kind == "pause":
+                node.process.send_signal(signal.SIGSTOP)
+                yield sleep(hold)
+                node.process.send_signal(signal.SIGCONT)
+            else:
+                partition.cut(node.host, [self.nodes[n].host for n in nodes if n != node_id])
+                yield sleep(hold)
+                partition.heal()
+            faults.append((kind, node_id, start, reactor.seconds()))
+
+    def problems(self, receiver, outcomes, faults):
+        """What the deliveries break of the promises: an acknowledged job not
+        delivered, a delivery early, a repeat with another key or away from faults."""
+        deliveries: dict[str, list] = {}
+        problems = []
+        for r in receiver.requests:
+            deliveries.setdefault(r.headers["x-timemachine-job-id"], []).append(r)
+        for job_id, received in sorted(deliveries.items()):
+            outcome = outcomes.get(job_id)
+            if outcome is None:
+                problems.append(f"{job_id} delivered, never created")
+                continue
+            for r in received:
+                if r.at * 1000 < outcome["trigger_ms"]:
+                    problems.append(f"{job_id} delivered {outcome['trigger_ms'] - r.at * 1000:.0f}"
+                                    " ms early")
+            keys = sorted({r.headers["idempotency-key"] for r in received})
+            if len(keys) > 1:
+                problems.append(f"{job_id} delivered under keys {keys} (created twice)")
+            for r in received[1:]:
+                if not any(start - 1 <= r.at <= end + FAULT_MARGIN for _, _, start, end in faults):
+                    problems.append(f"{job_id} repeated at {r.at:.1f}, away from any fault")
+        for job_id, outcome in sorted(outcomes.items()):
+            if outcome["acked"] and job_id not in deliveries:
+                problems.append(f"{job_id} acknowledged, never delivered")
+        return problems
+
+    @defer.inlineCallbacks
+    def test_no_acknowledged_job_is_lost_none_fires_early_repeats_only_around_faults(self):
+        seed = int(os.environ.get("TM_CHAOS_SEED") or random.SystemRandom().randrange(2**32))
+        print(f"\nchaos seed {seed} (replay: TM_CHAOS_SEED={seed})")
+        rng = random.Random(seed)
+        yield self.nodes_configured(shards=6)
+        receiver = yield self.route_to_receiver("node1")
+        partition = Partition()
+        self.addCleanup(partition.remove)
+        outcomes, faults = {}, []
+        until = reactor.seconds() + CHAOS_SECONDS
+        yield defer.gatherResults([
+            self.inflict_faults(random.Random(rng.random()), until, faults, partition),
+            self.create_jobs(random.Random(rng.random()), until, outcomes),
+        ])
+        # Every node is back and the network whole: everything stored fires.
+        acked = [job_id for job_id, outcome in outcomes.items() if outcome["acked"]]
+        yield self.wait_delivered(receiver, acked, timeout=90)
+        yield sleep(2.0)  # room for a repeat to show
+        problems = self.problems(receiver, outcomes, faults)
+        began = until - CHAOS_SECONDS
+        summary = (
+            f"seed {seed}: {len(outcomes)} jobs, {len(acked)} acknowledged, "
+            f"{len(receiver.requests)} deliveries; faults (s into the chaos): "
+            + ", ".join(f"{kind} {node_id} {start - began:.1f}-{end - began:.1f}"
+                        for kind, node_id, start, end in faults)
+        )
+        print(summary)
+        self.assertEqual(problems, [], summary)
