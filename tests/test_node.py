@@ -166,6 +166,18 @@ class FiringTests(NodeTestCase):
         self.assertEqual(order, ["health", "batch"])
 
 
+class LeftAloneToJoinTests(NodeTestCase):
+    @defer.inlineCallbacks
+    def test_a_node_that_gave_up_its_cluster_to_join_another_does_not_start_one(self):
+        # What a join offer does to a node alone in the empty cluster it bootstrapped;
+        # the leader's meta state is on its way.
+        yield self.node._give_up_alone()
+        self.assertTrue(self.node.meta_log.blank)
+        code, answer = yield self.call("POST", "/cluster/configure", {"shards": 2, "replicas": 1})
+        self.assertEqual((code, answer.get("code")), (503, "E_NOT_CONFIGURED"), answer)
+        self.assertTrue(self.node.meta_log.blank)
+
+
 class NoBootstrapTests(NodeTestCase):
     bootstrap = False
 

@@ -134,6 +134,9 @@ class Node(service.Service):
         self.raft_log_options = raft_log_options or {}
         self.tick_seconds = tick_seconds
         self.join_address = join
+        # Set once this node gave up the one-node cluster it bootstrapped to join
+        # another: blank until that cluster's meta state arrives, it must not start one.
+        self._left_alone_to_join = False
         self.shard_logs: dict[int, tuple[RaftGroup, VnodeStore]] = {}
         # Shards of this node whose replica refused to open, with the reason:
         # reported unavailable while the others serve.
@@ -481,6 +484,7 @@ class Node(service.Service):
                 yield self.engine.remove_group(group_of_shard(shard))
         yield self.store_io.call(shutil.rmtree, os.path.join(self.data_dir, "shards"), True)
         self.shards.forget_map()
+        self._left_alone_to_join = True
         yield self.meta_log.start_over()
 
     @defer.inlineCallbacks
@@ -632,6 +636,11 @@ class Node(service.Service):
         if self.meta_log.blank:
             if self.join_address is not None:
                 raise NotConfigured(f"this node is joining the cluster at {self.join_address}")
+            if self._left_alone_to_join:
+                raise NotConfigured(
+                    "this node is joining a cluster and waits for its state; configure "
+                    "it through a member"
+                )
             yield self.meta_log.bootstrap(ConfState(frozenset({self.node_id})))
             yield self.meta_log.wait_leading()
             yield self._announce(self._http_address)
