@@ -44,6 +44,11 @@ def ids_by_shard(prefix: str, shards: int, per_shard: int) -> dict[int, list[str
     return ids
 
 
+def delivered_ids(receiver) -> set[str]:
+    """The ids of the jobs ``receiver`` got."""
+    return {r.headers["x-timemachine-job-id"] for r in receiver.requests}
+
+
 def now_ms() -> int:
     return int(reactor.seconds() * 1000)
 
@@ -85,15 +90,9 @@ class _FaultsTestCase(ClusterTestCase):
     @defer.inlineCallbacks
     def wait_delivered(self, receiver, ids, timeout=60.0):
         """Wait until every job of ``ids`` has been delivered at least once."""
-        missing = set(ids)
-
-        def delivered():
-            missing.difference_update(
-                r.headers["x-timemachine-job-id"] for r in receiver.requests
-            )
-            return not missing
-
-        yield self.until(f"{len(ids)} jobs delivered", delivered, timeout)
+        yield self.until(
+            f"{len(ids)} jobs delivered", lambda: set(ids) <= delivered_ids(receiver), timeout
+        )
 
     @defer.inlineCallbacks
     def led_by_the_living(self, via, alive):
@@ -555,8 +554,10 @@ class ChaosTests(_FaultsTestCase):
             self.create_jobs(random.Random(rng.random()), until, outcomes),
         ])
         # Every node is back and the network whole: everything stored fires.
-        acked = [job_id for job_id, outcome in outcomes.items() if outcome["acked"]]
-        yield self.wait_delivered(receiver, acked, timeout=90)
+        acked = {job_id for job_id, outcome in outcomes.items() if outcome["acked"]}
+        deadline = reactor.seconds() + 90
+        while reactor.seconds() < deadline and not acked <= delivered_ids(receiver):
+            yield sleep(0.2)  # the check names any that never came
         yield sleep(2.0)  # room for a repeat to show
         problems = self.problems(receiver, outcomes, faults)
         began = until - CHAOS_SECONDS
