@@ -134,7 +134,6 @@ class RestartCatchUpTests(_FaultsTestCase):
     """A node killed while the others take writes comes back, catches up, and serves,
     leads and fires like the others."""
 
-    # Not the 4 shards the nodes bootstrap with: see nodes_configured.
     shards = 6
 
     @defer.inlineCallbacks
