@@ -152,6 +152,9 @@ class RestartCatchUpTests(_FaultsTestCase):
             writes, lambda n: {"id": ids[n], "trigger_ms": far, "route": "hook"},
             via=["node1", "node2"],
         )
+        # What node3 logs from now on tells how it caught up (it may have been sent
+        # snapshots before, when the shard map placed its replicas).
+        self.restarted_at = len(self.log_of("node3"))
         yield self.restart("node3")
         expected = [0] * self.shards
         for job_id in ids:
@@ -215,7 +218,7 @@ class RestartCatchUpTests(_FaultsTestCase):
     def test_a_restarted_node_catches_up_from_the_log(self):
         # Fewer entries than a compaction keeps: the leaders send node3 what it missed.
         receiver = yield self.kill_write_restart(300)
-        self.assertIsNone(SHARD_SNAPSHOT.search(self.log_of("node3")))
+        self.assertIsNone(SHARD_SNAPSHOT.search(self.log_of("node3"), self.restarted_at))
         yield self.lead_and_fire(receiver)
 
     @defer.inlineCallbacks
@@ -226,7 +229,7 @@ class RestartCatchUpTests(_FaultsTestCase):
         receiver = yield self.kill_write_restart(
             600, extra=["--compact-every", "40", "--keep-entries", "10"]
         )
-        self.assertIsNotNone(SHARD_SNAPSHOT.search(self.log_of("node3")))
+        self.assertIsNotNone(SHARD_SNAPSHOT.search(self.log_of("node3"), self.restarted_at))
         yield self.lead_and_fire(receiver)
 
 
