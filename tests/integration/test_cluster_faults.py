@@ -252,6 +252,12 @@ class ReadsElsewhereTests(_FaultsTestCase):
         )
         self.assertEqual(code, 200, answer)
         first, *others = entry["replicas"]
+        # One that does not answer (paused) is passed over, then one that is down.
+        paused = self.nodes[first].process
+        paused.send_signal(signal.SIGSTOP)
+        code, answer = yield self.call("node4", "GET", f"/job/c/{job_id}")
+        self.assertEqual((code, answer.get("trigger_ms")), (200, far), answer)
+        paused.send_signal(signal.SIGCONT)
         self.nodes[first].kill()
         yield self.led_by_the_living(others[0], [n for n in self.nodes if n != first])
         code, answer = yield self.call("node4", "GET", f"/job/c/{job_id}")
