@@ -746,7 +746,7 @@ class ClusterTestCase(unittest.TestCase):
         lease repeats every job it holds): at most ``max_repeats``, by default a tenth
         of the jobs."""
         keys = {}
-        repeats = 0
+        repeats = []
         for r in receiver.requests:
             job_id = r.headers["x-timemachine-job-id"]
             self.assertIn(job_id, due_of)
@@ -754,12 +754,12 @@ class ClusterTestCase(unittest.TestCase):
             key = r.headers["idempotency-key"]
             if job_id in keys:
                 self.assertEqual(key, keys[job_id], f"{job_id} repeated with another key")
-                repeats += 1
+                repeats.append(f"{job_id} (due {due_of[job_id]}, again at {r.at * 1000:.0f})")
             keys[job_id] = key
         self.assertEqual(sorted(keys), sorted(due_of))
         if max_repeats is None:
             max_repeats = len(due_of) // 10
-        self.assertLessEqual(repeats, max_repeats, f"{repeats} repeated deliveries")
+        self.assertLessEqual(len(repeats), max_repeats, f"repeated deliveries: {repeats}")
 
     @defer.inlineCallbacks
     def create_once(self, node_id, collection, job):

@@ -100,6 +100,21 @@ class _FaultsTestCase(ClusterTestCase):
         self.assertEqual([f for f in failed if f is not None], [])
 
     @defer.inlineCallbacks
+    def leaders_spread(self, via, nodes, timeout=60.0):
+        """Wait until ``nodes`` (every member, all up) lead every shard, as evenly as
+        can be, as ``via`` sees it: the meta leader moves leaderships until they are,
+        and then moves none (a transfer repeats the deliveries in flight)."""
+        shards = len((yield self.shard_leaders(via)))
+        even = sorted(shards // len(nodes) + (n < shards % len(nodes)) for n in range(len(nodes)))
+
+        @defer.inlineCallbacks
+        def spread():
+            leaders = yield self.shard_leaders(via)
+            return sorted(leaders.count(n) for n in nodes) == even
+
+        yield self.until(f"shard leaders spread evenly over {nodes}", spread, timeout)
+
+    @defer.inlineCallbacks
     def wait_delivered(self, receiver, ids, timeout=60.0):
         """Wait until every job of ``ids`` has been delivered at least once."""
         yield self.until(
@@ -387,6 +402,7 @@ class ManyJobsTests(_FaultsTestCase):
     def test_each_fires_once_and_none_early(self):
         yield self.nodes_configured(shards=12)
         receiver = yield self.route_to_receiver("node1")
+        yield self.leaders_spread("node1", sorted(self.nodes))
         rng = random.Random(3000)
         count = 3000
         via = [rng.choice(sorted(self.nodes)) for _ in range(count)]
