@@ -37,7 +37,7 @@ from timemachine.cluster.retention import (
     Retention,
 )
 from timemachine.cluster.ring import DEFAULT_SHARDS, Ring
-from timemachine.cluster.shards import Shards
+from timemachine.cluster.shards import HANDOVER_SECONDS, Shards
 from timemachine.domain.commands import Configure, PutMember, RemoveMember
 from timemachine.domain.errors import (
     CorruptLog,
@@ -73,8 +73,6 @@ REMOVE_WAIT_SECONDS = 60.0
 #: Seconds a replica asked to answer a read for this node may take before the next
 #: replica is asked.
 REPLICA_PROXY_TIMEOUT = 5.0
-#: Seconds a stopping node waits for its groups' new leaders to take over.
-HANDOVER_SECONDS = 3.0
 #: Marks a REST request a node passed on to another, which must answer it itself.
 FORWARDED_HEADER = "X-TimeMachine-Forwarded"
 
@@ -429,13 +427,12 @@ class Node(service.Service):
         if held is None or not held[0].leads:
             raise Unavailable(f"this node does not lead shard {shard}; ask its leader")
         group = held[0]
-        if to != self.node_id and not group.transfer_leadership(to):
-            raise InvalidField("node_id", f"{to} is not a voter of shard {shard} that can lead")
-        deadline = self.reactor.seconds() + HANDOVER_SECONDS
-        while group.leads and to != self.node_id:
-            if self.reactor.seconds() > deadline:
-                raise Unavailable(f"{to} did not take over shard {shard} in time; retry")
-            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        if to == self.node_id:
+            return to
+        if to not in group.conf.voters:
+            raise InvalidField("node_id", f"{to} is not a voter of shard {shard}")
+        if not (yield self.shards.hand_over(shard, to)):
+            raise Unavailable(f"{to} did not take over shard {shard} in time; retry")
         return group.leader
 
     @defer.inlineCallbacks

@@ -12,7 +12,7 @@ import signal
 
 from twisted.internet import defer, reactor, task
 
-from tests.support import ClusterTestCase, HTTPReceiver, Partition, start_node_process
+from tests.support import HOLD, ClusterTestCase, HTTPReceiver, Partition, start_node_process
 from timemachine.cluster.ring import shard_of
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
@@ -163,6 +163,32 @@ class ReplicatedClusterTests(ClusterTestCase):
         yield self.three_nodes_configured()
         receiver = yield self.route_to_receiver(via)
         return receiver
+
+    @defer.inlineCallbacks
+    def test_a_leadership_transfer_repeats_no_delivery_in_flight(self):
+        receiver = yield self.configured_with_receiver("node1")
+        receiver.script("/hook", [HOLD])
+        due = int(reactor.seconds() * 1000) + 500
+        yield self.create_batch("node1", [{"id": "t1", "trigger_ms": due, "route": "hook"}])
+        yield receiver.wait_for(1)
+        shard = shard_of("t1", 6)
+        leader = (yield self.shard_leaders("node1"))[shard]
+        to = next(n for n in sorted(self.nodes) if n != leader)
+        # Handed over while the delivery is held: its outcome is recorded first, so
+        # the new leader finds the job fired.
+        transfer = self.call(leader, "POST", f"/cluster/shards/{shard}/leader", {"node_id": to})
+        yield task.deferLater(reactor, 1.0, lambda: None)
+        receiver.release(200)
+        code, answer = yield transfer
+        self.assertEqual((code, answer.get("leader")), (200, to), answer)
+        yield self.until(
+            "t1 fired, as its new leader reads it",
+            lambda: self.call(to, "GET", "/job/c/t1").addCallback(
+                lambda r: r[1].get("status") == "fired"
+            ),
+        )
+        yield task.deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(len(receiver.requests), 1, [r.headers for r in receiver.requests])
 
     @defer.inlineCallbacks
     def test_jobs_fire_on_time_and_a_killed_node_loses_none(self):

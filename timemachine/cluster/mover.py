@@ -101,11 +101,16 @@ class ReplicaMover:
             self._change(shard, group, ConfChange(ConfChangeKind.ADD_LEARNER, step.node))
         elif step.kind == StepKind.REMOVE:
             self._change(shard, group, ConfChange(ConfChangeKind.REMOVE, step.node))
-        elif group.transfer_leadership(step.node):
+        else:
             self.log.info(
                 "shard {shard}: handing leadership to {node}, as this node's replica "
                 "is to go", shard=shard, node=step.node,
             )
+            self._changing.add(shard)
+            d = self._shards.hand_over(shard, step.node)
+            d.addErrback(lambda f: self.log.failure("shard {shard}: handing over failed", f,
+                                                    shard=shard))
+            d.addBoth(lambda _: self._changing.discard(shard))
 
     def _change(self, shard: int, group, change: ConfChange) -> None:
         self._changing.add(shard)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from timemachine.cluster.placement import target_placement
@@ -33,6 +33,9 @@ from timemachine.peer.raftcodec import group_of_shard
 from timemachine.raft.types import ConfState
 from timemachine.storage.durable import read_if_exists, write_atomically
 from timemachine.storage.store import VnodeStore
+
+#: Seconds a shard leader waits for the voter it hands leadership to to take over.
+HANDOVER_SECONDS = 3.0
 
 
 class Shards:
@@ -164,6 +167,28 @@ class Shards:
             self._metrics.store_bytes.labels(store=group.name).set_function(
                 lambda: group.store_bytes
             )
+
+    @defer.inlineCallbacks
+    def hand_over(self, shard: int, to: str):
+        """Hand the leadership of ``shard`` (this node leads it) to voter ``to``; fire
+        with whether this node let go within `HANDOVER_SECONDS`.
+
+        The shard's deliveries in flight record their outcomes first, and none
+        starts meanwhile (`Executor.hold`): a transfer refuses proposals, so an
+        outcome proposed during it would be lost and the new leader would deliver
+        the job again.
+        """
+        group, _ = self.logs[shard]
+        yield self._executor.hold(shard)
+        try:
+            if not group.transfer_leadership(to):
+                return False
+            deadline = self._reactor.seconds() + HANDOVER_SECONDS
+            while group.leads and self._reactor.seconds() < deadline:
+                yield task.deferLater(self._reactor, 0.05, lambda: None)
+            return not group.leads
+        finally:
+            self._executor.release(shard)
 
     def _leadership(self, shard: int, group, leading: bool) -> None:
         if leading:

@@ -64,6 +64,8 @@ class _Shard:
     loaded_until_ms: int = 0
     reload_all: bool = True
     active: bool = True
+    # Its leadership is being handed over: no delivery starts (see `Executor.hold`).
+    held: bool = False
     # Held as rows, made `Job`s when they fire: a window of 200,000 `Job`s would be
     # 200,000 objects every full garbage collection walks (each pass held the reactor
     # ~50-65 ms while a window loaded), and rows are not tracked by the collector.
@@ -165,6 +167,24 @@ class Executor:
         if state is not None:
             state.active = False
             state.jobs.clear()
+
+    def hold(self, shard):
+        """Start no delivery of ``shard`` until `release`; fire once those in flight
+        have their outcomes recorded. Before a leadership transfer: the transfer
+        refuses proposals, so an outcome still to be proposed would be lost and the
+        new leader would deliver the job again."""
+        state = self._shards.get(shard)
+        if state is None:
+            return defer.succeed(None)
+        state.held = True
+        in_flight = [d for (number, _, _), d in self._firing.items() if number == shard]
+        return defer.DeferredList(in_flight, consumeErrors=True).addCallback(lambda _: None)
+
+    def release(self, shard) -> None:
+        """Deliver ``shard``'s jobs again (the transfer did not take)."""
+        state = self._shards.get(shard)
+        if state is not None:
+            state.held = False
 
     def pending(self) -> int:
         return sum(len(s.jobs) for s in self._shards.values())
@@ -328,7 +348,7 @@ class Executor:
                 continue
             _, _, shard, key, _ = entry
             state = self._shards[shard]
-            if not state.log.is_leader():
+            if state.held or not state.log.is_leader():
                 # No lease right now (a heartbeat round is late, or leadership is
                 # going): a deposed leader must never fire. The job waits; the shard
                 # is dropped if leadership is lost.
