@@ -692,7 +692,29 @@ def call_json(http, method: str, url: str, body=None, timeout: float | None = No
     return response.code, json.loads(content)
 
 
-class ClusterTestCase(unittest.TestCase):
+class PollingTestCase(unittest.TestCase):
+    """A test that waits on real processes by asking them again and again."""
+
+    @defer.inlineCallbacks
+    def until(self, what, check, timeout=30.0):
+        """Poll ``check()`` (a Deferred of a bool) every 0.1 s until it holds; fail
+        naming ``what`` after ``timeout`` seconds. A check that raises counts as
+        not yet (a node starting, stopping or cut off answers so)."""
+        from twisted.internet import reactor, task
+
+        deadline = reactor.seconds() + timeout
+        while True:
+            try:
+                if (yield check()):
+                    return
+            except Exception:
+                pass
+            if reactor.seconds() > deadline:
+                self.fail(f"not within {timeout} s: {what}")
+            yield task.deferLater(reactor, 0.1, lambda: None)
+
+
+class ClusterTestCase(PollingTestCase):
     """A cluster of `NodeProcess` nodes, node ``n`` on ``hosts[n - 1]`` (a subclass
     names the loopback addresses its nodes take), with a treq client and helpers to
     join and configure it, call its nodes, wait, and check what a receiver got."""
@@ -722,22 +744,6 @@ class ClusterTestCase(unittest.TestCase):
 
     def call(self, node_id, method, path, body=None):
         return call_json(self.http, method, self.nodes[node_id].url + path, body)
-
-    @defer.inlineCallbacks
-    def until(self, what, check, timeout=30.0):
-        """Poll ``check()`` (a Deferred of a bool) until it holds."""
-        from twisted.internet import reactor, task
-
-        deadline = reactor.seconds() + timeout
-        while True:
-            try:
-                if (yield check()):
-                    return
-            except Exception:
-                pass
-            if reactor.seconds() > deadline:
-                self.fail(f"not within {timeout} s: {what}")
-            yield task.deferLater(reactor, 0.1, lambda: None)
 
     def assert_delivered(self, receiver, due_of, max_repeats=None):
         """Every job of ``due_of`` (id -> trigger ms) delivered, none early; repeats only
@@ -882,11 +888,27 @@ class ClusterTestCase(unittest.TestCase):
         return receiver
 
     @defer.inlineCallbacks
-    def shard_leaders(self, via):
-        """Each shard's leader, as ``via`` sees it."""
+    def route_nowhere(self, via, route_id="hook"):
+        """A route ``route_id`` (written through ``via``) to a port of 127.0.0.1 where
+        nothing listens: for jobs due long after the test."""
+        code, answer = yield self.call(
+            via, "POST", "/route",
+            {"id": route_id, "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
+        )
+        self.assertEqual(code, 200, answer)
+
+    @defer.inlineCallbacks
+    def shard_entries(self, via):
+        """``via``'s ``/cluster/shards`` entries, by shard."""
         code, answer = yield self.call(via, "GET", "/cluster/shards")
         self.assertEqual(code, 200, answer)
-        return [entry["leader"] for entry in answer["shards"]]
+        return answer["shards"]
+
+    @defer.inlineCallbacks
+    def shard_leaders(self, via):
+        """Each shard's leader, as ``via`` sees it."""
+        entries = yield self.shard_entries(via)
+        return [entry["leader"] for entry in entries]
 
     @defer.inlineCallbacks
     def busiest_leader(self, via):

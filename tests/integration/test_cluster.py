@@ -50,11 +50,7 @@ class ClusterTests(ClusterTestCase):
                                               self.nodes["node3"].http_address))
 
         # A route written on a follower is the meta leader's, and every node sees it.
-        code, answer = yield self.call(
-            "node3", "POST", "/route",
-            {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
-        )
-        self.assertEqual(code, 200, answer)
+        yield self.route_nowhere("node3")
         for node_id in ("node1", "node2", "node3"):
             yield self.until(
                 f"the route on {node_id}",
@@ -445,11 +441,7 @@ class MovingReplicaTests(ClusterTestCase):
     def test_a_joining_node_takes_its_share_and_a_removed_one_hands_its_replicas_on(self):
         yield self.joined(3)
         yield self.configure("node1", 6, 2)
-        code, answer = yield self.call(
-            "node1", "POST", "/route",
-            {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
-        )
-        self.assertEqual(code, 200, answer)
+        yield self.route_nowhere("node1")
         far = int(reactor.seconds() * 1000) + 3_600_000
         ids = [f"job-{i}" for i in range(40)]
         yield self.create_batch(
@@ -459,13 +451,13 @@ class MovingReplicaTests(ClusterTestCase):
         # node4 joins: 12 replicas over 4 nodes, 3 each; some move to it.
         yield self.join(4)
         yield self.until("replicas moved to node4", self.groups_as_placed, timeout=60.0)
-        code, answer = yield self.call("node4", "GET", "/cluster/shards")
-        held = [e["shard"] for e in answer["shards"] if e["status"] != "elsewhere"]
-        self.assertEqual(len(held), 3, answer)
+        entries = yield self.shard_entries("node4")
+        held = [e["shard"] for e in entries if e["status"] != "elsewhere"]
+        self.assertEqual(len(held), 3, entries)
         for node_id in ("node1", "node2", "node3"):
-            code, answer = yield self.call(node_id, "GET", "/cluster/shards")
-            mine = [e["shard"] for e in answer["shards"] if e["status"] != "elsewhere"]
-            self.assertEqual(len(mine), 3, (node_id, answer))
+            entries = yield self.shard_entries(node_id)
+            mine = [e["shard"] for e in entries if e["status"] != "elsewhere"]
+            self.assertEqual(len(mine), 3, (node_id, entries))
             # A replica given away is deleted from its old node.
             on_disk = sorted(os.listdir(os.path.join(self.nodes[node_id].data_dir, "shards")))
             self.assertEqual(on_disk, sorted(str(s) for s in mine), node_id)
@@ -486,13 +478,8 @@ class MovingReplicaTests(ClusterTestCase):
     def test_a_read_through_a_node_without_the_shard_is_answered_by_a_live_replica(self):
         yield self.joined(4)
         yield self.configure("node1", 6, 3)
-        code, answer = yield self.call(
-            "node1", "POST", "/route",
-            {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
-        )
-        self.assertEqual(code, 200, answer)
-        code, answer = yield self.call("node1", "GET", "/cluster/shards")
-        placement = [entry["replicas"] for entry in answer["shards"]]
+        yield self.route_nowhere("node1")
+        placement = [entry["replicas"] for entry in (yield self.shard_entries("node1"))]
         # A shard some node holds no replica of; its first replica, asked first, dies.
         shard, outside = next(
             (s, node) for s, nodes in enumerate(placement)
@@ -513,13 +500,8 @@ class MovingReplicaTests(ClusterTestCase):
     def test_a_new_replica_still_without_its_snapshot_counts_no_jobs_for_its_shard(self):
         yield self.joined(3)
         yield self.configure("node1", 3, 1)
-        code, answer = yield self.call(
-            "node1", "POST", "/route",
-            {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
-        )
-        self.assertEqual(code, 200, answer)
-        placement = [entry["replicas"] for entry in (yield self.call(
-            "node1", "GET", "/cluster/shards"))[1]["shards"]]
+        yield self.route_nowhere("node1")
+        placement = [entry["replicas"] for entry in (yield self.shard_entries("node1"))]
         shard = next(s for s, nodes in enumerate(placement) if nodes == ["node3"])
         job_id = next(f"j{n}" for n in itertools.count() if shard_of(f"j{n}", 3) == shard)
         far = int(reactor.seconds() * 1000) + 3_600_000
@@ -546,11 +528,7 @@ class MovingReplicaTests(ClusterTestCase):
         # shows it only the last of the maps made while it was away.
         yield self.joined(3, extra=["--compact-every", "5", "--keep-entries", "2"])
         yield self.configure("node1", 2, 3)
-        code, answer = yield self.call(
-            "node1", "POST", "/route",
-            {"id": "hook", "type": "http", "webhook_url": "http://127.0.0.1:9/never"},
-        )
-        self.assertEqual(code, 200, answer)
+        yield self.route_nowhere("node1")
         # The old map's groups get a log well ahead of a new group's, then the cluster
         # is empty again.
         far = int(reactor.seconds() * 1000) + 3_600_000

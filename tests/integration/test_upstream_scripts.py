@@ -15,11 +15,16 @@ import os
 import signal
 
 from treq.client import HTTPClient
-from twisted.internet import defer, reactor, task
-from twisted.trial import unittest
+from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support import NodeProcess, call_json, numbered_port_base, start_node_process
+from tests.support import (
+    NodeProcess,
+    PollingTestCase,
+    call_json,
+    numbered_port_base,
+    start_node_process,
+)
 
 NODES = 3
 #: The shard count every node bootstraps with (`NodeProcess`), which configure.sh keeps.
@@ -32,7 +37,7 @@ def http_of_raft(address: str) -> str:
     return f"{host}:{int(port) - 100}"
 
 
-class UpstreamScriptsTests(unittest.TestCase):
+class UpstreamScriptsTests(PollingTestCase):
     timeout = 180
 
     def setUp(self):
@@ -43,19 +48,6 @@ class UpstreamScriptsTests(unittest.TestCase):
     def call(self, address, method, path, body=None):
         # Bounded: a call that is never answered fails (and `until` asks again).
         return call_json(self.http, method, f"http://{address}{path}", body, timeout=10)
-
-    @defer.inlineCallbacks
-    def until(self, what, check, timeout=30.0):
-        deadline = reactor.seconds() + timeout
-        while True:
-            try:
-                if (yield check()):
-                    return
-            except Exception:
-                pass
-            if reactor.seconds() > deadline:
-                self.fail(f"not within {timeout} s: {what}")
-            yield task.deferLater(reactor, 0.1, lambda: None)
 
     @defer.inlineCallbacks
     def test_spawn_join_configure_status_and_the_cli(self):
