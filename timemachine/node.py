@@ -382,14 +382,18 @@ class Node(service.Service):
         return None if held is None else held[0]
 
     @defer.inlineCallbacks
-    def _group_view(self, node_id: str):
+    def _group_view(self, node_id: str, count_jobs: bool = False):
         """What node ``node_id`` knows of each shard (its ``/cluster/shards`` entries,
-        by shard); `Unavailable` when it cannot say."""
+        by shard; job counts only with ``count_jobs``); `Unavailable` when it cannot
+        say."""
         member = self.cluster_store.member(node_id)
         if member is None or not member.http_address:
             raise Unavailable(f"node {node_id} has no known HTTP address")
+        query = "" if count_jobs else "?jobs=0"
         try:
-            response = yield self.http_client.get(f"http://{member.http_address}/cluster/shards")
+            response = yield self.http_client.get(
+                f"http://{member.http_address}/cluster/shards{query}"
+            )
             answer = yield response.json()
             return {entry["shard"]: entry for entry in answer["shards"]}
         except Exception as e:
@@ -443,14 +447,10 @@ class Node(service.Service):
         views = {}
         total = 0
         for shard in shards:
-            placed = list(ring.replicas(shard))
-            others = [m.node_id for m in self.cluster_store.members() if m.node_id not in placed]
-            for node_id in placed + others:
-                if node_id == self.node_id:
-                    continue
+            for node_id in self.coordinator.nodes_to_ask(ring, shard):
                 if node_id not in views:
                     try:
-                        views[node_id] = yield self._group_view(node_id)
+                        views[node_id] = yield self._group_view(node_id, count_jobs=True)
                     except Unavailable:
                         views[node_id] = {}
                 jobs = views[node_id].get(shard, {}).get("jobs")
@@ -652,16 +652,14 @@ class Node(service.Service):
         groups = [group for group, _ in self.shard_logs.values()]
         if self.meta_log is not None:
             groups.append(self.meta_log)
-        handing = []
-        for group in groups:
-            successor = group.successor()
-            if successor is not None and group.transfer_leadership(successor):
-                handing.append(group)
-        deadline = self.reactor.seconds() + HANDOVER_SECONDS
-        while any(group.leads for group in handing) and self.reactor.seconds() < deadline:
-            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        # The executor stopped first: no delivery is in flight to hold for.
+        handing = [(group, group.successor()) for group in groups]
+        handing = [(group, to) for group, to in handing if to is not None]
+        handed = yield defer.gatherResults(
+            [group.hand_over(to, HANDOVER_SECONDS) for group, to in handing]
+        )
         if handing:
-            kept = [group.name for group in handing if group.leads]
+            kept = [g.name for (g, _), done in zip(handing, handed, strict=True) if not done]
             self.log.info(
                 "handed over the leadership of {count} groups before stopping{kept}",
                 count=len(handing) - len(kept),

@@ -117,17 +117,22 @@ class Coordinator:
             raise Unavailable(f"shard {shard} is unavailable: {error}")
         held = self.shards.get(shard)
         if held is None or held[0].blank:
-            # The replicas the map places first; then every other member, as while
-            # replicas move the group's members are not yet the ones placed.
-            placed = [n for n in self.ring.replicas(shard) if n != self.node_id]
-            others = [
-                m.node_id for m in self.cluster_store.members()
-                if m.node_id != self.node_id and m.node_id not in placed
-            ]
-            if not placed + others:
+            nodes = self.nodes_to_ask(self.ring, shard)
+            if not nodes:
                 raise Unavailable(f"shard {shard} has no replica that can serve yet; retry")
-            raise ServedElsewhere(shard, placed + others)
+            raise ServedElsewhere(shard, nodes)
         return held
+
+    def nodes_to_ask(self, ring, shard: int) -> list[str]:
+        """The other nodes that may hold ``shard``'s data under ``ring``: the replicas
+        it places first, then every other member, as while replicas move a group's
+        members are not yet the ones placed."""
+        placed = [n for n in ring.replicas(shard) if n != self.node_id]
+        others = [
+            m.node_id for m in self.cluster_store.members()
+            if m.node_id != self.node_id and m.node_id not in placed
+        ]
+        return placed + others
 
     def _write(self, shard: int, command):
         """Propose ``command`` to ``shard``'s group, held here or not."""
@@ -311,9 +316,11 @@ class Coordinator:
         )
 
     @defer.inlineCallbacks
-    def shard_status(self):
+    def shard_status(self, count_jobs: bool = True):
         """For each shard: replicas, leader, applied index, job count, status, and
-        what this node's replica knows of its group.
+        what this node's replica knows of its group. Without ``count_jobs`` the job
+        counts are null: counting reads every job of a store, which the nodes asking
+        each other about their groups (every few seconds) do not need.
 
         ``replicas`` is the shard map's placement. ``status`` is ``serving`` (its group
         has a leader), ``unavailable`` (it has none, or this node's replica could not
@@ -331,7 +338,7 @@ class Coordinator:
         # a new one still waiting for its snapshot: its empty store is not the shard's.
         counting = [
             s for s, group in groups.items()
-            if group.error is None and not self.shards[s][0].blank
+            if count_jobs and group.error is None and not self.shards[s][0].blank
         ]
         # Asked together: the counts queue up on the store thread and come back in one hop.
         counts = yield defer.gatherResults([self.shards[s][1].count(None) for s in counting])

@@ -610,6 +610,17 @@ class RaftGroup:
         self._schedule()
         return True
 
+    @defer.inlineCallbacks
+    def hand_over(self, node: str, timeout: float):
+        """`transfer_leadership` to ``node``, then fire with whether this member let
+        go of the leadership within ``timeout`` seconds."""
+        if not self.transfer_leadership(node):
+            return False
+        deadline = self.host.reactor.seconds() + timeout
+        while self.leads and self.host.reactor.seconds() < deadline:
+            yield task.deferLater(self.host.reactor, 0.05, lambda: None)
+        return not self.leads
+
     def _await(self, index: int):
         answer = defer.Deferred()
         deadline = self.host.reactor.seconds() + self.host.proposal_timeout

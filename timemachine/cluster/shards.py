@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from timemachine.cluster.placement import target_placement
@@ -181,12 +181,8 @@ class Shards:
         group, _ = self.logs[shard]
         yield self._executor.hold(shard)
         try:
-            if not group.transfer_leadership(to):
-                return False
-            deadline = self._reactor.seconds() + HANDOVER_SECONDS
-            while group.leads and self._reactor.seconds() < deadline:
-                yield task.deferLater(self._reactor, 0.05, lambda: None)
-            return not group.leads
+            handed = yield group.hand_over(to, HANDOVER_SECONDS)
+            return handed
         finally:
             self._executor.release(shard)
 

@@ -326,8 +326,9 @@ class TimeMachineAPI:
 
     @app.route("/cluster/shards", methods=["GET"])
     async def cluster_shards(self, request):
-        """For each shard: replicas, leader, applied index, job count."""
-        shards = await self._coordinator.shard_status()
+        """For each shard: replicas, leader, applied index, job count (not with
+        ``?jobs=0``)."""
+        shards = await self._coordinator.shard_status(request.args.get(b"jobs") != [b"0"])
         return respond(request, {"shards": shards})
 
     @app.route("/cluster/shards/<int:shard>/leader", methods=["POST"])
