@@ -51,6 +51,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -128,6 +129,11 @@ class _SendingStorage:
 
     def __init__(self, storage, prepare: Callable[[], Snapshot], applied: int):
         self.persisted = storage
+        # The core reads these on every step: bound here, not found by `__getattr__`.
+        self.first_index = storage.first_index
+        self.last_index = storage.last_index
+        self.term = storage.term
+        self.entries = storage.entries
         self._prepare = prepare
         self._applied = applied
         self.serving = False
@@ -181,6 +187,10 @@ class RaftHost:
         self._send = send
         self._groups: dict[int, RaftGroup] = {}
         self._ticker: task.LoopingCall | None = None
+        # Members with work for the end of this reactor turn, in the order they asked,
+        # and the one timed call that runs them all (not one per member).
+        self._due: dict[RaftGroup, None] = {}
+        self._pass: IDelayedCall | None = None
         #: Messages for groups this node does not host (yet, or any more).
         self.unknown_group_messages = 0
 
@@ -208,6 +218,26 @@ class RaftHost:
     def discard(self, group: RaftGroup) -> None:
         if self._groups.get(group.group) is group:
             del self._groups[group.group]
+        self._due.pop(group, None)
+        if not self._due and self._pass is not None:
+            self._pass.cancel()
+            self._pass = None
+
+    def process_soon(self, member: RaftGroup) -> None:
+        """Run ``member``'s Ready loop at the end of this reactor turn."""
+        self._due[member] = None
+        if self._pass is None:
+            self._pass = self.reactor.callLater(0, self._process_due)
+
+    def _process_due(self) -> None:
+        self._pass = None
+        due, self._due = self._due, {}
+        for member in due:
+            try:
+                member._process()
+            except Exception:
+                # One member's bug must not leave the others' work undone.
+                self.log.failure("Ready loop of {name} failed", name=member.name)
 
     def receive(self, group: int, message: Message) -> None:
         """Hand a message from a peer to the member of ``group`` on this node."""
@@ -332,7 +362,7 @@ class RaftGroup:
         self._reads: dict[bytes, tuple[defer.Deferred, float, float]] = {}
         self._read_states: list = []
         self._next_read = 0
-        self._scheduled = None
+        self._scheduled = False
         self._busy = False
         # The apply in flight (a Ready's committed entries); fires with None when done.
         self._applying: defer.Deferred = defer.succeed(None)
@@ -677,25 +707,28 @@ class RaftGroup:
 
     def _schedule(self) -> None:
         """Process the core's work at the end of this reactor turn (once per turn)."""
-        if self._scheduled is None and not self._busy and self._open and self._broken is None:
-            self._scheduled = self.host.reactor.callLater(0, self._process)
+        if not self._scheduled and not self._busy and self._open and self._broken is None:
+            self._scheduled = True
+            self.host.process_soon(self)
 
-    @defer.inlineCallbacks
-    def _process(self):
-        self._scheduled = None
+    def _process(self) -> None:
+        self._scheduled = False
         if self._busy or not self._open or self._broken is not None:
             return
         core = self.core
-        if core.has_ready():
-            self._busy = True
-            try:
-                yield self._handle(core.ready())
-            except Exception:
-                self._fail(Failure())
-            finally:
-                self._busy = False
+        if not core.has_ready():
+            self._processed()
+            return
+        self._busy = True
+        self._handle(core.ready()).addErrback(self._fail).addBoth(self._handled)
+
+    def _handled(self, _) -> None:
+        self._busy = False
+        self._processed()
+
+    def _processed(self) -> None:
         self._notify_leadership()
-        if core.has_ready():
+        if self.core.has_ready():
             self._schedule()
         self._maybe_idle()
 
@@ -990,9 +1023,7 @@ class RaftGroup:
             return
         self._open = False
         self.host.discard(self)
-        if self._scheduled is not None:
-            self._scheduled.cancel()
-            self._scheduled = None
+        self._scheduled = False
         closing = Unavailable(f"{self.name} is closing")
         answers, self._answers = self._answers, {}
         self.counters.proposals_failed += len(answers)
