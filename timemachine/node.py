@@ -73,6 +73,8 @@ REMOVE_WAIT_SECONDS = 60.0
 #: Seconds a replica asked to answer a read for this node may take before the next
 #: replica is asked.
 REPLICA_PROXY_TIMEOUT = 5.0
+#: Seconds a count of a shard's jobs waits for the shard to have a leader to ask.
+COUNT_WAIT_SECONDS = 5.0
 #: Marks a REST request a node passed on to another, which must answer it itself.
 FORWARDED_HEADER = "X-TimeMachine-Forwarded"
 
@@ -441,25 +443,40 @@ class Node(service.Service):
 
     @defer.inlineCallbacks
     def _count_elsewhere(self, ring, shards):
-        """The jobs ``shards`` store, asked of other nodes: for each shard, the first
-        of its placed replicas, then of the other members, that holds its data (while
-        replicas move, a placed one may not yet)."""
-        views = {}
-        total = 0
-        for shard in shards:
-            for node_id in self.coordinator.nodes_to_ask(ring, shard):
-                if node_id not in views:
-                    try:
-                        views[node_id] = yield self._group_view(node_id, count_jobs=True)
-                    except Unavailable:
-                        views[node_id] = {}
-                jobs = views[node_id].get(shard, {}).get("jobs")
-                if jobs is not None:
-                    total += jobs
-                    break
-            else:
-                raise Unavailable(f"shard {shard}'s jobs cannot be counted now; retry")
-        return total
+        """The jobs ``shards`` store, asked of their leaders: for each shard, of its
+        leader (with its lease: it applied every acknowledged write), looked for among
+        its placed replicas first, then the other members (while replicas move, the
+        group's members are not yet the ones placed). A shard with no such leader
+        yet (its group was just made, or is electing) is asked again for
+        `COUNT_WAIT_SECONDS`."""
+        deadline = self.reactor.seconds() + COUNT_WAIT_SECONDS
+        counts: dict[int, int] = {}
+        while True:
+            views = {}
+            for shard in shards:
+                if shard in counts:
+                    continue
+                held = self.shard_logs.get(shard)
+                if held is not None and held[0].is_leader():
+                    # Elected here while the others were asked.
+                    counts[shard] = yield held[1].count(None)
+                    continue
+                for node_id in self.coordinator.nodes_to_ask(ring, shard):
+                    if node_id not in views:
+                        try:
+                            views[node_id] = yield self._group_view(node_id, count_jobs=True)
+                        except Unavailable:
+                            views[node_id] = {}
+                    entry = views[node_id].get(shard, {})
+                    if entry.get("lease") and entry.get("jobs") is not None:
+                        counts[shard] = entry["jobs"]
+                        break
+            missing = [shard for shard in shards if shard not in counts]
+            if not missing:
+                return sum(counts.values())
+            if self.reactor.seconds() >= deadline:
+                raise Unavailable(f"shard {missing[0]}'s jobs cannot be counted now; retry")
+            yield task.deferLater(self.reactor, 0.2, lambda: None)
 
     @defer.inlineCallbacks
     def _holdings(self):

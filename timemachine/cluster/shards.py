@@ -50,7 +50,7 @@ class Shards:
     replicas are open; ``meta`` (the meta group) records a new configuration, which
     ``cluster_store`` (its state machine) then holds. ``group_options`` go to each
     `RaftGroup`. ``count_elsewhere(ring, shards)`` fires with the number of jobs the
-    given shards (held by other nodes) store.
+    given shards (led by other nodes) store.
     """
 
     log = Logger()
@@ -350,9 +350,13 @@ class Shards:
             ring, self._coordinator.ring = self._coordinator.ring, None
             try:
                 yield defer.gatherResults([group.drain() for group, _ in self.logs.values()])
-                # A new replica waiting for its snapshot has an empty store, not the
-                # shard's jobs: those are counted where a replica holds them.
-                holding = {s: store for s, (group, store) in self.logs.items() if not group.blank}
+                # Counted where the group's leader is: it applied every acknowledged
+                # write, while a follower learns of the last commits a heartbeat
+                # later, and a new replica waiting for its snapshot has an empty store.
+                holding = {
+                    s: store for s, (group, store) in self.logs.items()
+                    if group.is_leader() or (self._count_elsewhere is None and not group.blank)
+                }
                 counts = yield defer.gatherResults(
                     [store.count(None) for store in holding.values()]
                 )
