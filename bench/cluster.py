@@ -6,7 +6,8 @@
 Starts three ``twistd timemachine`` nodes (node1 on 127.0.0.1, node2 on 127.0.0.2,
 node3 on 127.0.0.3 unless ``--hosts`` names three other loopback addresses; free
 ports), joins them as upstream's ``join.sh`` does, configures
-``--shards`` shards with 3 replicas, then:
+``--shards`` shards with 3 replicas, waits (at most 30 s) until the shard leaders are
+spread evenly over the nodes, then:
 
 1. runs ``bench/bench.py`` with the three nodes as ``--target`` (single creates with
    16 clients, batches of 500, firing lateness at 1,000 fires/s): wrk's connections
@@ -179,6 +180,21 @@ def start_cluster(base, shards, nodes, hosts, profile):
     until("every replica serving", serving)
 
 
+def wait_for_spread_leaders(nodes, shards, timeout=30):
+    """Wait (at most ``timeout`` s) until each node leads an even share of the shards,
+    as the meta leader's spreader makes them: a cluster in its steady state, not the
+    minutes after its configure. Says so when they are not spread in time."""
+    fair = {shards // len(nodes), -(-shards // len(nodes))}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, answer = call(nodes[0].url + "/cluster/shards")
+        leaders = [s["leader"] for s in answer.get("shards", [])]
+        if len(leaders) == shards and all(leaders.count(n.node_id) in fair for n in nodes):
+            return
+        time.sleep(0.5)
+    print(f"shard leaders not spread within {timeout} s: {leaders_line(nodes)}")
+
+
 def leaders_line(nodes):
     """How many shards each node leads now, as node1's map says."""
     _, answer = call(nodes[0].url + "/cluster/shards")
@@ -284,6 +300,7 @@ def main():
         if args.quick:
             bench.append("--quick")
         bench.extend(args.bench_args)
+        wait_for_spread_leaders(nodes, args.shards)
         print(f"shards led: {leaders_line(nodes)}")
         before = [node_figures(node) for node in nodes]
         subprocess.run(bench, cwd=REPO, check=False)
