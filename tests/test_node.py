@@ -177,6 +177,23 @@ class LeftAloneToJoinTests(NodeTestCase):
         self.assertEqual((code, answer.get("code")), (503, "E_NOT_CONFIGURED"), answer)
         self.assertTrue(self.node.meta_log.blank)
 
+    @defer.inlineCallbacks
+    def test_restarted_before_the_joined_cluster_state_came_it_still_waits_blank(self):
+        # Stopped (as by kill -9) after leaving its own cluster, before the leader's
+        # meta state arrived: a one-node cluster bootstrapped again would take writes
+        # that the joined cluster's state then replaces.
+        yield self.node._give_up_alone()
+        yield self.restart()
+        self.assertTrue(self.node.meta_log.blank)
+        self.assertEqual(self.node.shard_logs, {})
+        code, answer = yield self.call(
+            "POST", "/job/c", {"id": "lost", "trigger_ms": self.now_ms() + 60_000, "route": "hook"}
+        )
+        self.assertEqual((code, answer.get("code")), (503, "E_NOT_CONFIGURED"), answer)
+        code, answer = yield self.call("POST", "/cluster/configure", {"shards": 2, "replicas": 1})
+        self.assertEqual((code, answer.get("code")), (503, "E_NOT_CONFIGURED"), answer)
+        self.assertIn("joining", answer["error"])
+
 
 class NoBootstrapTests(NodeTestCase):
     bootstrap = False

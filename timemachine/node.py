@@ -64,7 +64,9 @@ from timemachine.peer.raftcodec import (
 )
 from timemachine.raft.engine import RaftEngine
 from timemachine.raft.types import ConfState
+from timemachine.storage.durable import write_atomically
 from timemachine.storage.iothread import IOThread
+from timemachine.storage.sqlite import unlink_if_exists
 from timemachine.storage.store import ClusterStore, VnodeStore
 from timemachine.storage.wal import DEFAULT_SEGMENT_BYTES
 
@@ -77,6 +79,11 @@ REPLICA_PROXY_TIMEOUT = 5.0
 COUNT_WAIT_SECONDS = 5.0
 #: Marks a REST request a node passed on to another, which must answer it itself.
 FORWARDED_HEADER = "X-TimeMachine-Forwarded"
+#: In the data dir while a node that gave up the one-node cluster it bootstrapped
+#: waits for the joined cluster's meta state: a restart then waits too, blank, where
+#: it would otherwise bootstrap a one-node cluster again and take writes that the
+#: joined cluster's state would then replace.
+JOINING_MARKER = "joining"
 
 
 class Node(service.Service):
@@ -137,6 +144,9 @@ class Node(service.Service):
         # Set once this node gave up the one-node cluster it bootstrapped to join
         # another: blank until that cluster's meta state arrives, it must not start one.
         self._left_alone_to_join = False
+        # Blank after leaving its one-node cluster (or restarted so, see
+        # JOINING_MARKER), until the joined cluster's meta state arrives.
+        self._awaiting_cluster_state = False
         self.shard_logs: dict[int, tuple[RaftGroup, VnodeStore]] = {}
         # Shards of this node whose replica refused to open, with the reason:
         # reported unavailable while the others serve.
@@ -252,7 +262,12 @@ class Node(service.Service):
             os.path.join(self.data_dir, "meta", "cluster.sqlite"), self.reactor, self.store_io
         )
         fresh = META_GROUP not in self.engine.groups()
-        bootstrapping = fresh and self.bootstrap and self.join_address is None
+        if os.path.exists(self._joining_marker):
+            self._left_alone_to_join = self._awaiting_cluster_state = True
+        bootstrapping = (
+            fresh and self.bootstrap and self.join_address is None
+            and not self._awaiting_cluster_state
+        )
         self.meta_log = RaftGroup(
             self.host,
             META_GROUP,
@@ -264,6 +279,7 @@ class Node(service.Service):
             **self.group_options,
         )
         yield self.meta_log.open()
+        self._joined_if_so()
         if self.meta_log.alone:
             yield self.meta_log.wait_leading()
         self._http_pool = HTTPConnectionPool(self.reactor, persistent=True)
@@ -357,6 +373,7 @@ class Node(service.Service):
         self.host.receive(group, message)
 
     def _meta_applied(self, index, command, result) -> None:
+        self._joined_if_so()
         if isinstance(command, PutMember | RemoveMember):
             self._follow_members()
         elif isinstance(command, Configure):
@@ -364,8 +381,21 @@ class Node(service.Service):
 
     def _meta_restored(self) -> None:
         """The meta state arrived whole (a snapshot from the leader, when joining)."""
+        self._joined_if_so()
         self._follow_members()
         self._follow_config()
+
+    @property
+    def _joining_marker(self) -> str:
+        return os.path.join(self.data_dir, JOINING_MARKER)
+
+    def _joined_if_so(self) -> None:
+        """Once the joined cluster's meta state is here (persisted before it applies),
+        a restart no longer needs the marker to keep from bootstrapping."""
+        if self._awaiting_cluster_state and not self.meta_log.blank:
+            self._left_alone_to_join = self._awaiting_cluster_state = False
+            d = self.store_io.call(unlink_if_exists, self._joining_marker)
+            d.addErrback(lambda f: self.log.failure("removing the joining marker", f))
 
     def _follow_members(self) -> None:
         """Keep a connection to every other member of the cluster."""
@@ -490,6 +520,11 @@ class Node(service.Service):
     def _give_up_alone(self):
         """Leave the empty one-node cluster this node bootstrapped: forget its shards
         and its meta state, and wait, blank, to be sent the joined cluster's."""
+        # First, so that a crash from here on leaves a node that waits, blank.
+        yield self.store_io.call(
+            write_atomically, self._joining_marker,
+            b"this node left the one-node cluster it bootstrapped to join another\n",
+        )
         self.coordinator.ring = None
         shards = list(self.shard_logs)
         yield self.shards.close()
@@ -500,6 +535,8 @@ class Node(service.Service):
         self.shards.forget_map()
         self._left_alone_to_join = True
         yield self.meta_log.start_over()
+        self._awaiting_cluster_state = True
+        self._joined_if_so()
 
     @defer.inlineCallbacks
     def _ask_to_join(self):
@@ -653,7 +690,8 @@ class Node(service.Service):
             if self._left_alone_to_join:
                 raise NotConfigured(
                     "this node is joining a cluster and waits for its state; configure "
-                    "it through a member"
+                    "it through a member (if no cluster admitted it, remove "
+                    f"{self._joining_marker} and restart it to start one of its own)"
                 )
             yield self.meta_log.bootstrap(ConfState(frozenset({self.node_id})))
             yield self.meta_log.wait_leading()

@@ -14,6 +14,7 @@ from twisted.internet import defer, reactor, task
 
 from tests.support import HOLD, ClusterTestCase, HTTPReceiver, Partition, start_node_process
 from timemachine.cluster.ring import shard_of
+from timemachine.node import JOINING_MARKER
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
 
@@ -43,6 +44,10 @@ class ClusterTests(ClusterTestCase):
             ) == [("node1", "Voter"), ("node2", "Voter"), ("node3", "Voter")]
 
         yield self.until("three voters, as node3 sees them", three_voters)
+        # node2 gave up its own cluster; with the joined one's state here, a restart
+        # needs no marker to keep it from bootstrapping (see node.JOINING_MARKER).
+        marker = os.path.join(node2.data_dir, JOINING_MARKER)
+        yield self.until("node2's joining marker gone", lambda: not os.path.exists(marker))
         answer = yield self.servers("node2")
         self.assertEqual(answer["leader"], node1.peer_address)
         addresses = {s["ID"]: (s["Address"], s["http_address"]) for s in answer["servers"]}
