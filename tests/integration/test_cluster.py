@@ -192,6 +192,26 @@ class ReplicatedClusterTests(ClusterTestCase):
         self.assertEqual(len(receiver.requests), 1, [r.headers for r in receiver.requests])
 
     @defer.inlineCallbacks
+    def test_a_follower_lists_every_job_its_leader_acknowledged(self):
+        yield self.three_nodes_configured(shards=1)
+        yield self.route_nowhere("node1")
+        leader = (yield self.shard_leaders("node1"))[0]
+        follower = next(n for n in sorted(self.nodes) if n != leader)
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        for n in range(20):
+            # Acknowledged by the leader once applied there; the follower learns of
+            # the commit a heartbeat later, unless its read asks the leader first.
+            stored = yield self.create_once(
+                leader, "c", {"id": f"j{n:02}", "trigger_ms": far, "route": "hook"}
+            )
+            self.assertTrue(stored)
+            code, answer = yield self.call(follower, "GET", "/job/c?limit=100")
+            self.assertEqual(code, 200, answer)
+            self.assertEqual(
+                [job["id"] for job in answer["jobs"]], [f"j{k:02}" for k in range(n + 1)]
+            )
+
+    @defer.inlineCallbacks
     def test_jobs_fire_on_time_and_a_killed_node_loses_none(self):
         receiver = yield self.configured_with_receiver("node2")
         due = int(reactor.seconds() * 1000) + 5000

@@ -256,6 +256,9 @@ class Coordinator:
                     "no node holds them all"
                 )
             raise ServedElsewhere(missing[0], sorted(everywhere))
+        # Linearizable, as a read of one job: a follower learns of the last commits a
+        # heartbeat later.
+        yield defer.gatherResults([log.read_barrier() for log, _ in self.shards.values()])
         pages = yield defer.gatherResults(
             [
                 store.list_jobs(collection, status, limit, cursor)
