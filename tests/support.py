@@ -385,13 +385,30 @@ class HTTPReceiver:
         queue = self._scripts.setdefault(path, [])
         queue.extend(Reply(r) if isinstance(r, int) else r for r in replies)
 
-    def wait_for(self, count: int) -> defer.Deferred:
-        """Fire with `requests` once at least ``count`` requests have arrived."""
+    def wait_for(self, count: int, timeout: float = 60.0) -> defer.Deferred:
+        """Fire with `requests` once at least ``count`` requests have arrived; fail
+        after ``timeout`` seconds (a test waiting for a lost delivery fails, saying
+        so, rather than hang until trial's own timeout)."""
         if len(self.requests) >= count:
             return defer.succeed(self.requests)
         waiter = defer.Deferred()
-        self._waiters.append((count, waiter))
-        return waiter
+        entry = (count, waiter)
+        self._waiters.append(entry)
+
+        def too_late():
+            self._waiters.remove(entry)
+            waiter.errback(AssertionError(
+                f"{len(self.requests)} of {count} requests arrived within {timeout} s"
+            ))
+
+        call = self._reactor.callLater(timeout, too_late)
+
+        def arrived(result):
+            if call.active():
+                call.cancel()
+            return result
+
+        return waiter.addBoth(arrived)
 
     def release(self, reply: Reply | int = 200) -> None:
         """Answer the oldest held request with ``reply``."""

@@ -361,16 +361,16 @@ class Node(service.Service):
 
     # -- the peers ----------------------------------------------------------------------
 
-    def _send_raft(self, to: str, group: int, message) -> None:
-        self.network.send_raft(to, encode_message(group, message))
+    def _send_raft(self, to: str, group: int, incarnation: int, message) -> None:
+        self.network.send_raft(to, encode_message(group, incarnation, message))
 
     def _receive_raft(self, frm: str, wire) -> None:
         try:
-            group, message = decode_message(wire, frm, self.node_id)
+            group, incarnation, message = decode_message(wire, frm, self.node_id)
         except BadRaftMessage as e:
             self.log.warn("dropped a Raft message from {peer}: {error}", peer=frm, error=e)
             return
-        self.host.receive(group, message)
+        self.host.receive(group, incarnation, message)
 
     def _meta_applied(self, index, command, result) -> None:
         self._joined_if_so()

@@ -38,10 +38,10 @@ class _Link:
         self.cut = set()
 
     def sender(self, frm):
-        def send(to, group, message):
+        def send(to, group, incarnation, message):
             if frozenset((frm, to)) in self.cut or to not in self.hosts:
                 return
-            reactor.callLater(0, self.hosts[to].receive, group, message)
+            reactor.callLater(0, self.hosts[to].receive, group, incarnation, message)
 
         return send
 
@@ -395,6 +395,29 @@ class ThreeMemberTests(RaftGroupTestCase):
 
 
 COMPACTING = dict(compact_every=40, keep_entries=5)
+
+
+class ShardMapTests(RaftGroupTestCase):
+    @defer.inlineCallbacks
+    def test_a_group_of_another_shard_map_takes_no_message_of_this_one(self):
+        # node3 applied a new shard map first: its group 1 is the new map's (blank,
+        # waiting for its leader), while the others still run the old map's group 1,
+        # whose leader matched node3's old log and tells it of a commit past its end.
+        _, members = yield self.start_all()
+        leader = self.leader(members)
+        index = yield self.write(leader, 3)
+        old = next(m for m in members if m is not leader)
+        yield _until(lambda: old.group.applied_index >= index)
+        yield old.stop()
+        new_map = _Member(self, os.path.join(self.base, "new-map"), old.node_id, self.link,
+                          None, incarnation=7)
+        os.makedirs(new_map.directory)
+        self.addCleanup(new_map.stop)
+        yield new_map.start()
+        dropped = new_map.host.unknown_group_messages
+        yield _until(lambda: new_map.host.unknown_group_messages >= dropped + 10)
+        self.assertTrue(new_map.group.blank)
+        self.assertEqual((new_map.group.core.term, new_map.group.core.leader), (0, None))
 
 
 class SnapshotTests(RaftGroupTestCase):

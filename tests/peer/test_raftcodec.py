@@ -14,9 +14,13 @@ from timemachine.peer.raftcodec import (
 from timemachine.raft.types import ConfState, Entry, EntryKind, Message, MessageType, Snapshot
 
 
-def _round_trip(group, message):
-    data = encode_message(group, message).SerializeToString()
-    return decode_message(pb.RaftMessage.FromString(data), message.frm, message.to)
+def _round_trip(group, message, incarnation=0):
+    data = encode_message(group, incarnation, message).SerializeToString()
+    decoded_group, decoded_incarnation, decoded = decode_message(
+        pb.RaftMessage.FromString(data), message.frm, message.to
+    )
+    assert decoded_incarnation == incarnation, (decoded_incarnation, incarnation)
+    return decoded_group, decoded
 
 
 class RaftCodecTests(unittest.TestCase):
@@ -46,7 +50,7 @@ class RaftCodecTests(unittest.TestCase):
             done=False,
             context=b"\x01\x02",
         )
-        self.assertEqual(_round_trip(group_of_shard(11), message), (12, message))
+        self.assertEqual(_round_trip(group_of_shard(11), message, incarnation=9), (12, message))
 
     def test_snapshot_chunk_round_trips_with_its_membership(self):
         conf = ConfState(frozenset({"node1", "node2", "node3"}), frozenset({"node4"}))

@@ -170,7 +170,7 @@ class RaftHost:
         self,
         reactor,
         node_id: str,
-        send: Callable[[str, int, Message], None],
+        send: Callable[[str, int, int, Message], None],
         rng: random.Random,
         tick_seconds: float = TICK_SECONDS,
         election_ticks: int = ELECTION_TICKS,
@@ -191,7 +191,8 @@ class RaftHost:
         # and the one timed call that runs them all (not one per member).
         self._due: dict[RaftGroup, None] = {}
         self._pass: IDelayedCall | None = None
-        #: Messages for groups this node does not host (yet, or any more).
+        #: Messages for groups this node does not host (yet, or any more), or of
+        #: another shard map's group of the same number.
         self.unknown_group_messages = 0
 
     def start(self) -> None:
@@ -239,16 +240,17 @@ class RaftHost:
                 # One member's bug must not leave the others' work undone.
                 self.log.failure("Ready loop of {name} failed", name=member.name)
 
-    def receive(self, group: int, message: Message) -> None:
-        """Hand a message from a peer to the member of ``group`` on this node."""
+    def receive(self, group: int, incarnation: int, message: Message) -> None:
+        """Hand a message from a peer to the member of ``group`` on this node, if it
+        belongs to the same shard map (``incarnation``) as the sender's."""
         member = self._groups.get(group)
-        if member is None:
+        if member is None or member.incarnation != incarnation:
             self.unknown_group_messages += 1
             return
         member.step(message)
 
-    def send(self, group: int, message: Message) -> None:
-        self._send(message.to, group, message)
+    def send(self, member: RaftGroup, message: Message) -> None:
+        self._send(message.to, member.group, member.incarnation, message)
 
     def _tick(self, count: int) -> None:
         for member in list(self._groups.values()):
@@ -333,9 +335,12 @@ class RaftGroup:
         io,
         bootstrap: ConfState | None = None,
         compact_every: int = COMPACT_EVERY_ENTRIES,
+        incarnation: int = 0,
     ):
         self.host = host
         self.group = group
+        #: The shard map this member belongs to (its ``map_index``; 0: the meta group).
+        self.incarnation = incarnation
         self.name = name
         self._disk = disk
         self._store = store
@@ -750,7 +755,7 @@ class RaftGroup:
             # shows what it made durable to the core's storage itself.
             yield self._disk.persist(rd)
         for message in rd.messages:
-            self.host.send(self.group, message)
+            self.host.send(self, message)
         if installing:
             yield self._finish_install(rd.snapshot)
             self.counters.snapshots_received += 1

@@ -113,7 +113,7 @@ class Shards:
             known = yield self._same_map(config, shard)
         bootstrap = ConfState(frozenset(first)) if self._node_id in first and not known else None
         try:
-            yield self._open_replica(shard, bootstrap)
+            yield self._open_replica(shard, bootstrap, config.map_index)
             yield self._store_io.call(
                 write_atomically, self._map_marker(shard), str(config.map_index).encode()
             )
@@ -146,7 +146,7 @@ class Shards:
         return False
 
     @defer.inlineCallbacks
-    def _open_replica(self, shard: int, bootstrap):
+    def _open_replica(self, shard: int, bootstrap, incarnation: int):
         directory = self._shard_dir(shard)
         yield self._store_io.call(os.makedirs, directory, 0o777, True)
         store = VnodeStore(os.path.join(directory, "jobs.sqlite"), self._reactor, self._store_io)
@@ -158,6 +158,7 @@ class Shards:
             store,
             self._store_io,
             bootstrap=bootstrap,
+            incarnation=incarnation,
             **self._group_options,
         )
         group.on_leadership(lambda leading: self._leadership(shard, group, leading))

@@ -2,7 +2,9 @@
 
 The sender and the receiver of a message are the two ends of the peer connection, so
 the wire form carries neither; `decode_message` is told them. Groups are numbered on
-the wire (0 is the meta group, shard ``k`` is group ``k + 1``: see `group_of_shard`).
+the wire (0 is the meta group, shard ``k`` is group ``k + 1``: see `group_of_shard`),
+and a shard's group of one shard map is told from the same number's group of another
+by its ``incarnation``, the map's ``map_index``.
 
 Decoding is strict about what the core could not survive (an unknown message type, an
 entry kind it does not know): those raise `BadRaftMessage`, and the connection's owner
@@ -51,10 +53,12 @@ def shard_of_group(group: int) -> int:
     return group - 1
 
 
-def encode_message(group: int, message: Message) -> pb.RaftMessage:
-    """The wire form of ``message``, a message of Raft group ``group``."""
+def encode_message(group: int, incarnation: int, message: Message) -> pb.RaftMessage:
+    """The wire form of ``message``, a message of Raft group ``group`` (of the shard map
+    ``incarnation``)."""
     wire = pb.RaftMessage(
         group=group,
+        incarnation=incarnation,
         type=_TO_WIRE[message.type],
         term=message.term,
         log_term=message.log_term,
@@ -81,8 +85,9 @@ def encode_message(group: int, message: Message) -> pb.RaftMessage:
     return wire
 
 
-def decode_message(wire: pb.RaftMessage, frm: str, to: str) -> tuple[int, Message]:
-    """``(group, message)`` from the wire form of a message ``frm`` sent to ``to``."""
+def decode_message(wire: pb.RaftMessage, frm: str, to: str) -> tuple[int, int, Message]:
+    """``(group, incarnation, message)`` from the wire form of a message ``frm`` sent
+    to ``to``."""
     try:
         kind = _FROM_WIRE[wire.type]
     except KeyError:
@@ -115,4 +120,4 @@ def decode_message(wire: pb.RaftMessage, frm: str, to: str) -> tuple[int, Messag
         done=wire.done,
         context=wire.context,
     )
-    return wire.group, message
+    return wire.group, wire.incarnation, message
