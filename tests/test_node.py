@@ -251,6 +251,16 @@ class ConcurrentConfigureTests(NodeTestCase):
         self.assertEqual(sum(s["jobs"] for s in shards["shards"]), 1)
 
     @defer.inlineCallbacks
+    def test_a_node_stopped_while_its_shards_change_closes_them_after(self):
+        # Stopped in the same turn: the shards close once the configure is done,
+        # not under it (its replicas would open on threads already stopped).
+        configuring = self.node.configure(8, 1)
+        yield self.stop_node()
+        config = yield configuring
+        self.assertEqual(config.shards, 8)
+        self.assertEqual(self.node.shard_logs, {})
+
+    @defer.inlineCallbacks
     def test_requests_while_the_shards_change_are_refused_never_a_500(self):
         yield self.route()
         # Asked on every reactor turn while the node closes and opens its shards.

@@ -403,7 +403,7 @@ class Node(service.Service):
 
     def _follow_config(self) -> None:
         """Route by the cluster's shard map once this node learns it."""
-        if self.cluster_store.config is not None and self.shards is not None:
+        if self.running and self.cluster_store.config is not None and self.shards is not None:
             d = self.shards.follow()
             d.addErrback(lambda f: self.log.failure("opening the shards failed", f))
 

@@ -204,9 +204,13 @@ class Shards:
             offset=getattr(error, "offset", None),
         )
 
-    @defer.inlineCallbacks
     def close(self):
-        """Stop firing and close every open replica."""
+        """Stop firing and close every open replica, once a configure or a follow
+        under way is done (it would go on opening replicas on a closed node)."""
+        return self._configuring.run(self._close_all)
+
+    @defer.inlineCallbacks
+    def _close_all(self):
         for shard, (group, _) in list(self.logs.items()):
             self._executor.remove_shard(shard)
             yield group.close()
@@ -273,7 +277,7 @@ class Shards:
         """Close and forget every replica of the shard map ``old`` (a new map of new
         shards replaces it; no jobs were stored)."""
         self._coordinator.ring = None
-        yield self.close()
+        yield self._close_all()
         for shard in range(old.shards):
             group_id = group_of_shard(shard)
             if group_id in self._engine.groups():
