@@ -281,7 +281,11 @@ class TwoNodeTests(unittest.TestCase):
         @defer.inlineCallbacks
         def every_node_knows_every_leader():
             for node_id in self.nodes:
-                view = yield self.shards(node_id)
+                code, answer = yield self.call(node_id, "GET", "/cluster/shards")
+                if code == 503:
+                    return False  # it has not applied the new map yet: a retry
+                self.assertEqual(code, 200, answer)
+                view = answer["shards"]
                 if len(view) != shards or any(
                     e["status"] == "unavailable" or (e["status"] == "serving") != (
                         node_id in e["replicas"]

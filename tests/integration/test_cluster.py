@@ -333,6 +333,13 @@ class ReplicatedClusterTests(ClusterTestCase):
                 yield store(n)
                 n += 1
 
+        @defer.inlineCallbacks
+        def leaders_spread():
+            leaders = yield self.shard_leaders("node1")
+            return sorted(leaders.count(n) for n in self.nodes) == [2, 2, 2]
+
+        # Each node leads shards when it is stopped (so each has some to hand over).
+        yield self.until("shard leaders spread evenly", leaders_spread)
         loading = load()
         for node_id in ("node1", "node2", "node3"):
             node = self.nodes[node_id]
@@ -351,12 +358,7 @@ class ReplicatedClusterTests(ClusterTestCase):
 
         # node3, restarted last, led nothing when it came back (it had handed its
         # groups over): the meta leader moves leaderships until each node leads 2.
-        @defer.inlineCallbacks
-        def leaders_spread():
-            leaders = yield self.shard_leaders("node1")
-            return sorted(leaders.count(n) for n in self.nodes) == [2, 2, 2]
-
-        yield self.until("shard leaders spread evenly", leaders_spread)
+        yield self.until("shard leaders spread evenly again", leaders_spread)
         yield receiver.wait_for(len(due_of))
         yield task.deferLater(reactor, 1.0, lambda: None)
         self.assert_delivered(receiver, due_of)
