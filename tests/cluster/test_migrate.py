@@ -63,7 +63,7 @@ class MigrationTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_every_acknowledged_write_is_served_and_the_old_logs_are_kept(self):
         node = yield self.start()
-        self.assertIsNotNone(node.coordinator.get_route("hook"))
+        self.assertIsNotNone((yield node.coordinator.get_route("hook")))
         for ids in self.on_shard.values():
             for job_id in ids:
                 job = yield node.coordinator.get_job("c", job_id)

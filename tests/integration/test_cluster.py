@@ -212,6 +212,21 @@ class ReplicatedClusterTests(ClusterTestCase):
             )
 
     @defer.inlineCallbacks
+    def test_a_follower_reads_every_route_its_meta_leader_acknowledged(self):
+        yield self.three_nodes_configured(shards=1)
+        answer = yield self.servers("node1")
+        leader = next(s["ID"] for s in answer["servers"] if s["Address"] == answer["leader"])
+        follower = next(n for n in sorted(self.nodes) if n != leader)
+        for n in range(20):
+            yield self.route_nowhere(leader, f"r{n:02}")
+            code, answer = yield self.call(follower, "GET", f"/route/r{n:02}")
+            self.assertEqual(code, 200, (n, answer))
+            code, answer = yield self.call(follower, "GET", "/route")
+            self.assertEqual(
+                [r["id"] for r in answer["routes"]], [f"r{k:02}" for k in range(n + 1)]
+            )
+
+    @defer.inlineCallbacks
     def test_jobs_fire_on_time_and_a_killed_node_loses_none(self):
         receiver = yield self.configured_with_receiver("node2")
         due = int(reactor.seconds() * 1000) + 5000

@@ -276,14 +276,25 @@ class Coordinator:
 
     # ---- routes ------------------------------------------------------------------
 
-    def get_route(self, route_id: str) -> Route:
+    @defer.inlineCallbacks
+    def get_route(self, route_id: str):
+        yield self._meta_read_barrier()
         route = self.cluster_store.route(route_id)
         if route is None:
             raise NotFound(f"route {route_id!r} not found")
         return route
 
-    def routes(self) -> list[Route]:
+    @defer.inlineCallbacks
+    def routes(self):
+        yield self._meta_read_barrier()
         return list(self.cluster_store.routes())
+
+    def _meta_read_barrier(self):
+        """Linearizable route reads, as job reads: a follower learns of the last
+        meta commits a heartbeat later. A node in no cluster yet reads what it has."""
+        if self.meta_log.blank:
+            return defer.succeed(None)
+        return self.meta_log.read_barrier()
 
     def _propose_meta(self, command):
         if self.meta_log.blank:

@@ -210,15 +210,16 @@ class TimeMachineAPI:
 
     @app.route("/route", methods=["GET"])
     @app.route("/route/", methods=["GET"])
-    def list_routes(self, request):
+    async def list_routes(self, request):
         """Every route, by id."""
-        routes = self._coordinator.routes()
+        routes = await self._coordinator.routes()
         return respond(request, {"routes": [route.to_json() for route in routes]})
 
     @app.route("/route/<route_id>", methods=["GET"])
-    def get_route(self, request, route_id):
+    async def get_route(self, request, route_id):
         """One route."""
-        return respond(request, self._coordinator.get_route(route_id).to_json())
+        route = await self._coordinator.get_route(route_id)
+        return respond(request, route.to_json())
 
     @app.route("/route/<route_id>", methods=["PUT"])
     async def put_route(self, request, route_id):
