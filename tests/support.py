@@ -288,7 +288,7 @@ class ReceivedRequest:
 
     ``headers`` maps lower-cased names to the first value; ``at`` is
     ``reactor.seconds()`` on arrival; ``peer_port`` is the client's port, which tells
-    connections apart.
+    connections apart, and ``peer_host`` its address.
     """
 
     method: str
@@ -297,6 +297,7 @@ class ReceivedRequest:
     body: bytes
     at: float
     peer_port: int
+    peer_host: str = ""
 
 
 class _Recorder(Resource):
@@ -434,6 +435,7 @@ class HTTPReceiver:
                 body=request.content.read(),
                 at=self._reactor.seconds(),
                 peer_port=request.getClientAddress().port,
+                peer_host=request.getClientAddress().host,
             )
         )
         queue = self._scripts.get(path)

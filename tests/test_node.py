@@ -285,3 +285,15 @@ class ConcurrentConfigureTests(NodeTestCase):
         self.assertEqual(config.shards, 6)
         self.assertGreater(turns, 1)
         yield self.job("c", "after", self.now_ms() + 60_000)
+
+
+class CallsToOtherNodesTests(NodeTestCase):
+    node_options = {"peer_endpoint": "tcp:0:interface=127.0.2.9", "advertise": "127.0.2.9:0"}
+
+    @defer.inlineCallbacks
+    def test_leave_from_the_advertised_address(self):
+        # As the peer connections do: a partition of that address (an nft rule) cuts
+        # the nodes' calls to each other (their views, transfers, proxied reads) too.
+        response = yield self.node.http_client.get(self.receiver.url("/cluster/shards"))
+        yield response.content()
+        self.assertEqual(self.receiver.requests[-1].peer_host, "127.0.2.9")

@@ -53,7 +53,7 @@ from timemachine.firing.publisher import Publisher
 from timemachine.http.routes import TimeMachineAPI
 from timemachine.http.site import make_site
 from timemachine.metrics import Metrics
-from timemachine.peer.network import PeerNetwork
+from timemachine.peer.network import PeerNetwork, split_host_port
 from timemachine.peer.raftcodec import (
     META_GROUP,
     BadRaftMessage,
@@ -283,7 +283,12 @@ class Node(service.Service):
         if self.meta_log.alone:
             yield self.meta_log.wait_leading()
         self._http_pool = HTTPConnectionPool(self.reactor, persistent=True)
-        self.http_client = HTTPClient(Agent(self.reactor, pool=self._http_pool))
+        # Calls to the other nodes leave from the advertised address, as the peer
+        # connections do: a partition of that address cuts them too.
+        self.http_client = HTTPClient(Agent(
+            self.reactor, pool=self._http_pool,
+            bindAddress=(split_host_port(self.network.advertise)[0], 0),
+        ))
         self.membership = Membership(
             self.reactor, self.node_id, self.meta_log, self.cluster_store, self.network,
             self._give_up_alone, self._holdings,
