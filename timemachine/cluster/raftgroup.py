@@ -725,7 +725,13 @@ class RaftGroup:
             self._processed()
             return
         self._busy = True
-        self._handle(core.ready()).addErrback(self._fail).addBoth(self._handled)
+        try:
+            ready = core.ready()
+        except Exception:
+            self._busy = False
+            self._fail(Failure())
+            return
+        self._handle(ready).addErrback(self._fail).addBoth(self._handled)
 
     def _handled(self, _) -> None:
         self._busy = False
