@@ -136,6 +136,14 @@ class RaftGroupTestCase(unittest.TestCase):
         return member
 
     @defer.inlineCallbacks
+    def leading_member(self, **options):
+        """A group of one member, started; fires with it once it leads."""
+        _, [member] = self.members(1, **options)
+        yield member.start()
+        yield _until(member.group.is_leader)
+        return member
+
+    @defer.inlineCallbacks
     def start_all(self, count=3, **options):
         link, members = self.members(count, **options)
         for m in members:
@@ -171,9 +179,7 @@ class OneMemberTests(RaftGroupTestCase):
 
     @defer.inlineCallbacks
     def test_a_restart_keeps_every_answered_write_and_goes_on(self):
-        _, [member] = self.members(1)
-        yield member.start()
-        yield _until(member.group.is_leader)
+        member = yield self.leading_member()
         answered = []
         for n in range(20):
             index, _ = yield member.group.propose(PutJobs((_spec(f"j{n}"),)))
@@ -192,9 +198,7 @@ class OneMemberTests(RaftGroupTestCase):
 
     @defer.inlineCallbacks
     def test_proposals_of_one_turn_share_a_ready(self):
-        _, [member] = self.members(1)
-        yield member.start()
-        yield _until(member.group.is_leader)
+        member = yield self.leading_member()
         persisted = []
         disk = member.group._disk
         real_persist = disk.persist
@@ -210,9 +214,7 @@ class OneMemberTests(RaftGroupTestCase):
 
     @defer.inlineCallbacks
     def test_a_ready_is_persisted_while_the_last_ones_apply_runs(self):
-        _, [member] = self.members(1)
-        yield member.start()
-        yield _until(member.group.is_leader)
+        member = yield self.leading_member()
         group = member.group
         held = _hold_applies(self, group.store)
         storage = group._storage
@@ -230,9 +232,7 @@ class OneMemberTests(RaftGroupTestCase):
 
     @defer.inlineCallbacks
     def test_no_lease_until_the_store_applied_the_terms_first_entry(self):
-        _, [member] = self.members(1)
-        yield member.start()
-        yield _until(member.group.is_leader)
+        member = yield self.leading_member()
         yield member.stop()
         yield member.start()
         group = member.group
@@ -247,9 +247,7 @@ class OneMemberTests(RaftGroupTestCase):
 
     @defer.inlineCallbacks
     def test_a_closed_group_refuses_and_fails_what_waits(self):
-        _, [member] = self.members(1)
-        yield member.start()
-        yield _until(member.group.is_leader)
+        member = yield self.leading_member()
         group = member.group
         yield member.stop()
         yield self.assertFailure(group.propose(PutJobs((_spec("x"),))), Unavailable)
@@ -423,9 +421,7 @@ class ShardMapTests(RaftGroupTestCase):
 class SnapshotTests(RaftGroupTestCase):
     @defer.inlineCallbacks
     def test_compaction_cuts_the_log_and_a_restart_keeps_everything(self):
-        _, [member] = self.members(1, **COMPACTING)
-        yield member.start()
-        yield _until(member.group.is_leader)
+        member = yield self.leading_member(**COMPACTING)
         last = yield self.write(member, 200)
         yield member.group.compact()
         storage = member.group._storage
@@ -543,9 +539,7 @@ class CounterTests(RaftGroupTestCase):
 
     @defer.inlineCallbacks
     def test_a_lone_leader_counts_its_proposals_and_their_commit_latency(self):
-        _, [member] = self.members(1)
-        yield member.start()
-        yield _until(member.group.is_leader)
+        member = yield self.leading_member()
         last = yield self.write(member, 12)
         status = member.group.stats()
         self.assertEqual((status.role, status.leader, status.lease), ("leader", "node1", True))
@@ -562,9 +556,7 @@ class CounterTests(RaftGroupTestCase):
 
     @defer.inlineCallbacks
     def test_apply_lag_counts_the_entries_the_store_has_not_applied(self):
-        _, [member] = self.members(1)
-        yield member.start()
-        yield _until(member.group.is_leader)
+        member = yield self.leading_member()
         store = member.group.store
         held = _hold_applies(self, store)
         answer = member.group.propose(PutJobs((_spec("a"),)))
@@ -622,9 +614,7 @@ class CounterTests(RaftGroupTestCase):
 
     @defer.inlineCallbacks
     def test_proposals_that_expire_or_meet_a_store_failure_are_counted_failed(self):
-        _, [member] = self.members(1)
-        yield member.start()
-        yield _until(member.group.is_leader)
+        member = yield self.leading_member()
         group = member.group
         held = _hold_applies(self, group.store)
         member.host.proposal_timeout = 0.05
@@ -645,9 +635,7 @@ class CounterTests(RaftGroupTestCase):
 
     @defer.inlineCallbacks
     def test_closing_fails_what_waits_and_a_closed_member_refuses_counted(self):
-        _, [member] = self.members(1)
-        yield member.start()
-        yield _until(member.group.is_leader)
+        member = yield self.leading_member()
         group = member.group
         held = _hold_applies(self, group.store)
         waiting = group.propose(PutJobs((_spec("w"),)))

@@ -199,8 +199,8 @@ class ReplicatedClusterTests(ClusterTestCase):
         follower = next(n for n in sorted(self.nodes) if n != leader)
         far = int(reactor.seconds() * 1000) + 3_600_000
         for n in range(20):
-            # Acknowledged by the leader once applied there; the follower learns of
-            # the commit a heartbeat later, unless its read asks the leader first.
+            # Acknowledged by the leader once applied there; the follower may not have
+            # applied it yet, unless its read asks the leader first.
             stored = yield self.create_once(
                 leader, "c", {"id": f"j{n:02}", "trigger_ms": far, "route": "hook"}
             )

@@ -98,7 +98,7 @@ class Coordinator:
         if all(self.cluster_store.route(spec.route) is not None for spec in specs):
             return
         with contextlib.suppress(Unavailable):
-            yield meta.read_barrier()
+            yield self._meta_read_barrier()
 
     def _require_config(self):
         if self.ring is None:
@@ -256,8 +256,8 @@ class Coordinator:
                     "no node holds them all"
                 )
             raise ServedElsewhere(missing[0], sorted(everywhere))
-        # Linearizable, as a read of one job: a follower learns of the last commits a
-        # heartbeat later.
+        # Linearizable, as a read of one job: a follower may not have applied the
+        # last commits yet.
         yield defer.gatherResults([log.read_barrier() for log, _ in self.shards.values()])
         pages = yield defer.gatherResults(
             [
@@ -290,8 +290,8 @@ class Coordinator:
         return list(self.cluster_store.routes())
 
     def _meta_read_barrier(self):
-        """Linearizable route reads, as job reads: a follower learns of the last
-        meta commits a heartbeat later. A node in no cluster yet reads what it has."""
+        """Linearizable route reads, as job reads: a follower may not have applied the
+        last meta commits yet. A node in no cluster yet reads what it has."""
         if self.meta_log.blank:
             return defer.succeed(None)
         return self.meta_log.read_barrier()

@@ -356,8 +356,8 @@ class Shards:
             try:
                 yield defer.gatherResults([group.drain() for group, _ in self.logs.values()])
                 # Counted where the group's leader is: it applied every acknowledged
-                # write, while a follower learns of the last commits a heartbeat
-                # later, and a new replica waiting for its snapshot has an empty store.
+                # write, while a follower may not have applied the last commits yet,
+                # and a new replica waiting for its snapshot has an empty store.
                 holding = {
                     s: store for s, (group, store) in self.logs.items()
                     if group.is_leader() or (self._count_elsewhere is None and not group.blank)
