@@ -11,13 +11,25 @@ import random
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from timemachine.cluster.raftgroup import EngineDisk, NotLeader, RaftGroup, RaftHost
+from timemachine.cluster.raftgroup import (
+    EngineDisk,
+    NotLeader,
+    RaftGroup,
+    RaftHost,
+    write_snapshot_chunks,
+)
 from timemachine.domain.commands import DeleteJob, PutJobs
 from timemachine.domain.errors import CorruptLog, StorageError, Unavailable
 from timemachine.domain.jobs import JobSpec
 from timemachine.interfaces import IShardLog
 from timemachine.raft.engine import RaftEngine
-from timemachine.raft.types import ConfChange, ConfChangeKind, ConfState, MessageType
+from timemachine.raft.types import (
+    ConfChange,
+    ConfChangeKind,
+    ConfState,
+    MessageType,
+    SnapshotChunk,
+)
 from timemachine.storage.iothread import IOThread
 from timemachine.storage.store import VnodeStore
 
@@ -522,6 +534,56 @@ class SnapshotTests(RaftGroupTestCase):
         away.host.stop()
         yield away.engine.close()
         away.io.stop()
+
+
+class SnapshotChunkFileTests(unittest.TestCase):
+    """How a follower writes a snapshot's chunks: to disk as they come, whole only at
+    its last chunk, durable as ``.incoming`` only for the one it installs."""
+
+    def setUp(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.receiving = os.path.join(directory, "jobs.sqlite.receiving")
+        self.incoming = os.path.join(directory, "jobs.sqlite.incoming")
+
+    def read(self, path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    def test_chunks_written_over_several_readys_make_the_installed_file(self):
+        write_snapshot_chunks(self.receiving, self.incoming, [SnapshotChunk(0, b"abc")], False)
+        self.assertEqual(self.read(self.receiving), b"abc")
+        self.assertFalse(os.path.exists(self.incoming))
+        write_snapshot_chunks(
+            self.receiving, self.incoming, [SnapshotChunk(3, b"def", last=True)], True
+        )
+        self.assertEqual(self.read(self.incoming), b"abcdef")
+        self.assertFalse(os.path.exists(self.receiving))
+
+    def test_a_snapshot_started_over_drops_what_the_earlier_one_wrote(self):
+        write_snapshot_chunks(
+            self.receiving, self.incoming, [SnapshotChunk(0, b"old-old-"), SnapshotChunk(8, b"x")],
+            False,
+        )
+        chunks = [SnapshotChunk(0, b"new"), SnapshotChunk(3, b"!", last=True)]
+        write_snapshot_chunks(self.receiving, self.incoming, chunks, True)
+        self.assertEqual(self.read(self.incoming), b"new!")
+
+    def test_a_newer_snapshot_begun_in_the_same_ready_does_not_mix_with_the_installed_one(self):
+        chunks = [
+            SnapshotChunk(0, b"first"),
+            SnapshotChunk(5, b"-whole", last=True),
+            SnapshotChunk(0, b"second"),
+        ]
+        write_snapshot_chunks(self.receiving, self.incoming, chunks, True)
+        self.assertEqual(self.read(self.incoming), b"first-whole")
+        self.assertEqual(self.read(self.receiving), b"second")
+
+    def test_the_data_of_a_snapshot_not_installed_is_removed(self):
+        chunks = [SnapshotChunk(0, b"had it", last=True)]
+        write_snapshot_chunks(self.receiving, self.incoming, chunks, False)
+        self.assertFalse(os.path.exists(self.receiving))
+        self.assertFalse(os.path.exists(self.incoming))
 
 
 def _hold_applies(testcase, store):

@@ -91,14 +91,16 @@ class Net:
         core, st = self.cores[i], self.storages[i]
         while core.has_ready():
             rd = core.ready()
-            if rd.snapshot is not None:
-                st.apply_snapshot(rd.snapshot)
+            st.write_chunks(rd.snapshot_chunks)
+            snapshot = None if rd.snapshot is None else st.received(rd.snapshot)
+            if snapshot is not None:
+                st.apply_snapshot(snapshot)
             st.append(rd.entries)
             if rd.hard_state is not None:
                 st.set_hard_state(rd.hard_state)
             self.inbox.extend(rd.messages)
-            if rd.snapshot is not None:
-                data = rd.snapshot.data
+            if snapshot is not None:
+                data = snapshot.data
                 self.sm[i] = [d.encode("latin-1") for d in json.loads(data)] if data else []
             for e in rd.committed:
                 if e.kind == EntryKind.NORMAL and e.data:
@@ -585,6 +587,43 @@ class SnapshotTests(unittest.TestCase):
         self.assertEqual(net.storages[f].snapshot().index, net.storages[lead].snapshot().index)
         net.cores[lead].propose(b"more")
         net.deliver_all()
+        self.assertEqual(net.sm[f], net.sm[lead])
+
+    def test_a_follower_hands_each_chunk_out_as_it_arrives_and_holds_none(self):
+        net = Net(3, snapshot_chunk_bytes=1000)
+        lead = net.elect()
+        f = next(i for i in net.cores if i != lead)
+        net.isolated = {f}
+        for k in range(50):
+            net.cores[lead].propose(b"%03d" % k * 40)
+        net.deliver_all()
+        net.snapshot(lead)
+        sent = net.storages[lead].snapshot()
+        core = net.cores[f]
+        readys = []
+        ready = core.ready
+
+        def recording():
+            readys.append(ready())
+            return readys[-1]
+
+        core.ready = recording
+        net.isolated = set()
+        net.tick(3)
+        chunks = [c for rd in readys for c in rd.snapshot_chunks]
+        self.assertGreater(len(chunks), 3)
+        self.assertEqual(b"".join(c.data for c in chunks), sent.data)
+        self.assertEqual([c.last for c in chunks], [False] * (len(chunks) - 1) + [True])
+        # Each chunk leaves in a Ready of its own, with the answer that it was written.
+        for rd in readys:
+            answers = [m for m in rd.messages if m.type == MT.SNAPSHOT_RESP]
+            if rd.snapshot_chunks and not rd.snapshot_chunks[-1].last:
+                [chunk] = rd.snapshot_chunks
+                self.assertEqual([m.offset for m in answers], [chunk.offset + len(chunk.data)])
+        # The install carries the point, not the data: that is what the chunks wrote.
+        [install] = [rd for rd in readys if rd.snapshot is not None and rd.snapshot.index]
+        self.assertEqual((install.snapshot.index, install.snapshot.data), (sent.index, b""))
+        self.assertTrue(install.snapshot_chunks[-1].last)
         self.assertEqual(net.sm[f], net.sm[lead])
 
     def test_a_snapshot_still_being_prepared_is_sent_once_ready(self):

@@ -48,7 +48,6 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable
-from dataclasses import replace
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall
@@ -71,7 +70,7 @@ from timemachine.raft.types import (
     Snapshot,
     SnapshotTemporarilyUnavailable,
 )
-from timemachine.storage.durable import write_atomically
+from timemachine.storage.durable import fsync_path
 from timemachine.storage.sqlite import unlink_if_exists
 
 #: Seconds per Raft tick. With `ELECTION_TICKS` a leader is suspected gone after 1-2 s
@@ -116,6 +115,36 @@ class SnapshotFile:
 
     def __del__(self):
         self.close()
+
+
+def write_snapshot_chunks(receiving: str, incoming: str, chunks, installing: bool) -> None:
+    """Write a Ready's snapshot chunks to the file at ``receiving``. When the Ready
+    installs a snapshot, its data ends at the Ready's last ``last`` chunk: that file
+    is made durable as ``incoming``. A snapshot's data that is not installed (the log
+    had it, or a newer one replaced it in the same Ready) is removed. Blocks.
+
+    Only the chunk in hand is in memory, however large the store a leader sends.
+    """
+    final = max((n for n, chunk in enumerate(chunks) if chunk.last), default=None)
+    for n, chunk in enumerate(chunks):
+        fd = os.open(receiving, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, chunk.offset)
+            view = memoryview(chunk.data)
+            written = 0
+            while written < len(view):
+                written += os.pwrite(fd, view[written:], chunk.offset + written)
+            if installing and n == final:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if installing and n == final:
+            os.replace(receiving, incoming)
+            fsync_path(os.path.dirname(os.path.abspath(incoming)))
+        elif chunk.last:
+            unlink_if_exists(receiving)
+    if installing and final is None:
+        raise StorageError(f"{incoming}: a snapshot to install came without its data")
 
 
 class _SendingStorage:
@@ -317,10 +346,11 @@ class RaftGroup:
     When a follower needs a snapshot, the leader sends a fresh copy of its store (as
     etcd sends its live backend) at the copy's own applied index, which is at or past
     the point, so the entries after it are still in the log. A follower installs it in
-    three durable steps: the data to ``<store>.incoming``, the snapshot's point into its
-    Raft state, the store replaced by the data; `open` finishes an install a crash
-    interrupted, and refuses loudly a store behind its Raft snapshot with no data to
-    catch up from.
+    three durable steps (its chunks are written to ``<store>.receiving`` as they
+    arrive, so it never holds the store in memory): the data to ``<store>.incoming``,
+    the snapshot's point into its Raft state, the store replaced by the data; `open`
+    finishes an install a crash interrupted, and refuses loudly a store behind its Raft
+    snapshot with no data to catch up from.
     """
 
     log = Logger()
@@ -356,8 +386,10 @@ class RaftGroup:
         self._sent_copy = f"{store.path}.snapshot"
         self._sending: Snapshot | None = None
         self._preparing: defer.Deferred | None = None
-        # A leader's snapshot received and durable, not yet in the store.
+        # A leader's snapshot received and durable, not yet in the store; while its
+        # chunks arrive, they are written to the other file.
         self._incoming = f"{store.path}.incoming"
+        self._receiving = f"{store.path}.receiving"
         self.core: RaftCore | None = None
         self._listeners: list[Callable] = []
         self._leadership_listeners: list[Callable[[bool], None]] = []
@@ -518,7 +550,7 @@ class RaftGroup:
         for a leader's snapshot (a node leaving the one-node cluster it started)."""
         yield self.close()
         yield self._disk.remove()
-        for suffix in ("", "-wal", "-shm", ".snapshot", ".incoming"):
+        for suffix in ("", "-wal", "-shm", ".snapshot", ".incoming", ".receiving"):
             yield self._io.call(unlink_if_exists, self._store.path + suffix)
         self._bootstrap = None
         self._broken = None
@@ -751,11 +783,11 @@ class RaftGroup:
             yield self._applying
             if self._broken is not None:
                 return
-        if rd.snapshot is not None:
-            if installing:
-                yield self._io.call(write_atomically, self._incoming, bytes(rd.snapshot.data))
-            # The data is in the file (and soon the store), not in the Raft state.
-            rd = replace(rd, snapshot=replace(rd.snapshot, data=b""))
+        if rd.snapshot_chunks:
+            yield self._io.call(
+                write_snapshot_chunks, self._receiving, self._incoming,
+                rd.snapshot_chunks, installing,
+            )
         if rd.entries or rd.snapshot is not None or rd.must_sync:
             # Else only the commit index moved (see the module docstring). The disk
             # shows what it made durable to the core's storage itself.

@@ -6,8 +6,9 @@ from a peer) and the proposal calls - and hands its work out as a `Ready`::
 
     while core.has_ready():
         rd = core.ready()
+        write(rd.snapshot_chunks)                 # a snapshot being received, to a file
         if rd.snapshot is not None:               # even at index 0: see below
-            storage.apply_snapshot(rd.snapshot)
+            storage.apply_snapshot(rd.snapshot)   # its data: what the chunks wrote
         storage.append(rd.entries)
         if rd.hard_state: storage.set_hard_state(rd.hard_state)   # fsync if rd.must_sync
         send(rd.messages)
@@ -76,6 +77,7 @@ from timemachine.raft.types import (
     ReadState,
     Ready,
     Snapshot,
+    SnapshotChunk,
     SnapshotTemporarilyUnavailable,
     Storage,
 )
@@ -403,7 +405,9 @@ class RaftCore:
         self._reads: list[_ReadRequest] = []
         self._reads_before_commit: list[tuple[NodeId, bytes]] = []
         self._sent_timeout_now = False
-        self._snap_buf: tuple[tuple, bytearray, Snapshot] | None = None
+        # The snapshot being received: its key and the bytes of it handed out to write.
+        self._snap_recv: tuple[tuple, int] | None = None
+        self.snapshot_chunks: list[SnapshotChunk] = []
         # A restarted member forgot the leader it heard from: it honours that leader's
         # lease for one election timeout anyway (see the module docstring).
         self._boot_guard = True
@@ -605,6 +609,7 @@ class RaftCore:
             return False
         return bool(
             self.msgs
+            or self.snapshot_chunks
             or self.read_states
             or self.log.unstable.entries
             or self.log.unstable.snapshot is not None
@@ -632,8 +637,10 @@ class RaftCore:
             or snap is not None
             or hs.term != prev.term
             or hs.vote != prev.vote,
+            snapshot_chunks=tuple(self.snapshot_chunks),
         )
         self.msgs = []
+        self.snapshot_chunks = []
         self.read_states = []
         self._prev_hs = hs
         self._outstanding = (entries[-1] if entries else None, snap, committed)
@@ -932,31 +939,34 @@ class RaftCore:
             return
         if chunk.index <= self.log.committed and not self._is_blank():
             # Already have it (a retransmission after we finished): say where we are.
-            self._snap_buf = None
+            self._snap_recv = None
             self._send(MT.APPEND_RESP, m.frm, index=self.log.committed)
             return
         key = (m.frm, m.term, chunk.index, chunk.term)
-        buf = self._snap_buf
-        if buf is not None and buf[0] == key and m.offset < len(buf[1]):
+        recv = self._snap_recv
+        held = recv[1] if recv is not None and recv[0] == key else None
+        if held is not None and m.offset < held:
             # A duplicate of a chunk we hold: don't restart, just report our position.
-            self._send(MT.SNAPSHOT_RESP, m.frm, index=chunk.index, offset=len(buf[1]))
+            self._send(MT.SNAPSHOT_RESP, m.frm, index=chunk.index, offset=held)
             return
-        if m.offset == 0:
-            buf = self._snap_buf = (key, bytearray(chunk.data), chunk)
-        elif buf is not None and buf[0] == key and m.offset == len(buf[1]):
-            buf[1].extend(chunk.data)
-        else:
+        if m.offset != 0 and m.offset != held:
             # A gap (a chunk lost or overtaken, or we restarted mid-install): ask from
             # what we hold. A rejection, so the leader (which pipelines chunks) can tell
             # it from an acknowledgement and go back.
-            have = len(buf[1]) if buf is not None and buf[0] == key else 0
-            self._send(MT.SNAPSHOT_RESP, m.frm, index=chunk.index, offset=have, reject=True)
+            self._send(
+                MT.SNAPSHOT_RESP, m.frm, index=chunk.index, offset=held or 0, reject=True
+            )
             return
+        # The chunk goes to the application's file; the answer leaves after it is
+        # written (the same Ready), so the leader never moves past unwritten bytes.
+        received = m.offset + len(chunk.data)
+        self.snapshot_chunks.append(SnapshotChunk(m.offset, chunk.data, m.done))
         if not m.done:
-            self._send(MT.SNAPSHOT_RESP, m.frm, index=chunk.index, offset=len(buf[1]))
+            self._snap_recv = (key, received)
+            self._send(MT.SNAPSHOT_RESP, m.frm, index=chunk.index, offset=received)
             return
-        self._snap_buf = None
-        snap = Snapshot(chunk.index, chunk.term, chunk.conf, bytes(buf[1]))
+        self._snap_recv = None
+        snap = Snapshot(chunk.index, chunk.term, chunk.conf)
         if self._restore(snap):
             self._send(MT.APPEND_RESP, m.frm, index=self.log.last_index())
         else:

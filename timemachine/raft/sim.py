@@ -61,7 +61,7 @@ import random
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from timemachine.raft.core import RaftCore
@@ -701,6 +701,9 @@ class SimCluster:
                     crash_at = point
             if crash_at == "before_persist":
                 return self._crash_now(m)
+            m.storage.write_chunks(rd.snapshot_chunks)
+            if rd.snapshot is not None:
+                rd = replace(rd, snapshot=m.storage.received(rd.snapshot))
             self._persist(m, rd, _PERSIST_STEP.get(crash_at, "all"))
             if crash_at in _PERSIST_STEP or crash_at == "after_persist":
                 return self._crash_now(m)

@@ -12,12 +12,16 @@ term of the snapshot's last entry is always at hand for the log matching check.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import replace
+
 from timemachine.raft.types import (
     CompactedError,
     ConfState,
     Entry,
     HardState,
     Snapshot,
+    SnapshotChunk,
     UnavailableError,
 )
 
@@ -37,6 +41,8 @@ class MemoryStorage:
         self._hard_state = HardState()
         self._snapshot = Snapshot(conf=conf or ConfState())
         self._ents: list[Entry] = [Entry(0, 0)]
+        # The file a snapshot being received is written to, chunk by chunk.
+        self._incoming = bytearray()
 
     # -- the read side (the Storage protocol) --------------------------------------------
 
@@ -89,6 +95,20 @@ class MemoryStorage:
     def set_hard_state(self, hs: HardState) -> None:
         """Persist term, vote and commit."""
         self._hard_state = hs
+
+    def write_chunks(self, chunks: Iterable[SnapshotChunk]) -> None:
+        """Write a Ready's ``snapshot_chunks`` to the received snapshot's file."""
+        for chunk in chunks:
+            del self._incoming[chunk.offset :]
+            self._incoming += chunk.data
+
+    def received(self, snap: Snapshot) -> Snapshot:
+        """A Ready's ``snapshot`` with its data: what the chunks wrote, for a snapshot
+        received from a leader (index above 0; a bootstrap one has none)."""
+        if snap.index == 0:
+            return snap
+        data, self._incoming = bytes(self._incoming), bytearray()
+        return replace(snap, data=data)
 
     def apply_snapshot(self, snap: Snapshot) -> None:
         """Replace the whole log with ``snap`` (a follower installing a leader's snapshot).

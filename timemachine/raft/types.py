@@ -67,6 +67,16 @@ class Snapshot:
     data: bytes = b""
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """Bytes of a snapshot a follower is being sent, to write at ``offset`` of the file
+    it collects them in (``offset`` 0 starts that file over); ``last`` ends the data."""
+
+    offset: int
+    data: bytes
+    last: bool = False
+
+
 class MessageType(enum.Enum):
     PRE_VOTE = "pre_vote"
     PRE_VOTE_RESP = "pre_vote_resp"
@@ -121,10 +131,17 @@ class ReadState:
 class Ready:
     """The work the core hands out: do it in this order, then call ``advance``.
 
-    1. persist ``snapshot`` (if any), ``entries`` and ``hard_state`` (if not None),
-       fsync'd when ``must_sync``;
+    1. write ``snapshot_chunks`` in order to the file they make up; persist
+       ``snapshot`` (if any), ``entries`` and ``hard_state`` (if not None), fsync'd
+       when ``must_sync``;
     2. send ``messages``;
     3. apply ``committed`` entries (and install ``snapshot`` in the state machine).
+
+    A snapshot received from a leader arrives as chunks, so a follower never holds a
+    whole store in memory: its ``snapshot`` carries no data, which is the chunks'
+    file (complete once a ``last`` chunk is written; durable only once the application
+    syncs it, before it persists ``snapshot``). Chunks of a snapshot that is not
+    installed after all (the log already had it) leave that file to be removed.
     """
 
     hard_state: HardState | None = None
@@ -134,6 +151,7 @@ class Ready:
     messages: tuple[Message, ...] = ()
     read_states: tuple[ReadState, ...] = ()
     must_sync: bool = False
+    snapshot_chunks: tuple[SnapshotChunk, ...] = ()
 
 
 class RaftError(Exception):
