@@ -314,6 +314,7 @@ class Node(service.Service):
             self.cluster_store, self.metrics, unavailable_shards=self.unavailable_shards,
         )
         self.coordinator.forwarding = self.forwarding
+        self.coordinator.serve_listings(self.network)
         self.shards = Shards(
             self.reactor, self.node_id, self.data_dir, self.host, self.engine, self.store_io,
             self.executor, self.coordinator, self.meta_log, self.cluster_store,

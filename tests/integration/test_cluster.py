@@ -545,6 +545,47 @@ class MovingReplicaTests(ClusterTestCase):
         )
 
     @defer.inlineCallbacks
+    def listed(self, node_id, limit):
+        """Every job id of collection ``c`` as ``node_id`` lists them, page by page;
+        None when a page is not answered 200."""
+        ids, cursor = [], None
+        while True:
+            query = f"?limit={limit}" + ("" if cursor is None else f"&cursor={cursor}")
+            code, answer = yield self.call(node_id, "GET", f"/job/c{query}")
+            if code != 200:
+                return None
+            ids.extend(job["id"] for job in answer["jobs"])
+            cursor = answer["next_cursor"]
+            if cursor is None:
+                return ids
+
+    @defer.inlineCallbacks
+    def test_a_node_without_every_shard_lists_every_job_and_survives_a_replica_lost(self):
+        yield self.joined(4)
+        yield self.configure("node1", 6, 3)
+        yield self.route_nowhere("node1")
+        placement = [entry["replicas"] for entry in (yield self.shard_entries("node1"))]
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        ids = sorted(f"j{n:02}" for n in range(40))
+        yield self.create_batch(
+            "node1", [{"id": i, "trigger_ms": far, "route": "hook"} for i in ids]
+        )
+        for node_id in sorted(self.nodes):
+            lacking = [s for s, nodes in enumerate(placement) if node_id not in nodes]
+            self.assertTrue(lacking, (node_id, placement))
+            self.assertEqual((yield self.listed(node_id, 7)), ids, node_id)
+        # The replica a node asks first for a shard it lacks dies: the next one lists it.
+        shard, outside = next(
+            (s, node) for s, nodes in enumerate(placement)
+            for node in sorted(self.nodes) if node not in nodes
+        )
+        self.nodes[placement[shard][0]].kill(signal.SIGKILL)
+        yield self.until(
+            f"{outside} lists every job with {placement[shard][0]} down",
+            lambda: self.listed(outside, 7).addCallback(lambda listed: listed == ids),
+        )
+
+    @defer.inlineCallbacks
     def test_a_new_replica_still_without_its_snapshot_counts_no_jobs_for_its_shard(self):
         yield self.joined(3)
         yield self.configure("node1", 3, 1)

@@ -14,6 +14,8 @@ from collections import defaultdict
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from timemachine._pb import timemachine_pb2 as pb
+from timemachine.domain.codec import job_from_pb, job_to_pb
 from timemachine.domain.commands import DeleteJob, DeleteRoute, PutJobs, PutRoute
 from timemachine.domain.errors import (
     NotConfigured,
@@ -26,16 +28,41 @@ from timemachine.domain.errors import (
 )
 from timemachine.domain.jobs import Job, JobSpec
 from timemachine.domain.routes import Route
+from timemachine.peer.errors import PeerTimeout, PeerUnavailable
 from timemachine.peer.raftcodec import group_of_shard
+from timemachine.peer.requests import error_of
 
 # A trigger this far in the past is a client's mistake; nearer, it fires now.
 PAST_TOLERANCE_MS = 5000
+
+#: Bytes of jobs (their meta, mostly: up to 64 KiB each) one node lists for another in
+#: an answer, which must fit a peer frame; the asker's page ends where that one did.
+LISTED_PAGE_BYTES = 4 * 1024 * 1024
+#: Seconds a node listing a shard for this one may take before another is asked.
+LIST_TIMEOUT = 5.0
 
 # What `Coordinator.shard_status` says of a shard without a running replica here.
 _UNKNOWN = {
     "leader": None, "applied_index": None, "jobs": None, "term": None, "commit_index": None,
     "role": None, "lease": False, "voters": None, "learners": None,
 }
+
+
+def merge_pages(pages, limit: int) -> tuple[list[Job], str | None]:
+    """One page of at most ``limit`` jobs by id from ``pages``, ``(jobs by id,
+    next_cursor or None)`` each, and its next cursor.
+
+    A page with a next cursor holds no job of its shards above its last one: the
+    merged page ends there, wherever the other pages go on.
+    """
+    merged = list(heapq.merge(*(jobs for jobs, _ in pages), key=lambda job: job.id))
+    stops = [jobs[-1].id for jobs, next_cursor in pages if next_cursor is not None and jobs]
+    if stops:
+        stop = min(stops)
+        merged = [job for job in merged if job.id <= stop]
+    more = bool(stops) or len(merged) > limit
+    merged = merged[:limit]
+    return merged, (merged[-1].id if more and merged else None)
 
 
 class Coordinator:
@@ -64,6 +91,15 @@ class Coordinator:
         #: A `Forwarding`: proposals go to each group's leader, wherever it is. None
         #: for a node whose groups all lead themselves (tests of one store).
         self.forwarding = None
+        #: The `PeerNetwork` that lists the shards this node does not serve (see
+        #: `serve_listings`); None: a listing needs every shard here.
+        self._network = None
+
+    def serve_listings(self, network) -> None:
+        """List the jobs of shards this node serves for other nodes, and ask them for
+        the shards it does not serve, over ``network``."""
+        self._network = network
+        network.handle("list", self._listed_to_us)
 
     def _propose(self, log, command):
         if self.forwarding is None:
@@ -238,41 +274,100 @@ class Coordinator:
 
     @defer.inlineCallbacks
     def list_jobs(self, collection: str, status, limit: int, cursor):
-        """Jobs of a collection across shards, ordered by id: ``(jobs, next_cursor)``."""
+        """Jobs of a collection across shards, ordered by id: ``(jobs, next_cursor)``.
+
+        The shards this node serves are read here; each other one is listed by a node
+        that serves it (its placed replicas asked first), over the peer protocol.
+        """
         self._require_config()
-        for shard in sorted(self.unavailable_shards):
-            self._serving(shard)  # a list missing a shard's jobs would look complete
-        missing = [
-            s for s in range(self.ring.shards) if s not in self.shards or self.shards[s][0].blank
-        ]
-        if missing:
-            # Served by a node that holds every shard, if one does.
-            everywhere = set(self.ring.replicas(0))
-            for shard in range(1, self.ring.shards):
-                everywhere &= set(self.ring.replicas(shard))
-            if not everywhere:
-                raise Unavailable(
-                    f"listing needs every shard; this node holds none of {missing}, and "
-                    "no node holds them all"
-                )
-            raise ServedElsewhere(missing[0], sorted(everywhere))
+        here, elsewhere = [], []
+        for shard in range(self.ring.shards):
+            try:
+                here.append(self._serving(shard))
+            except Unavailable:
+                # A list missing a shard's jobs would look complete: no node to ask
+                # for one is an error, as a damaged shard with no other replica is.
+                if self._network is None or not self.nodes_to_ask(self.ring, shard):
+                    raise
+                elsewhere.append(shard)
+        try:
+            pages = yield defer.gatherResults(
+                [self._pages_here(here, collection, status, limit, cursor)]
+                + [
+                    self._page_elsewhere(shard, collection, status, limit, cursor)
+                    for shard in elsewhere
+                ],
+                consumeErrors=True,
+            )
+        except defer.FirstError as e:
+            e.subFailure.raiseException()
+        here_pages, *elsewhere_pages = pages
+        return merge_pages([*here_pages, *elsewhere_pages], limit)
+
+    @defer.inlineCallbacks
+    def _pages_here(self, held, collection, status, limit, cursor):
+        """A page of each shard store of ``held`` (``(log, store)`` pairs)."""
         # Linearizable, as a read of one job: a follower may not have applied the
         # last commits yet.
-        yield defer.gatherResults([log.read_barrier() for log, _ in self.shards.values()])
+        yield defer.gatherResults([log.read_barrier() for log, _ in held])
         pages = yield defer.gatherResults(
-            [
-                store.list_jobs(collection, status, limit, cursor)
-                for _, store in self.shards.values()
-            ]
+            [store.list_jobs(collection, status, limit, cursor) for _, store in held]
         )
-        merged: list[Job] = list(
-            heapq.merge(*(jobs for jobs, _ in pages), key=lambda job: job.id)
-        )[:limit]
-        more = len(merged) == limit and (
-            any(next_cursor is not None for _, next_cursor in pages)
-            or sum(len(jobs) for jobs, _ in pages) > limit
+        return pages
+
+    @defer.inlineCallbacks
+    def _page_elsewhere(self, shard, collection, status, limit, cursor):
+        """A page of ``shard``, from the first node serving it that answers."""
+        request = pb.Request(
+            list=pb.ListJobs(
+                collection=collection, status=status or "", limit=limit,
+                cursor=cursor or "", shards=[shard],
+            )
         )
-        return merged, (merged[-1].id if more else None)
+        failures = []
+        for node_id in self.nodes_to_ask(self.ring, shard):
+            try:
+                response = yield self._network.request(node_id, request, timeout=LIST_TIMEOUT)
+            except (PeerUnavailable, PeerTimeout) as e:
+                failures.append(f"{node_id}: {e.__class__.__name__}")
+                continue
+            error = error_of(response)
+            if isinstance(error, Unavailable):
+                failures.append(f"{node_id}: {error.message}")
+                continue
+            if error is not None:
+                raise error
+            page = response.page
+            return [job_from_pb(job) for job in page.jobs], page.next_cursor or None
+        raise Unavailable(f"no node listed shard {shard} ({'; '.join(failures)}); retry")
+
+    @defer.inlineCallbacks
+    def _listed_to_us(self, from_node: str, ask: pb.ListJobs):
+        """Another node's listing of shards this node serves (it passes it on to no
+        other: a node that cannot serve one answers `Unavailable`, a retry)."""
+        self._require_config()
+        held = []
+        for shard in ask.shards:
+            if shard >= self.ring.shards:
+                raise Unavailable(f"shard {shard} is not in this node's shard map; retry")
+            try:
+                held.append(self._serving(shard))
+            except ServedElsewhere as e:
+                raise Unavailable(f"this node does not serve shard {shard}; retry") from e
+        pages = yield self._pages_here(
+            held, ask.collection, ask.status or None, ask.limit, ask.cursor or None
+        )
+        jobs, next_cursor = merge_pages(pages, ask.limit)
+        answer = pb.JobPage()
+        used = 0
+        for job in jobs:
+            if answer.jobs and used + len(job.meta) > LISTED_PAGE_BYTES:
+                next_cursor = answer.jobs[-1].id
+                break
+            answer.jobs.append(job_to_pb(job))
+            used += len(job.meta) + len(job.id) + len(job.collection)
+        answer.next_cursor = next_cursor or ""
+        return answer
 
     # ---- routes ------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The protobuf form of commands: the bytes of log entries (`encode_command`).
+"""The protobuf form of commands: the bytes of log entries (`encode_command`); and of
+stored jobs, as one node lists them for another (`job_to_pb`).
 
 Decoding builds values with `from_record`: a log entry was validated when it was
 proposed, and must replay after a rule has been tightened.
@@ -21,7 +22,7 @@ from timemachine.domain.commands import (
     PutRoute,
     RemoveMember,
 )
-from timemachine.domain.jobs import JobSpec
+from timemachine.domain.jobs import Job, JobSpec, JobStatus
 from timemachine.domain.records import from_record
 from timemachine.domain.routes import Route
 
@@ -192,3 +193,37 @@ def _placement_from_pb(placements) -> tuple[tuple[str, ...], ...]:
     for p in placements:
         placement[p.shard] = tuple(p.replicas)
     return tuple(placement)
+
+
+def job_to_pb(job: Job) -> pb.StoredJob:
+    return pb.StoredJob(
+        collection=job.collection,
+        id=job.id,
+        trigger_ms=job.trigger_ms,
+        meta=job.meta.encode("utf-8"),
+        route=job.route,
+        version=job.version,
+        status=job.status.value,
+        due_ms=job.due_ms,
+        attempts=job.attempts,
+        last_error=job.last_error,
+        fired_at_ms=job.fired_at_ms,
+    )
+
+
+def job_from_pb(msg: pb.StoredJob) -> Job:
+    """The `Job` of ``msg`` (inverse of `job_to_pb`), as a store loads one."""
+    return from_record(
+        Job,
+        msg.collection,
+        msg.id,
+        msg.trigger_ms,
+        msg.meta.decode("utf-8"),
+        msg.route,
+        msg.version,
+        JobStatus(msg.status),
+        msg.due_ms,
+        msg.attempts,
+        msg.last_error if msg.HasField("last_error") else None,
+        msg.fired_at_ms if msg.HasField("fired_at_ms") else None,
+    )

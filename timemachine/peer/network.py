@@ -393,10 +393,10 @@ class PeerNetwork:
     # ---- requests -----------------------------------------------------------------
 
     def handle(self, kind: str, handler: Handler) -> None:
-        """Answer requests of ``kind`` ("propose", "http", "ping") with ``handler``.
+        """Answer requests of ``kind`` (see `timemachine.peer.requests`) with ``handler``.
 
         ``handler(from_node, body)`` gets the request's kind message and returns the
-        result message (`ProposeResult`, `HttpAnswer`, `Pong`) or a Deferred of it. A
+        result message (`ProposeResult`, `HttpAnswer`, ...) or a Deferred of it. A
         `TimeMachineError` becomes the response's ``error_code``/``error``; any other
         exception is logged and answered ``E_INTERNAL``. A built-in ping handler
         answers until replaced.

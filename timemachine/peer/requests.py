@@ -1,11 +1,11 @@
 """Requests between nodes: the handlers by kind, and errors to and from responses.
 
-A `Request` carries one of the kinds ``propose``, ``http``, ``ping`` or ``join``; the
-handler registered for its kind answers with that kind's result message
-(`ProposeResult`, `HttpAnswer`, `Pong`, `JoinAccepted`). A `TimeMachineError` a handler
-raises travels back as the response's ``error_code`` and ``error``, and `error_of`
-turns it into the same error class on the asking node, so a forwarded call fails the
-way a local one would.
+A `Request` carries one of the kinds ``propose``, ``http``, ``ping``, ``join`` or
+``list``; the handler registered for its kind answers with that kind's result message
+(`ProposeResult`, `HttpAnswer`, `Pong`, `JoinAccepted`, `JobPage`). A
+`TimeMachineError` a handler raises travels back as the response's ``error_code`` and
+``error``, and `error_of` turns it into the same error class on the asking node, so a
+forwarded call fails the way a local one would.
 """
 
 from __future__ import annotations
@@ -24,10 +24,17 @@ RESULT_TYPES = {
     "http": pb.HttpAnswer,
     "ping": pb.Pong,
     "join": pb.JoinAccepted,
+    "list": pb.JobPage,
 }
 """The request kinds, and the message each kind's handler answers with."""
 
-RESPONSE_FIELDS = {"propose": "propose", "http": "http", "ping": "pong", "join": "joined"}
+RESPONSE_FIELDS = {
+    "propose": "propose",
+    "http": "http",
+    "ping": "pong",
+    "join": "joined",
+    "list": "page",
+}
 """The `Response` field that carries the answer to each request kind."""
 
 INTERNAL_ERROR_CODE = "E_INTERNAL"
