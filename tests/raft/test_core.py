@@ -591,13 +591,7 @@ class SnapshotTests(unittest.TestCase):
 
     def test_a_follower_hands_each_chunk_out_as_it_arrives_and_holds_none(self):
         net = Net(3, snapshot_chunk_bytes=1000)
-        lead = net.elect()
-        f = next(i for i in net.cores if i != lead)
-        net.isolated = {f}
-        for k in range(50):
-            net.cores[lead].propose(b"%03d" % k * 40)
-        net.deliver_all()
-        net.snapshot(lead)
+        lead, f, _ = self.lagging_follower_with_big_snapshot(net, proposals=50, repeat=40)
         sent = net.storages[lead].snapshot()
         core = net.cores[f]
         readys = []
@@ -608,7 +602,6 @@ class SnapshotTests(unittest.TestCase):
             return readys[-1]
 
         core.ready = recording
-        net.isolated = set()
         net.tick(3)
         chunks = [c for rd in readys for c in rd.snapshot_chunks]
         self.assertGreater(len(chunks), 3)
@@ -703,14 +696,16 @@ class SnapshotTests(unittest.TestCase):
         self.assertEqual(len(dropped), 1)
         self.assertEqual(net.sm[f], net.sm[lead])
 
-    def lagging_follower_with_big_snapshot(self, net: Net) -> tuple[int, int, int]:
+    def lagging_follower_with_big_snapshot(
+        self, net: Net, proposals: int = 60, repeat: int = 10
+    ) -> tuple[int, int, int]:
         """A leader whose compacted log forces a snapshot of ``size`` bytes on the
-        isolated follower ``f``; returns (lead, f, size)."""
+        follower ``f``, isolated while it was made; returns (lead, f, size)."""
         lead = net.elect()
         f = next(i for i in net.cores if i != lead)
         net.isolated = {f}
-        for k in range(60):
-            net.cores[lead].propose(b"%03d" % k * 10)
+        for k in range(proposals):
+            net.cores[lead].propose(b"%03d" % k * repeat)
         net.deliver_all()
         net.snapshot(lead)
         net.isolated = set()
