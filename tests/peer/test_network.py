@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from tests.support import Partition
 from timemachine._pb import timemachine_pb2 as pb
 from timemachine.domain.errors import NotFound, Unavailable
 from timemachine.peer.errors import (
@@ -482,6 +483,9 @@ class RequestTests(PeerNetworkTestCase):
         held = []
         b.handle("http", lambda frm, call: held.append(defer.Deferred()) or held[-1])
         late = a.request("b", pb.Request(http=pb.HttpCall(path="/slow")), timeout=0.2)
+        # b is slow to answer, not cut off: other traffic still comes from it.
+        yield wait_until(lambda: held, "b has the request")
+        b.send_raft("a", heartbeat(1, 1))
         error = yield self.assertFailure(late, PeerTimeout)
         self.assertEqual(error.timeout, 0.2)
         self.assertEqual(a._connections[self.connection(a, "b")].pending, {})
@@ -491,6 +495,29 @@ class RequestTests(PeerNetworkTestCase):
         # The connection still serves requests.
         response = yield a.request("b", pb.Request(ping=pb.Ping()))
         self.assertEqual(response.pong.node_id, "b")
+
+    @defer.inlineCallbacks
+    def test_a_request_lost_in_a_partition_is_never_delivered_after_it(self):
+        a, b = yield self.connected_pair()
+        arrived = []
+        b.handle("http", lambda frm, call: arrived.append(call.path) or pb.HttpAnswer())
+        partition = Partition()
+        self.addCleanup(partition.remove)
+        partition.cut(self.hosts["a"], self.hosts["b"])
+        before = self.connection(a, "b")
+        cut_off = a.request("b", pb.Request(http=pb.HttpCall(path="/cut")), timeout=0.5)
+        yield self.assertFailure(cut_off, PeerTimeout)
+        # Nothing came from b meanwhile: the connection is reset, its unsent bytes
+        # dropped, so TCP does not deliver the request once the link heals.
+        yield wait_until(lambda: self.connection(a, "b") is not before, "the connection reset")
+        partition.heal()
+        yield wait_until(lambda: "a" in b.connected_peers() and self.connection(a, "b"),
+                         "a and b connected again", timeout=20)
+        response = yield a.request("b", pb.Request(http=pb.HttpCall(path="/after")))
+        self.assertEqual(response.error_code, "")
+        # Room for TCP's retransmissions of the old connection, had they been kept.
+        yield task.deferLater(reactor, 3.0, lambda: None)
+        self.assertEqual(arrived, ["/after"])
 
     @defer.inlineCallbacks
     def test_connection_lost_mid_request(self):
@@ -553,9 +580,11 @@ class CounterTests(PeerNetworkTestCase):
     @defer.inlineCallbacks
     def test_timeouts_and_failures_of_requests_are_counted_apart(self):
         a, b = yield self.connected_pair(max_frame_bytes=1000)
-        b.handle("http", lambda frm, call: defer.Deferred())
+        # b holds its answers, and shows it is there (a silent peer's connection is
+        # reset when a request to it times out).
+        b.handle("http", lambda frm, call: b.send_raft("a", heartbeat(1, 1)) or defer.Deferred())
         yield self.assertFailure(
-            a.request("b", pb.Request(http=pb.HttpCall()), timeout=0.05), PeerTimeout
+            a.request("b", pb.Request(http=pb.HttpCall()), timeout=0.5), PeerTimeout
         )
         self.assertEqual((a.stats()["b"].requests_timed_out, a.stats()["b"].requests_failed),
                          (1, 0))

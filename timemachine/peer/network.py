@@ -126,6 +126,7 @@ class _Pending:
     timeout: float
     deferred: defer.Deferred
     timer: object | None = None
+    sent_at: float = 0.0
 
 
 @dataclass
@@ -136,6 +137,8 @@ class _Connection:
     closed: defer.Deferred = field(default_factory=defer.Deferred)
     handshake_timer: object | None = None
     pending: dict[int, _Pending] = field(default_factory=dict)
+    # When an envelope last arrived on it (reactor seconds).
+    last_received: float = 0.0
 
 
 @implementer(IPeerProtocolOwner)
@@ -438,7 +441,9 @@ class PeerNetwork:
             if pending is not None and pending.timer.active():
                 pending.timer.cancel()
 
-        pending = _Pending(node_id, timeout, defer.Deferred(cancel))
+        pending = _Pending(
+            node_id, timeout, defer.Deferred(cancel), sent_at=self._reactor.seconds()
+        )
         pending.timer = self._reactor.callLater(timeout, self._timed_out, state, request_id)
         state.pending[request_id] = pending
         peer.stats.requests_sent += 1
@@ -446,9 +451,27 @@ class PeerNetwork:
 
     def _timed_out(self, state: _Connection, request_id: int) -> None:
         pending = state.pending.pop(request_id, None)
-        if pending is not None:
-            self._peers[pending.node_id].stats.requests_timed_out += 1
-            pending.deferred.errback(PeerTimeout(pending.node_id, pending.timeout))
+        if pending is None:
+            return
+        self._peers[pending.node_id].stats.requests_timed_out += 1
+        pending.deferred.errback(PeerTimeout(pending.node_id, pending.timeout))
+        if state.last_received < pending.sent_at:
+            # Nothing came back since the request left: the link may be cut (a
+            # partition drops packets, it does not close connections). Its frame may
+            # sit in the kernel's send buffer, and TCP would deliver it once the link
+            # heals: an asker told the request failed would see it done much later (a
+            # delete answered 503 deleting a job created again since). An abort
+            # discards the buffer; the connection is dialled again.
+            self.log.info(
+                "resetting the connection to peer {node}: a request got no answer within "
+                "{timeout} s, and nothing else came",
+                node=pending.node_id,
+                timeout=pending.timeout,
+            )
+            state.protocol.abort(
+                f"no answer to request {request_id}, nor anything else, within "
+                f"{pending.timeout} s"
+            )
 
     def _fail_pending(self, state: _Connection, error_class, why: str) -> None:
         pendings, state.pending = state.pending, {}
@@ -575,6 +598,7 @@ class PeerNetwork:
 
     def envelope_received(self, protocol: PeerProtocol, envelope: pb.Envelope, size: int) -> None:
         state = self._connections[protocol]
+        state.last_received = self._reactor.seconds()
         node_id = protocol.node_id
         stats = self._peers[node_id].stats
         stats.frames_received += 1

@@ -158,7 +158,9 @@ class PeerProtocol(Protocol):
             self.transport.loseConnection()
 
     def abort(self, why: str) -> None:
-        """Close at once, dropping what is not yet sent."""
+        """Close at once, dropping what is not yet sent: Twisted resets the
+        connection (a zero linger time), so even what the kernel still holds to send
+        is dropped, never delivered late."""
         if self.transport is not None and not self._aborted:
             self._aborted = True
             self.closing = True
