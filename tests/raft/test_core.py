@@ -322,6 +322,75 @@ class ElectionTests(unittest.TestCase):
         self.assertEqual((resp.type, resp.term, resp.to), (MT.APPEND_RESP, term, 99))
 
 
+class RepairedLogTests(unittest.TestCase):
+    """A member whose log a repair cut (it lost entries it had acknowledged) neither
+    votes nor campaigns until it holds an entry committed in its leader's term."""
+
+    def cut_and_restart(self, net: Net, i: int, keep: int) -> RaftCore:
+        """Member ``i`` restarts from its storage cut after entry ``keep``, catching up."""
+        old = net.storages[i]
+        hs, conf = old.initial_state()
+        cut = MemoryStorage(conf)
+        cut.append(old.entries(1, keep + 1))
+        cut.set_hard_state(HardState(hs.term, hs.vote, min(hs.commit, keep)))
+        net.storages[i] = cut
+        core = net.start(i)
+        core.catching_up = True
+        return core
+
+    def test_a_cut_member_does_not_help_elect_a_leader_that_lacks_what_it_lost(self):
+        net = Net(3)
+        lead = net.elect()
+        a, b = (i for i in net.cores if i != lead)
+        kept = net.cores[lead].log.last_index()
+        # x is committed by the leader and a alone; b is cut off.
+        net.isolated = {b}
+        net.cores[lead].propose(b"x")
+        net.deliver_all()
+        self.assertIn(b"x", net.sm[lead])
+        # a loses x to a repair; the leader dies; b comes back.
+        net.crash(lead)
+        self.cut_and_restart(net, a, kept)
+        net.isolated = set()
+        net.tick(10 * net.cores[a].election_tick)
+        # b lacks x: with a's vote it would lead and x would be lost.
+        self.assertEqual(net.leaders(), [])
+        # The old leader returns: it holds x, and is elected with b's vote.
+        net.start(lead)
+        new = net.elect()
+        self.assertIn(new, (lead, b))
+        net.tick(3)
+        self.assertFalse(net.cores[a].catching_up)
+        for i in net.cores:
+            self.assertIn(b"x", net.sm[i], i)
+
+    def test_it_votes_again_once_it_holds_an_entry_of_its_leaders_term(self):
+        net = Net(3)
+        lead = net.elect()
+        a = next(i for i in net.cores if i != lead)
+        kept = net.cores[lead].log.last_index()
+        net.cores[lead].propose(b"x")
+        net.deliver_all()
+        core = self.cut_and_restart(net, a, kept)
+        net.tick(2)
+        self.assertFalse(core.catching_up)
+        self.assertIn(b"x", net.sm[a])
+        # And it can lead, when its leader goes.
+        net.crash(lead)
+        net.tick(10 * core.election_tick)
+        self.assertIsNotNone(net.leader())
+
+    def test_the_only_voter_is_never_held_back(self):
+        net = Net(1)
+        lead = net.elect()
+        kept = net.cores[lead].log.last_index()
+        net.cores[lead].propose(b"x")
+        net.deliver_all()
+        core = self.cut_and_restart(net, lead, kept)
+        self.assertEqual(net.elect(), lead)
+        self.assertFalse(core.catching_up)
+
+
 class ReplicationTests(unittest.TestCase):
     def test_replicate_and_commit(self):
         net = Net(3)

@@ -258,6 +258,14 @@ class Progress:
 
         Returns False for a stale rejection (one answering an append already superseded).
         """
+        if rejected <= self.match and match_hint < self.match:
+            # The follower's log ends before entries it acknowledged: it lost them (a
+            # repair cut its log), and is sent them again. A stale refusal looks the
+            # same, and costs only a resend of what it already holds.
+            self.match = match_hint
+            self.next = match_hint + 1
+            self.probe_sent = False
+            return True
         if self.state is ProgressState.REPLICATE:
             if rejected <= self.match:
                 return False
@@ -323,6 +331,7 @@ class RaftCore:
         max_snapshot_inflight: int = 16,
         max_clock_drift: float = 0.1,
         applied: int = 0,
+        catching_up: bool = False,
     ) -> None:
         if heartbeat_tick <= 0 or election_tick <= heartbeat_tick:
             raise ValueError("need 0 < heartbeat_tick < election_tick")
@@ -384,6 +393,12 @@ class RaftCore:
             if e.kind == EntryKind.CONF_CHANGE:
                 self.conf = changed_conf(self.conf, decode_conf_change(e.data))
         self.log.applied = applied
+
+        # A member whose log a repair cut may lack entries it acknowledged: counted in
+        # their majorities, it would vote as if it never had them. It neither votes nor
+        # campaigns until it holds an entry committed in its leader's term (every
+        # entry committed before is in its log then), unless it is the only voter.
+        self.catching_up = catching_up
 
         self.lead: NodeId | None = None
         self._role = FOLLOWER
@@ -455,7 +470,15 @@ class RaftCore:
         return len(self.conf.voters) // 2 + 1
 
     def _promotable(self) -> bool:
-        return self.id in self.conf.voters
+        return self.id in self.conf.voters and not self._withholding_votes()
+
+    def _withholding_votes(self) -> bool:
+        return self.catching_up and self.conf.voters != {self.id}
+
+    def _note_caught_up(self) -> None:
+        committed = self.log.committed
+        if committed > 0 and self.log.term_or_zero(committed) == self.term:
+            self.catching_up = False
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -727,6 +750,8 @@ class RaftCore:
         self._reset(self.term)
         self.lead = self.id
         self._role = LEADER
+        # Held back, it could campaign only as the group's one voter: nothing to wait for.
+        self.catching_up = False
         self._step_role = self._step_leader
         self._tick_role = self._tick_heartbeat
         self.prs[self.id].recent_active = True
@@ -835,7 +860,7 @@ class RaftCore:
 
     def _handle_vote_request(self, m: Message) -> None:
         resp = MT.PRE_VOTE_RESP if m.type == MT.PRE_VOTE else MT.VOTE_RESP
-        can_vote = (
+        can_vote = not self._withholding_votes() and (
             self.vote == m.frm
             or (self.vote is None and self.lead is None)
             or (m.type == MT.PRE_VOTE and m.term > self.term)
@@ -862,6 +887,8 @@ class RaftCore:
                 self._handle_heartbeat(m)
             else:
                 self._handle_snapshot(m)
+            if self.catching_up:
+                self._note_caught_up()
         elif t == MT.TIMEOUT_NOW:
             if self._promotable():
                 self._hup(transfer=True)
@@ -930,7 +957,13 @@ class RaftCore:
         )
 
     def _handle_heartbeat(self, m: Message) -> None:
-        self.log.commit_to(m.commit)
+        commit, last = m.commit, self.log.last_index()
+        if commit > last and self.catching_up:
+            # The leader counts on entries this member lost to the repair: a refusal
+            # that says where its log ends makes it send them again.
+            self._send(MT.APPEND_RESP, m.frm, index=commit, reject=True, reject_hint=last)
+            commit = last
+        self.log.commit_to(commit)
         self._send(MT.HEARTBEAT_RESP, m.frm, context=m.context)
 
     def _handle_snapshot(self, m: Message) -> None:
