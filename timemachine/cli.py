@@ -9,7 +9,8 @@ every group of the node) when it refuses to open
 (`timemachine.domain.errors.CorruptLog`): it cuts the log before its first bad record.
 Each group then restarts from what is left of its records; a group alone on this node
 whose store applied entries that were cut restarts from its store (those writes are
-in it), and a group with other replicas catches up from them.
+in it), and a group with other replicas catches up from them, its member voting
+again only once it has (``REPAIRED_MARKER``, written here).
 
 ``--shard N`` and ``--meta`` repair the per-shard logs of a data directory written by
 a one-node build, which a node migrates on start: they cut the log before its first
@@ -32,6 +33,8 @@ from twisted.internet import defer, task, threads
 
 from timemachine import devcluster
 from timemachine.domain.errors import StorageError
+from timemachine.node import REPAIRED_MARKER
+from timemachine.storage.durable import write_atomically
 from timemachine.storage.store import ClusterStore, VnodeStore
 from timemachine.storage.wal import RepairPlan, plan_repair, repair_log, survey_log
 
@@ -164,7 +167,15 @@ def _repair_raft_log(args):
         print("dry run: nothing was changed; run without --dry-run to repair")
         raise SystemExit(1)
     yield threads.deferToThread(repair_log, plan)
+    # Members may have lost entries they acknowledged: they must not vote as if they
+    # never had them (see timemachine.node.REPAIRED_MARKER).
+    marker = os.path.join(args.data_dir, REPAIRED_MARKER)
+    yield threads.deferToThread(write_atomically, marker, b"the Raft log was cut by a repair\n")
     print("repaired: the Raft log now opens")
+    print(
+        f"until they have caught up with their leaders, the node's members of groups "
+        f"with other voters do not vote ({marker} is removed then)"
+    )
 
 
 @defer.inlineCallbacks

@@ -84,6 +84,13 @@ FORWARDED_HEADER = "X-TimeMachine-Forwarded"
 #: it would otherwise bootstrap a one-node cluster again and take writes that the
 #: joined cluster's state would then replace.
 JOINING_MARKER = "joining"
+#: In the data dir after `timemachine repair --raft` cut the node's Raft log, until
+#: every member of a group with other voters holds an entry committed in its leader's
+#: term: till then they do not vote (`RaftCore.catching_up`), which a log cut below what
+#: they acknowledged would make unsafe.
+REPAIRED_MARKER = "raft-repaired"
+#: Seconds between checks whether the node's members caught up after a repair.
+REPAIR_CHECK_SECONDS = 1.0
 
 
 class Node(service.Service):
@@ -147,6 +154,8 @@ class Node(service.Service):
         # Blank after leaving its one-node cluster (or restarted so, see
         # JOINING_MARKER), until the joined cluster's meta state arrives.
         self._awaiting_cluster_state = False
+        # Checks, after a repair of the Raft log, until every member caught up.
+        self._repair_check: task.LoopingCall | None = None
         self.shard_logs: dict[int, tuple[RaftGroup, VnodeStore]] = {}
         # Shards of this node whose replica refused to open, with the reason:
         # reported unavailable while the others serve.
@@ -256,6 +265,7 @@ class Node(service.Service):
             random.Random(self.rng.random()),
             tick_seconds=self.tick_seconds,
         )
+        self.host.catching_up = os.path.exists(self._repaired_marker)
         self.network.set_raft_receiver(self._receive_raft)
         self.metrics.follow_cluster(self.host.groups, self.network.stats)
         self.cluster_store = ClusterStore(
@@ -347,6 +357,15 @@ class Node(service.Service):
         self.spreader.start()
         if self.meta_log.blank and self.join_address is not None:
             self._joining = self._ask_to_join()
+        if self.host.catching_up:
+            self.log.warn(
+                "node {node}: its Raft log was repaired; its members vote again once "
+                "they have caught up with their leaders",
+                node=self.node_id,
+            )
+            self._repair_check = task.LoopingCall(self._forget_repair_once_caught_up)
+            self._repair_check.clock = self.reactor
+            self._repair_check.start(REPAIR_CHECK_SECONDS, now=False)
         self.log.info(
             "node {node} serving {shards} shards from {data_dir}",
             node=self.node_id,
@@ -394,6 +413,20 @@ class Node(service.Service):
     @property
     def _joining_marker(self) -> str:
         return os.path.join(self.data_dir, JOINING_MARKER)
+
+    @property
+    def _repaired_marker(self) -> str:
+        return os.path.join(self.data_dir, REPAIRED_MARKER)
+
+    def _forget_repair_once_caught_up(self) -> None:
+        if not self.host.caught_up():
+            return
+        self._repair_check.stop()
+        self._repair_check = None
+        self.host.catching_up = False
+        self.log.info("node {node}: every member caught up after the repair", node=self.node_id)
+        d = self.store_io.call(unlink_if_exists, self._repaired_marker)
+        d.addErrback(lambda f: self.log.failure("removing the repair marker", f))
 
     def _joined_if_so(self) -> None:
         """Once the joined cluster's meta state is here (persisted before it applies),
@@ -739,6 +772,9 @@ class Node(service.Service):
             if self.mover is not None:
                 self.mover.stop()
                 self.spreader.stop()
+            if self._repair_check is not None:
+                self._repair_check.stop()
+                self._repair_check = None
             if self.executor is not None:
                 yield self.executor.stop()
             yield self._hand_over_leadership()

@@ -98,11 +98,12 @@ class _Member:
         self.group = None
 
     @defer.inlineCallbacks
-    def start(self):
+    def start(self, catching_up=False):
         self.io = IOThread(reactor, f"raft-{self.node_id}")
         self.io.start()
         self.host = RaftHost(reactor, self.node_id, self.link.sender(self.node_id),
                              random.Random(self.node_id), **self.host_options)
+        self.host.catching_up = catching_up
         self.link.hosts[self.node_id] = self.host
         self.engine = RaftEngine(os.path.join(self.directory, "raft"), reactor, self.io,
                                  keep_entries=self.keep_entries)
@@ -405,6 +406,27 @@ class ThreeMemberTests(RaftGroupTestCase):
 
 
 COMPACTING = dict(compact_every=40, keep_entries=5)
+
+
+class RepairedLogTests(RaftGroupTestCase):
+    @defer.inlineCallbacks
+    def test_a_member_started_after_a_repair_votes_once_it_caught_up(self):
+        _, members = yield self.start_all()
+        leader = self.leader(members)
+        away = next(m for m in members if m is not leader)
+        yield away.stop()
+        yield away.start(catching_up=True)
+        self.assertTrue(away.group.core.catching_up)
+        self.assertFalse(away.host.caught_up())
+        yield self.write(leader, 3)
+        yield _until(away.host.caught_up)
+
+    @defer.inlineCallbacks
+    def test_a_lone_member_started_after_a_repair_leads_at_once(self):
+        _, [member] = self.members(1)
+        yield member.start(catching_up=True)
+        yield _until(member.group.is_leader)
+        self.assertTrue(member.host.caught_up())
 
 
 class ShardMapTests(RaftGroupTestCase):

@@ -11,7 +11,7 @@ import signal
 import subprocess
 
 from treq.client import HTTPClient
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -24,6 +24,7 @@ from tests.support import (
     tree_bytes,
 )
 from timemachine.cluster.ring import Ring
+from timemachine.node import REPAIRED_MARKER
 
 
 class RepairTests(unittest.TestCase):
@@ -95,8 +96,10 @@ class RepairTests(unittest.TestCase):
         self.assertIn("--raft --dry-run", log)
         self.assertEqual(tree_bytes(wal), before)
 
+        marker = os.path.join(self.data_dir, REPAIRED_MARKER)
         dry = self.repair("--raft", "--dry-run")
         self.assertEqual(dry.returncode, 1, dry.stderr)
+        self.assertFalse(os.path.exists(marker))
         self.assertIn(f"damage: {segment} at byte ", dry.stdout)
         self.assertIn("a cut there would lose", dry.stdout)
         self.assertIn("dry run: nothing was changed", dry.stdout)
@@ -106,6 +109,8 @@ class RepairTests(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("repaired", done.stdout)
         self.assertNotEqual(tree_bytes(wal), before)
+        # Until they caught up, the node's members withhold their votes.
+        self.assertTrue(os.path.exists(marker))
         again = self.repair("--raft", "--dry-run")
         self.assertEqual(again.returncode, 0, again.stdout)
         self.assertIn("nothing to repair", again.stdout)
@@ -123,5 +128,10 @@ class RepairTests(unittest.TestCase):
         self.assertEqual(code, 200, answer)
         code, answer = yield self.call("GET", "/cluster/shards")
         self.assertEqual({s["status"] for s in answer["shards"]}, {"serving"})
+        # Each group's only voter: nothing to catch up with, the marker goes.
+        deadline = reactor.seconds() + 30
+        while os.path.exists(marker) and reactor.seconds() < deadline:
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(os.path.exists(marker))
         self.stop_node()
         self.assertIn("the group restarts from the store", self.node.log_tail())

@@ -214,6 +214,9 @@ class RaftHost:
         self.heartbeat_ticks = heartbeat_ticks
         self.proposal_timeout = proposal_timeout
         self._send = send
+        #: Whether a repair cut this node's Raft log: members started meanwhile
+        #: withhold their votes until they have caught up (`RaftCore.catching_up`).
+        self.catching_up = False
         self._groups: dict[int, RaftGroup] = {}
         self._ticker: task.LoopingCall | None = None
         # Members with work for the end of this reactor turn, in the order they asked,
@@ -239,6 +242,12 @@ class RaftHost:
     def groups(self) -> dict[int, RaftGroup]:
         """The groups hosted, by group number."""
         return dict(self._groups)
+
+    def caught_up(self) -> bool:
+        """Whether no hosted member withholds its votes after a repair any more."""
+        return not any(
+            g.core is not None and g.core.catching_up for g in self._groups.values()
+        )
 
     def add(self, group: RaftGroup) -> None:
         if group.group in self._groups:
@@ -499,6 +508,7 @@ class RaftGroup:
             election_tick=host.election_ticks,
             heartbeat_tick=host.heartbeat_ticks,
             applied=applied,
+            catching_up=host.catching_up,
         )
         sending.serving = True
 
