@@ -17,13 +17,21 @@ import os
 import random
 import re
 import signal
+import subprocess
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectError, ConnectionRefusedError
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from tests.support import ClusterTestCase, Partition, start_node_process
+from tests.support import (
+    ClusterTestCase,
+    Partition,
+    flip_byte,
+    start_node_process,
+    timemachine_command,
+)
 from timemachine.cluster.ring import shard_of
+from timemachine.node import REPAIRED_MARKER
 
 HOSTS = [f"127.0.3.{n}" for n in range(1, 10)]
 #: What a node logs when a shard's leader sent it a snapshot (the meta group's, sent to
@@ -232,6 +240,56 @@ class RestartCatchUpTests(_FaultsTestCase):
         self.assertEqual(
             sorted(s for s, e in after.items() if e["leader"] == "node3"), leading,
             "node3's shards changed leader around the firing",
+        )
+
+    @defer.inlineCallbacks
+    def test_a_node_whose_raft_log_was_repaired_gets_back_what_the_cut_lost(self):
+        yield self.nodes_configured(shards=self.shards)
+        yield self.route_nowhere("node1")
+        far = now_ms() + 3_600_000
+        ids = [f"r{n}" for n in range(80)]
+        yield self.create_all(
+            len(ids), lambda n: {"id": ids[n], "trigger_ms": far, "route": "hook"},
+            via=["node1", "node2"],
+        )
+        # Every replica acknowledged them; node3 stops and its log rots in the middle.
+        node3 = self.nodes["node3"]
+        node3.kill(signal.SIGTERM)
+        wal = os.path.join(node3.data_dir, "raft", "wal")
+        segment = os.path.join(wal, sorted(n for n in os.listdir(wal) if n.endswith(".wal"))[-1])
+        flip_byte(segment, os.path.getsize(segment) // 2)
+        repaired = subprocess.run(
+            [*timemachine_command(), "repair", "--data-dir", node3.data_dir, "--raft"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        self.assertEqual(repaired.returncode, 0, repaired.stdout + repaired.stderr)
+        marker = os.path.join(node3.data_dir, REPAIRED_MARKER)
+        self.assertTrue(os.path.exists(marker))
+        yield self.restart("node3")
+        yield self.until(
+            "node3's members caught up after the repair",
+            lambda: defer.succeed(not os.path.exists(marker)), 60,
+        )
+        for job_id in ids:
+            code, answer = yield self.call("node3", "GET", f"/job/c/{job_id}")
+            self.assertEqual(code, 200, (job_id, answer))
+        # Stores that had applied what the cut removed were set aside, not deleted, and
+        # their replicas rebuilt from the peers.
+        self.assertIn("is rebuilt from its peers", self.log_of("node3"))
+        shards_dir = os.path.join(node3.data_dir, "shards")
+        aside = [
+            shard for shard in os.listdir(shards_dir)
+            if os.path.exists(os.path.join(shards_dir, shard, "jobs.sqlite.before-repair"))
+        ]
+        self.assertTrue(aside)
+        code, answer = yield self.call("node3", "GET", "/cluster/shards")
+        self.assertEqual({entry["status"] for entry in answer["shards"]}, {"serving"}, answer)
+        # node3 votes again: with node1 gone, it and node2 elect every shard's leader.
+        self.nodes["node1"].kill()
+        yield self.led_by_the_living("node3", ("node2", "node3"))
+        yield self.create_all(
+            10, lambda n: {"id": f"after{n}", "trigger_ms": far, "route": "hook"},
+            via=["node3"],
         )
 
     @defer.inlineCallbacks

@@ -45,6 +45,7 @@ node lost leadership and cannot tell whether the entry will commit - fails with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Callable
@@ -295,6 +296,24 @@ class RaftHost:
             member.tick(count)
 
 
+#: Appended to a store's file names when it is set aside for a rebuild from peers.
+SET_ASIDE_SUFFIX = ".before-repair"
+
+
+def _unused_name(path: str) -> str:
+    """``path``, or ``path.1``, ``path.2``, ... : the first no file has."""
+    name, number = path, 0
+    while os.path.exists(name):
+        number += 1
+        name = f"{path}.{number}"
+    return name
+
+
+def _rename_if_exists(path: str, to: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, to)
+
+
 def _untouched(storage) -> bool:
     """Whether a member's storage holds nothing persisted: no term, entry or snapshot."""
     hard_state, _ = storage.initial_state()
@@ -439,19 +458,21 @@ class RaftGroup:
         Entries committed but not yet applied to the store are applied by the first
         Readys, as the core hands them out again above the store's ``applied_index``.
         """
-        storage = yield self._disk.load(self._bootstrap)
-        self._storage = storage
-        if self._bootstrap is not None and _untouched(storage):
-            # The first membership must be durable too: a restart passes none.
-            yield self._disk.persist(
-                Ready(snapshot=Snapshot(0, 0, self._bootstrap), must_sync=True)
-            )
+        storage = yield self._load()
         try:
             yield self._store.open()
             yield self._finish_install(storage.snapshot())
             applied = self._store.applied_index
             if applied > storage.last_index() and applied > storage.snapshot().index:
-                yield self._adopt_store(storage, applied)
+                if self._rebuilt_after_repair(storage):
+                    yield self._set_store_aside()
+                    yield self._disk.remove()
+                    self._bootstrap = None
+                    storage = yield self._load()
+                    yield self._store.open()
+                    applied = self._store.applied_index
+                else:
+                    yield self._adopt_store(storage, applied)
             self._start_core(applied)
         except Exception:
             yield self._store.close()
@@ -465,13 +486,51 @@ class RaftGroup:
         self.compact()
 
     @defer.inlineCallbacks
+    def _load(self):
+        """The member's persisted Raft state (a bootstrap membership made durable)."""
+        storage = yield self._disk.load(self._bootstrap)
+        self._storage = storage
+        if self._bootstrap is not None and _untouched(storage):
+            # The first membership must be durable too: a restart passes none.
+            yield self._disk.persist(
+                Ready(snapshot=Snapshot(0, 0, self._bootstrap), must_sync=True)
+            )
+        return storage
+
+    def _rebuilt_after_repair(self, storage) -> bool:
+        """Whether this member, whose store applied entries its Raft log lost to a
+        repair, is rebuilt from its peers: when the group has other members, and the
+        node's members withhold their votes after that repair (a blank member must
+        not vote: it would grant any candidate)."""
+        conf = self._conf_at(storage.last_index())
+        others = (conf.voters | conf.learners) - {self.host.node_id}
+        return bool(others) and self.host.catching_up
+
+    @defer.inlineCallbacks
+    def _set_store_aside(self):
+        """Close the store and keep its files under another name: its data is its
+        peers' too, but what was applied is never deleted to make a start succeed."""
+        yield self._store.close()
+        aside = yield self._io.call(_unused_name, f"{self._store.path}{SET_ASIDE_SUFFIX}")
+        for suffix in ("", "-wal", "-shm"):
+            yield self._io.call(_rename_if_exists, self._store.path + suffix, aside + suffix)
+        yield self._io.call(fsync_path, os.path.dirname(os.path.abspath(self._store.path)))
+        self.log.warn(
+            "{name}: its store applied entries the repaired Raft log no longer holds; "
+            "it is set aside as {aside}, and the replica is rebuilt from its peers",
+            name=self.name,
+            aside=aside,
+        )
+
+    @defer.inlineCallbacks
     def _adopt_store(self, storage, applied: int):
         """The store applied entries the Raft log no longer holds (a repair cut them).
 
         They were committed - the store applies nothing else - so a member alone in
         its group restarts from the store, as from a snapshot at its applied index.
-        A member with other replicas refuses: its peers hold the entries, and it is
-        rebuilt from them.
+        A member with other replicas refuses (unless the node is catching up after the
+        repair: then it is rebuilt, `_rebuilt_after_repair`): its peers hold the
+        entries, and it is rebuilt from them.
         """
         hard_state, _ = storage.initial_state()
         conf = self._conf_at(storage.last_index())
