@@ -557,13 +557,14 @@ class Partition:
             )
             self._made = True
 
-    def cut(self, side_a, side_b) -> None:
-        """Drop all traffic between each address of ``side_a`` and each of ``side_b``."""
+    def cut(self, side_a, side_b, one_way: bool = False) -> None:
+        """Drop all traffic between each address of ``side_a`` and each of ``side_b``
+        (with ``one_way``, only what ``side_a`` sends to ``side_b``)."""
         self._ensure_table()
         rules = []
         for a in ([side_a] if isinstance(side_a, str) else side_a):
             for b in ([side_b] if isinstance(side_b, str) else side_b):
-                for src, dst in ((a, b), (b, a)):
+                for src, dst in ((a, b),) if one_way else ((a, b), (b, a)):
                     rules.append(
                         f"add rule ip {self.table} output ip saddr {src} ip daddr {dst} drop"
                     )

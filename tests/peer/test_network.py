@@ -520,6 +520,34 @@ class RequestTests(PeerNetworkTestCase):
         self.assertEqual(arrived, ["/after"])
 
     @defer.inlineCallbacks
+    def test_a_request_lost_on_a_link_cut_one_way_is_never_delivered_after_it(self):
+        a, b = yield self.connected_pair()
+        arrived = []
+        b.handle("http", lambda frm, call: arrived.append(call.path) or pb.HttpAnswer())
+        # b goes on talking to a, whose frames to b are dropped.
+        talking = task.LoopingCall(b.send_raft, "a", heartbeat(1, 1))
+        talking.start(0.05)
+        self.addCleanup(lambda: talking.running and talking.stop())
+        partition = Partition()
+        self.addCleanup(partition.remove)
+        partition.cut(self.hosts["a"], self.hosts["b"], one_way=True)
+        before = self.connection(a, "b")
+        received = a.stats()["b"].frames_received
+        cut_off = a.request("b", pb.Request(http=pb.HttpCall(path="/cut")), timeout=0.5)
+        yield self.assertFailure(cut_off, PeerTimeout)
+        self.assertGreater(a.stats()["b"].frames_received, received, "b kept talking")
+        # What a sent is not acknowledged: the connection is reset all the same.
+        yield wait_until(lambda: self.connection(a, "b") is not before, "the connection reset")
+        partition.heal()
+        yield wait_until(lambda: self.connection(a, "b") is not None, "a and b connected again",
+                         timeout=20)
+        response = yield a.request("b", pb.Request(http=pb.HttpCall(path="/after")))
+        self.assertEqual(response.error_code, "")
+        # Room for TCP's retransmissions of the old connection, had they been kept.
+        yield task.deferLater(reactor, 3.0, lambda: None)
+        self.assertEqual(arrived, ["/after"])
+
+    @defer.inlineCallbacks
     def test_connection_lost_mid_request(self):
         a, b = yield self.connected_pair()
         b.handle("http", lambda frm, call: defer.Deferred())

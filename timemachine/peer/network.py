@@ -24,9 +24,12 @@ lost, is dialled again after a delay drawn from ``[0, min(backoff_max, backoff_i
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import itertools
 import random
+import struct
+import termios
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -98,6 +101,17 @@ class PeerStats:
     requests_timed_out: int = 0
     requests_failed: int = 0
     reconnects: int = 0
+
+
+def _unacknowledged_bytes(protocol: PeerProtocol) -> int:
+    """Bytes written to ``protocol``'s socket that the peer's TCP has not acknowledged
+    yet (Linux's SIOCOUTQ), 0 when that cannot be told."""
+    try:
+        handle = protocol.transport.getHandle()
+        queued = fcntl.ioctl(handle.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (AttributeError, OSError, ValueError):
+        return 0
+    return struct.unpack("i", queued)[0]
 
 
 @dataclass
@@ -455,18 +469,22 @@ class PeerNetwork:
             return
         self._peers[pending.node_id].stats.requests_timed_out += 1
         pending.deferred.errback(PeerTimeout(pending.node_id, pending.timeout))
-        if state.last_received < pending.sent_at:
-            # Nothing came back since the request left: the link may be cut (a
-            # partition drops packets, it does not close connections). Its frame may
-            # sit in the kernel's send buffer, and TCP would deliver it once the link
-            # heals: an asker told the request failed would see it done much later (a
-            # delete answered 503 deleting a job created again since). An abort
-            # discards the buffer; the connection is dialled again.
+        silent = state.last_received < pending.sent_at
+        if silent or _unacknowledged_bytes(state.protocol):
+            # The link may be cut (a partition drops packets, it does not close
+            # connections), in one direction or both: nothing came back since the
+            # request left, or the peer's TCP has not acknowledged all that was sent.
+            # The request's frame may sit in the kernel's send buffer, and TCP would
+            # deliver it once the link heals: an asker told the request failed would
+            # see it done much later (a delete answered 503 deleting a job created
+            # again since). An abort discards the buffer; the connection is dialled
+            # again.
             self.log.info(
                 "resetting the connection to peer {node}: a request got no answer within "
-                "{timeout} s, and nothing else came",
+                "{timeout} s, and {why}",
                 node=pending.node_id,
                 timeout=pending.timeout,
+                why="nothing else came" if silent else "the peer has not received all sent",
             )
             state.protocol.abort(
                 f"no answer to request {request_id}, nor anything else, within "
