@@ -497,18 +497,22 @@ class RequestTests(PeerNetworkTestCase):
         self.assertEqual(response.pong.node_id, "b")
 
     @defer.inlineCallbacks
-    def test_a_request_lost_in_a_partition_is_never_delivered_after_it(self):
-        a, b = yield self.connected_pair()
+    def request_across_a_cut(self, a, b, one_way=False):
+        """a's request to b times out across an nft cut (``one_way``: only what a sends
+        to b is dropped); the connection is reset, the link heals, and b, asked again,
+        must never get the request sent across the cut. Fires with what b got, and the
+        frames a had received from b when the request timed out."""
         arrived = []
         b.handle("http", lambda frm, call: arrived.append(call.path) or pb.HttpAnswer())
         partition = Partition()
         self.addCleanup(partition.remove)
-        partition.cut(self.hosts["a"], self.hosts["b"])
+        partition.cut(self.hosts["a"], self.hosts["b"], one_way=one_way)
         before = self.connection(a, "b")
         cut_off = a.request("b", pb.Request(http=pb.HttpCall(path="/cut")), timeout=0.5)
         yield self.assertFailure(cut_off, PeerTimeout)
-        # Nothing came from b meanwhile: the connection is reset, its unsent bytes
-        # dropped, so TCP does not deliver the request once the link heals.
+        received = a.stats()["b"].frames_received
+        # The connection is reset, its unsent bytes dropped, so TCP does not deliver
+        # the request once the link heals.
         yield wait_until(lambda: self.connection(a, "b") is not before, "the connection reset")
         partition.heal()
         yield wait_until(lambda: "a" in b.connected_peers() and self.connection(a, "b"),
@@ -517,34 +521,26 @@ class RequestTests(PeerNetworkTestCase):
         self.assertEqual(response.error_code, "")
         # Room for TCP's retransmissions of the old connection, had they been kept.
         yield task.deferLater(reactor, 3.0, lambda: None)
+        return arrived, received
+
+    @defer.inlineCallbacks
+    def test_a_request_lost_in_a_partition_is_never_delivered_after_it(self):
+        a, b = yield self.connected_pair()
+        # Nothing comes from b meanwhile.
+        arrived, _ = yield self.request_across_a_cut(a, b)
         self.assertEqual(arrived, ["/after"])
 
     @defer.inlineCallbacks
     def test_a_request_lost_on_a_link_cut_one_way_is_never_delivered_after_it(self):
         a, b = yield self.connected_pair()
-        arrived = []
-        b.handle("http", lambda frm, call: arrived.append(call.path) or pb.HttpAnswer())
-        # b goes on talking to a, whose frames to b are dropped.
+        # b goes on talking to a, whose frames to b are dropped: what a sent is not
+        # acknowledged, and the connection is reset all the same.
         talking = task.LoopingCall(b.send_raft, "a", heartbeat(1, 1))
         talking.start(0.05)
         self.addCleanup(lambda: talking.running and talking.stop())
-        partition = Partition()
-        self.addCleanup(partition.remove)
-        partition.cut(self.hosts["a"], self.hosts["b"], one_way=True)
-        before = self.connection(a, "b")
-        received = a.stats()["b"].frames_received
-        cut_off = a.request("b", pb.Request(http=pb.HttpCall(path="/cut")), timeout=0.5)
-        yield self.assertFailure(cut_off, PeerTimeout)
-        self.assertGreater(a.stats()["b"].frames_received, received, "b kept talking")
-        # What a sent is not acknowledged: the connection is reset all the same.
-        yield wait_until(lambda: self.connection(a, "b") is not before, "the connection reset")
-        partition.heal()
-        yield wait_until(lambda: self.connection(a, "b") is not None, "a and b connected again",
-                         timeout=20)
-        response = yield a.request("b", pb.Request(http=pb.HttpCall(path="/after")))
-        self.assertEqual(response.error_code, "")
-        # Room for TCP's retransmissions of the old connection, had they been kept.
-        yield task.deferLater(reactor, 3.0, lambda: None)
+        before = a.stats()["b"].frames_received
+        arrived, at_timeout = yield self.request_across_a_cut(a, b, one_way=True)
+        self.assertGreater(at_timeout, before, "b kept talking")
         self.assertEqual(arrived, ["/after"])
 
     @defer.inlineCallbacks

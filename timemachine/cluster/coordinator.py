@@ -28,7 +28,6 @@ from timemachine.domain.errors import (
 )
 from timemachine.domain.jobs import Job, JobSpec
 from timemachine.domain.routes import Route
-from timemachine.peer.errors import PeerTimeout, PeerUnavailable
 from timemachine.peer.raftcodec import group_of_shard
 from timemachine.peer.requests import error_of
 
@@ -327,16 +326,14 @@ class Coordinator:
         failures = []
         for node_id in self.nodes_to_ask(self.ring, shard):
             try:
+                # Not connected or no answer in time are Unavailable too: the next.
                 response = yield self._network.request(node_id, request, timeout=LIST_TIMEOUT)
-            except (PeerUnavailable, PeerTimeout) as e:
-                failures.append(f"{node_id}: {e.__class__.__name__}")
+                error = error_of(response)
+                if error is not None:
+                    raise error
+            except Unavailable as e:
+                failures.append(f"{node_id}: {e.message}")
                 continue
-            error = error_of(response)
-            if isinstance(error, Unavailable):
-                failures.append(f"{node_id}: {error.message}")
-                continue
-            if error is not None:
-                raise error
             page = response.page
             return [job_from_pb(job) for job in page.jobs], page.next_cursor or None
         raise Unavailable(f"no node listed shard {shard} ({'; '.join(failures)}); retry")
@@ -361,11 +358,12 @@ class Coordinator:
         answer = pb.JobPage()
         used = 0
         for job in jobs:
-            if answer.jobs and used + len(job.meta) > LISTED_PAGE_BYTES:
+            listed = job_to_pb(job)
+            used += listed.ByteSize()
+            if answer.jobs and used > LISTED_PAGE_BYTES:
                 next_cursor = answer.jobs[-1].id
                 break
-            answer.jobs.append(job_to_pb(job))
-            used += len(job.meta) + len(job.id) + len(job.collection)
+            answer.jobs.append(listed)
         answer.next_cursor = next_cursor or ""
         return answer
 

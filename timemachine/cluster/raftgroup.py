@@ -300,18 +300,19 @@ class RaftHost:
 SET_ASIDE_SUFFIX = ".before-repair"
 
 
-def _unused_name(path: str) -> str:
-    """``path``, or ``path.1``, ``path.2``, ... : the first no file has."""
-    name, number = path, 0
-    while os.path.exists(name):
+def _set_aside(path: str) -> str:
+    """Rename the SQLite file at ``path`` (and its -wal, -shm) to the first free name
+    of ``path`` + `SET_ASIDE_SUFFIX` (then ``.1``, ``.2``, ...), durably; that name.
+    Blocks."""
+    aside, number = path + SET_ASIDE_SUFFIX, 0
+    while os.path.exists(aside):
         number += 1
-        name = f"{path}.{number}"
-    return name
-
-
-def _rename_if_exists(path: str, to: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.replace(path, to)
+        aside = f"{path}{SET_ASIDE_SUFFIX}.{number}"
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path + suffix, aside + suffix)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+    return aside
 
 
 def _untouched(storage) -> bool:
@@ -464,15 +465,8 @@ class RaftGroup:
             yield self._finish_install(storage.snapshot())
             applied = self._store.applied_index
             if applied > storage.last_index() and applied > storage.snapshot().index:
-                if self._rebuilt_after_repair(storage):
-                    yield self._set_store_aside()
-                    yield self._disk.remove()
-                    self._bootstrap = None
-                    storage = yield self._load()
-                    yield self._store.open()
-                    applied = self._store.applied_index
-                else:
-                    yield self._adopt_store(storage, applied)
+                storage = yield self._catch_up_with_store(storage, applied)
+                applied = self._store.applied_index
             self._start_core(applied)
         except Exception:
             yield self._store.close()
@@ -497,50 +491,49 @@ class RaftGroup:
             )
         return storage
 
-    def _rebuilt_after_repair(self, storage) -> bool:
-        """Whether this member, whose store applied entries its Raft log lost to a
-        repair, is rebuilt from its peers: when the group has other members, and the
-        node's members withhold their votes after that repair (a blank member must
-        not vote: it would grant any candidate)."""
-        conf = self._conf_at(storage.last_index())
-        others = (conf.voters | conf.learners) - {self.host.node_id}
-        return bool(others) and self.host.catching_up
-
     @defer.inlineCallbacks
-    def _set_store_aside(self):
-        """Close the store and keep its files under another name: its data is its
-        peers' too, but what was applied is never deleted to make a start succeed."""
-        yield self._store.close()
-        aside = yield self._io.call(_unused_name, f"{self._store.path}{SET_ASIDE_SUFFIX}")
-        for suffix in ("", "-wal", "-shm"):
-            yield self._io.call(_rename_if_exists, self._store.path + suffix, aside + suffix)
-        yield self._io.call(fsync_path, os.path.dirname(os.path.abspath(self._store.path)))
-        self.log.warn(
-            "{name}: its store applied entries the repaired Raft log no longer holds; "
-            "it is set aside as {aside}, and the replica is rebuilt from its peers",
-            name=self.name,
-            aside=aside,
-        )
-
-    @defer.inlineCallbacks
-    def _adopt_store(self, storage, applied: int):
-        """The store applied entries the Raft log no longer holds (a repair cut them).
+    def _catch_up_with_store(self, storage, applied: int):
+        """The store applied entries the Raft log no longer holds (a repair cut them);
+        fire with the storage to start from.
 
         They were committed - the store applies nothing else - so a member alone in
         its group restarts from the store, as from a snapshot at its applied index.
-        A member with other replicas refuses (unless the node is catching up after the
-        repair: then it is rebuilt, `_rebuilt_after_repair`): its peers hold the
-        entries, and it is rebuilt from them.
+        A member with other replicas has peers that hold the entries: while the node
+        catches up after the repair (its members withhold their votes: a blank member
+        would grant any candidate), it is rebuilt from them; otherwise it refuses.
         """
-        hard_state, _ = storage.initial_state()
         conf = self._conf_at(storage.last_index())
-        if conf.voters != {self.host.node_id} or conf.learners:
+        if conf.voters == {self.host.node_id} and not conf.learners:
+            yield self._adopt_store(storage, applied, conf)
+            return storage
+        if not self.host.catching_up:
             raise CorruptLog(
                 f"{self.name}: its store {self._store.path} has applied index {applied}, "
                 f"beyond the Raft log's last entry {storage.last_index()}; rebuild this "
                 "replica from its peers",
                 path=self._store.path,
             )
+        # What was applied is never deleted to make a start succeed: the store is kept
+        # under another name, though its peers hold it too.
+        yield self._store.close()
+        aside = yield self._io.call(_set_aside, self._store.path)
+        self.log.warn(
+            "{name}: its store applied entries the repaired Raft log no longer holds; "
+            "it is set aside as {aside}, and the replica is rebuilt from its peers",
+            name=self.name,
+            aside=aside,
+        )
+        yield self._disk.remove()
+        self._bootstrap = None
+        storage = yield self._load()
+        yield self._store.open()
+        return storage
+
+    @defer.inlineCallbacks
+    def _adopt_store(self, storage, applied: int, conf: ConfState):
+        """Restart the group alone in it from its store, as from a snapshot at the
+        store's applied index."""
+        hard_state, _ = storage.initial_state()
         self.log.warn(
             "{name}: its store has applied entries up to {applied} that the Raft log no "
             "longer holds (it ends at {last}): the group restarts from the store",

@@ -469,27 +469,23 @@ class PeerNetwork:
             return
         self._peers[pending.node_id].stats.requests_timed_out += 1
         pending.deferred.errback(PeerTimeout(pending.node_id, pending.timeout))
-        silent = state.last_received < pending.sent_at
-        if silent or _unacknowledged_bytes(state.protocol):
-            # The link may be cut (a partition drops packets, it does not close
-            # connections), in one direction or both: nothing came back since the
-            # request left, or the peer's TCP has not acknowledged all that was sent.
-            # The request's frame may sit in the kernel's send buffer, and TCP would
-            # deliver it once the link heals: an asker told the request failed would
-            # see it done much later (a delete answered 503 deleting a job created
-            # again since). An abort discards the buffer; the connection is dialled
-            # again.
-            self.log.info(
-                "resetting the connection to peer {node}: a request got no answer within "
-                "{timeout} s, and {why}",
-                node=pending.node_id,
-                timeout=pending.timeout,
-                why="nothing else came" if silent else "the peer has not received all sent",
-            )
-            state.protocol.abort(
-                f"no answer to request {request_id}, nor anything else, within "
-                f"{pending.timeout} s"
-            )
+        if state.last_received < pending.sent_at:
+            why = "nothing else came from the peer"
+        elif _unacknowledged_bytes(state.protocol):
+            why = "the peer has not acknowledged all that was sent to it"
+        else:
+            return
+        # The link may be cut (a partition drops packets, it does not close
+        # connections), in one direction or both. The request's frame may sit in the
+        # kernel's send buffer, and TCP would deliver it once the link heals: an asker
+        # told the request failed would see it done much later (a delete answered 503
+        # deleting a job created again since). An abort discards the buffer; the
+        # connection is dialled again.
+        why = f"no answer to request {request_id} within {pending.timeout:g} s, and {why}"
+        self.log.info(
+            "resetting the connection to peer {node}: {why}", node=pending.node_id, why=why
+        )
+        state.protocol.abort(why)
 
     def _fail_pending(self, state: _Connection, error_class, why: str) -> None:
         pendings, state.pending = state.pending, {}
