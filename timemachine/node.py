@@ -30,7 +30,13 @@ from timemachine.cluster.membership import Membership
 from timemachine.cluster.migrate import migrate_single_node_layout
 from timemachine.cluster.mover import LeaderSpreader, ReplicaMover
 from timemachine.cluster.placement import removal_problem
-from timemachine.cluster.raftgroup import TICK_SECONDS, EngineDisk, RaftGroup, RaftHost
+from timemachine.cluster.raftgroup import (
+    SET_ASIDE_DIR,
+    TICK_SECONDS,
+    EngineDisk,
+    RaftGroup,
+    RaftHost,
+)
 from timemachine.cluster.retention import (
     DEFAULT_RETAIN_FAILED_MS,
     DEFAULT_RETAIN_FIRED_MS,
@@ -286,6 +292,7 @@ class Node(service.Service):
             self.cluster_store,
             self.store_io,
             bootstrap=ConfState(frozenset({self.node_id})) if bootstrapping else None,
+            set_aside_dir=os.path.join(self.data_dir, SET_ASIDE_DIR, "meta"),
             **self.group_options,
         )
         yield self.meta_log.open()

@@ -30,6 +30,7 @@ from tests.support import (
     start_node_process,
     timemachine_command,
 )
+from timemachine.cluster.raftgroup import SET_ASIDE_DIR, SET_ASIDE_SUFFIX
 from timemachine.cluster.ring import shard_of
 from timemachine.node import REPAIRED_MARKER
 
@@ -276,12 +277,14 @@ class RestartCatchUpTests(_FaultsTestCase):
         # Stores that had applied what the cut removed were set aside, not deleted, and
         # their replicas rebuilt from the peers.
         self.assertIn("is rebuilt from its peers", self.log_of("node3"))
-        shards_dir = os.path.join(node3.data_dir, "shards")
-        aside = [
-            shard for shard in os.listdir(shards_dir)
-            if os.path.exists(os.path.join(shards_dir, shard, "jobs.sqlite.before-repair"))
-        ]
+        set_aside = os.path.join(node3.data_dir, SET_ASIDE_DIR)
+        aside = sorted(
+            os.path.join(set_aside, group, "jobs.sqlite" + SET_ASIDE_SUFFIX)
+            for group in os.listdir(set_aside) if group.startswith("shard-")
+        )
         self.assertTrue(aside)
+        for path in aside:
+            self.assertTrue(os.path.exists(path), path)
         code, answer = yield self.call("node3", "GET", "/cluster/shards")
         self.assertEqual({entry["status"] for entry in answer["shards"]}, {"serving"}, answer)
         # node3 votes again: with node1 gone, it and node2 elect every shard's leader.
@@ -291,6 +294,20 @@ class RestartCatchUpTests(_FaultsTestCase):
             10, lambda n: {"id": f"after{n}", "trigger_ms": far, "route": "hook"},
             via=["node3"],
         )
+        # A store set aside stays when its replica moves off the node: one replica of
+        # each shard goes, some of them node3's.
+        yield self.restart("node1")
+        code, answer = yield self.call(
+            "node1", "POST", "/cluster/configure", {"shards": self.shards, "replicas": 2}
+        )
+        self.assertEqual(code, 200, answer)
+        shards_dir = os.path.join(node3.data_dir, "shards")
+        yield self.until(
+            "node3's replica of some shard moved off",
+            lambda: defer.succeed(len(os.listdir(shards_dir)) < self.shards), 90,
+        )
+        for path in aside:
+            self.assertTrue(os.path.exists(path), path)
 
     @defer.inlineCallbacks
     def test_a_restarted_node_catches_up_from_the_log(self):

@@ -298,19 +298,25 @@ class RaftHost:
 
 #: Appended to a store's file names when it is set aside for a rebuild from peers.
 SET_ASIDE_SUFFIX = ".before-repair"
+#: The directory of a node's data dir where stores set aside are kept, one
+#: subdirectory per group (``shard-N``, ``meta``); nothing on the node deletes it.
+SET_ASIDE_DIR = "set-aside"
 
 
-def _set_aside(path: str) -> str:
-    """Rename the SQLite file at ``path`` (and its -wal, -shm) to the first free name
-    of ``path`` + `SET_ASIDE_SUFFIX` (then ``.1``, ``.2``, ...), durably; that name.
-    Blocks."""
-    aside, number = path + SET_ASIDE_SUFFIX, 0
+def _set_aside(path: str, directory: str) -> str:
+    """Move the SQLite file at ``path`` (and its -wal, -shm) into ``directory``, as
+    the first free name of its own name + `SET_ASIDE_SUFFIX` (then ``.1``, ``.2``,
+    ...), durably; that path. Blocks."""
+    os.makedirs(directory, exist_ok=True)
+    aside = os.path.join(directory, os.path.basename(path) + SET_ASIDE_SUFFIX)
+    number, first = 0, aside
     while os.path.exists(aside):
         number += 1
-        aside = f"{path}{SET_ASIDE_SUFFIX}.{number}"
+        aside = f"{first}.{number}"
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.replace(path + suffix, aside + suffix)
+    fsync_path(os.path.abspath(directory))
     fsync_path(os.path.dirname(os.path.abspath(path)))
     return aside
 
@@ -364,7 +370,8 @@ class RaftGroup:
     show what they made durable to that storage, ``close()``); ``store`` is the state
     machine (a shard's `JobStore` or the meta group's `ClusterStore`); ``io`` an
     `IOThread` for the snapshot files. ``bootstrap`` is the membership of a group that
-    has never persisted anything (None: wait to be sent a snapshot).
+    has never persisted anything (None: wait to be sent a snapshot). ``set_aside_dir``
+    is where a store ahead of a repaired Raft log is kept (default: beside it).
 
     Snapshots are what the store's ``snapshot(path)`` writes: a shard store copies its
     SQLite file, the meta group's store writes its state as protobuf. A member
@@ -395,6 +402,7 @@ class RaftGroup:
         bootstrap: ConfState | None = None,
         compact_every: int = COMPACT_EVERY_ENTRIES,
         incarnation: int = 0,
+        set_aside_dir: str | None = None,
     ):
         self.host = host
         self.group = group
@@ -406,6 +414,9 @@ class RaftGroup:
         self._io = io
         self._bootstrap = bootstrap
         self._compact_every = compact_every
+        # Where a store ahead of a repaired log is kept: out of the shard's directory,
+        # which goes when the replica moves off the node.
+        self._set_aside_dir = set_aside_dir or os.path.dirname(os.path.abspath(store.path))
         self._applied_since_compaction = 0
         self._compacting: defer.Deferred | None = None
         #: Bytes of the store's files on disk, as of the last compaction (a gauge).
@@ -516,7 +527,7 @@ class RaftGroup:
         # What was applied is never deleted to make a start succeed: the store is kept
         # under another name, though its peers hold it too.
         yield self._store.close()
-        aside = yield self._io.call(_set_aside, self._store.path)
+        aside = yield self._io.call(_set_aside, self._store.path, self._set_aside_dir)
         self.log.warn(
             "{name}: its store applied entries the repaired Raft log no longer holds; "
             "it is set aside as {aside}, and the replica is rebuilt from its peers",

@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from timemachine.cluster.placement import target_placement
-from timemachine.cluster.raftgroup import EngineDisk, RaftGroup
+from timemachine.cluster.raftgroup import SET_ASIDE_DIR, EngineDisk, RaftGroup
 from timemachine.cluster.ring import Ring
 from timemachine.domain.commands import Configure
 from timemachine.domain.errors import (
@@ -159,6 +159,7 @@ class Shards:
             self._store_io,
             bootstrap=bootstrap,
             incarnation=incarnation,
+            set_aside_dir=os.path.join(self._data_dir, SET_ASIDE_DIR, f"shard-{shard}"),
             **self._group_options,
         )
         group.on_leadership(lambda leading: self._leadership(shard, group, leading))
