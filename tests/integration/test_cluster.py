@@ -227,6 +227,28 @@ class ReplicatedClusterTests(ClusterTestCase):
             )
 
     @defer.inlineCallbacks
+    def test_a_follower_cut_off_from_the_meta_leader_does_not_show_old_members(self):
+        yield self.joined(3)
+        answer = yield self.servers("node1")
+        leader = next(s["ID"] for s in answer["servers"] if s["Address"] == answer["leader"])
+        follower = next(n for n in sorted(self.nodes) if n != leader)
+        # The follower hears nothing from the leader; what it sends still arrives.
+        partition = Partition()
+        self.addCleanup(partition.remove)
+        partition.cut(self.nodes[leader].host, self.nodes[follower].host, one_way=True)
+        yield self.join(4, via=leader)
+        # Its meta state lacks node4: it must not answer with it as the cluster.
+        code, answer = yield self.call(follower, "GET", "/cluster/servers")
+        self.assertEqual((code, answer.get("code")), (503, "E_UNAVAILABLE"), answer)
+        partition.heal()
+        yield self.until(
+            f"node4 among the servers {follower} shows",
+            lambda: self.servers(follower).addCallback(
+                lambda a: a is not None and "node4" in [s["ID"] for s in a["servers"]]
+            ),
+        )
+
+    @defer.inlineCallbacks
     def test_jobs_fire_on_time_and_a_killed_node_loses_none(self):
         receiver = yield self.configured_with_receiver("node2")
         due = int(reactor.seconds() * 1000) + 5000

@@ -133,7 +133,7 @@ class Coordinator:
         if all(self.cluster_store.route(spec.route) is not None for spec in specs):
             return
         with contextlib.suppress(Unavailable):
-            yield self._meta_read_barrier()
+            yield self.meta_read_barrier()
 
     def _require_config(self):
         if self.ring is None:
@@ -371,7 +371,7 @@ class Coordinator:
 
     @defer.inlineCallbacks
     def get_route(self, route_id: str):
-        yield self._meta_read_barrier()
+        yield self.meta_read_barrier()
         route = self.cluster_store.route(route_id)
         if route is None:
             raise NotFound(f"route {route_id!r} not found")
@@ -379,12 +379,14 @@ class Coordinator:
 
     @defer.inlineCallbacks
     def routes(self):
-        yield self._meta_read_barrier()
+        yield self.meta_read_barrier()
         return list(self.cluster_store.routes())
 
-    def _meta_read_barrier(self):
-        """Linearizable route reads, as job reads: a follower may not have applied the
-        last meta commits yet. A node in no cluster yet reads what it has."""
+    def meta_read_barrier(self):
+        """Fire once this node's meta state holds every meta write acknowledged before
+        the call (linearizable route and member reads, as job reads): a follower may
+        not have applied the last meta commits yet. A node in no cluster yet reads what
+        it has."""
         if self.meta_log.blank:
             return defer.succeed(None)
         return self.meta_log.read_barrier()

@@ -309,9 +309,11 @@ class TimeMachineAPI:
         )
 
     @app.route("/cluster/servers", methods=["GET"])
-    def cluster_servers(self, request):
+    async def cluster_servers(self, request):
         """The members of the cluster: their peer (``Address``) and HTTP addresses, and
-        whether each votes in the meta group."""
+        whether each votes in the meta group; every change acknowledged before the call
+        is in the answer (503 while no meta leader confirms it)."""
+        await self._coordinator.meta_read_barrier()
         conf = self._node.meta_log.conf
         servers = [
             {
