@@ -23,6 +23,7 @@ Typical use in a trial test::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -492,6 +493,36 @@ def fill_disk_under(path: str) -> None:
     full = os.open("/dev/full", os.O_WRONLY)
     os.dup2(full, descriptors[0])
     os.close(full)
+
+
+def small_disk_at(testcase, directory: str, megabytes: int) -> None:
+    """Mount a filesystem of ``megabytes`` (tmpfs) at ``directory`` (made if missing),
+    unmounted at the test's cleanup: a disk a process in another test can really fill.
+    Skips the test where mounting is not allowed (not root, or no CAP_SYS_ADMIN)."""
+    from twisted.trial.unittest import SkipTest
+
+    os.makedirs(directory, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", directory],
+        capture_output=True, text=True, check=False,
+    )
+    if mounted.returncode != 0:
+        raise SkipTest(f"cannot mount a small disk here: {mounted.stderr.strip()}")
+    testcase.addCleanup(subprocess.run, ["umount", "--lazy", directory], check=False)
+
+
+def fill_disk(directory: str) -> str:
+    """Write a file in ``directory`` until its filesystem is full; the file's path."""
+    path = os.path.join(directory, "filler")
+    chunk = b"\0" * (1 << 16)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+    return path
 
 
 def flip_byte(path: str, offset: int, mask: int = 0x01) -> None:

@@ -1,8 +1,10 @@
-"""A node with a damaged shard store: that shard is unavailable, the others serve.
+"""A node with a damaged shard store, or one whose disk fills: that shard is
+unavailable, the others serve.
 
 Real parts: the SQLite file of one shard of a real node is overwritten at its start
 between two runs (the node's Raft log is shared by all shards: its damage stops the
-whole node, see tests.integration.test_repair).
+whole node, see tests.integration.test_repair); a store's open file is swapped for
+/dev/full while the node runs.
 """
 
 import os
@@ -10,7 +12,8 @@ import os
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from tests.support import NodeTestCase, tree_bytes
+from tests.support import NodeTestCase, fill_disk_under, tree_bytes
+from timemachine.domain.errors import StorageError
 
 
 class DamagedShardTests(NodeTestCase):
@@ -107,3 +110,66 @@ class DamagedShardTests(NodeTestCase):
         yield self.stop_node()
         store_after = tree_bytes(os.path.join(self.data_dir, "shards", str(damaged)))
         self.assertEqual(store_after, store_before)
+
+
+class FullDiskTests(NodeTestCase):
+    """A disk that fills under a running store (a real ENOSPC: `fill_disk_under`)."""
+
+    shards = 2
+
+    @defer.inlineCallbacks
+    def test_a_shard_stopped_by_a_full_disk_is_unavailable_and_the_others_serve(self):
+        yield self.route()
+        far = self.now_ms() + 3_600_000
+        ring = self.node.coordinator.ring
+        ids = {ring.shard_for(f"j{n}"): f"j{n}" for n in range(20)}
+        for job_id in ids.values():
+            code, answer = yield self.call(
+                "POST", "/job/c", {"id": job_id, "trigger_ms": far, "route": "hook"}
+            )
+            self.assertEqual(code, 200, answer)
+        full, healthy = 0, 1
+        path = os.path.join(self.data_dir, "shards", str(full), "jobs.sqlite-wal")
+        fill_disk_under(path)
+
+        # The write that meets the full disk stops the shard's member, and is a retry.
+        job_id = next(f"a{n}" for n in range(100) if ring.shard_for(f"a{n}") == full)
+        code, answer = yield self.call(
+            "POST", "/job/c", {"id": job_id, "trigger_ms": far, "route": "hook"}
+        )
+        self.assertEqual((code, answer["code"]), (503, "E_UNAVAILABLE"), answer)
+        self.flushLoggedErrors(StorageError)
+
+        # The node says so where a load balancer and an operator look.
+        code, answer = yield self.call("GET", "/ready")
+        self.assertEqual((code, answer.get("code")), (503, "E_UNAVAILABLE"), answer)
+        self.assertIn(f"shard {full}: ", answer["error"])
+        self.assertIn("full", answer["error"])
+        response = yield self.http.get(self.base + "/metrics")
+        metrics = (yield response.content()).decode()
+        self.assertIn("\ntimemachine_shards_unavailable 1.0\n", metrics)
+        code, answer = yield self.call("GET", f"/job/c/{ids[full]}")
+        self.assertEqual((code, answer["code"]), (503, "E_UNAVAILABLE"), answer)
+        self.assertIn(f"shard {full} is unavailable", answer["error"])
+        # The other shard reads and writes.
+        code, answer = yield self.call("GET", f"/job/c/{ids[healthy]}")
+        self.assertEqual(code, 200, answer)
+        job_id = next(f"h{n}" for n in range(100) if ring.shard_for(f"h{n}") == healthy)
+        code, answer = yield self.call(
+            "POST", "/job/c", {"id": job_id, "trigger_ms": far, "route": "hook"}
+        )
+        self.assertEqual(code, 200, answer)
+
+    @defer.inlineCallbacks
+    def test_a_meta_store_stopped_by_a_full_disk_makes_the_node_unready(self):
+        yield self.route()
+        fill_disk_under(os.path.join(self.data_dir, "meta", "cluster.sqlite-wal"))
+        code, answer = yield self.call(
+            "POST", "/route", {"id": "more", "type": "http", "webhook_url": "http://127.0.0.1:9/"}
+        )
+        self.assertEqual((code, answer["code"]), (503, "E_UNAVAILABLE"), answer)
+        self.flushLoggedErrors(StorageError)
+        code, answer = yield self.call("GET", "/ready")
+        self.assertEqual((code, answer.get("code")), (503, "E_UNAVAILABLE"), answer)
+        self.assertIn("meta group stopped", answer["error"])
+        self.assertIn("full", answer["error"])

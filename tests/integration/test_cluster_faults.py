@@ -26,7 +26,9 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from tests.support import (
     ClusterTestCase,
     Partition,
+    fill_disk,
     flip_byte,
+    small_disk_at,
     start_node_process,
     timemachine_command,
 )
@@ -326,6 +328,46 @@ class RestartCatchUpTests(_FaultsTestCase):
         )
         self.assertIsNotNone(SHARD_SNAPSHOT.search(self.log_of("node3"), self.restarted_at))
         yield self.lead_and_fire(receiver)
+
+
+class FullDiskTests(_FaultsTestCase):
+    """A node whose disk fills (a real ENOSPC, on a small tmpfs) stops taking part and
+    says so; the others serve; once space is freed and it restarts, it catches up."""
+
+    @defer.inlineCallbacks
+    def test_a_node_whose_disk_fills_stops_and_the_others_serve(self):
+        disk = os.path.join(self.base, "node3")
+        small_disk_at(self, disk, 64)
+        yield self.nodes_configured(shards=6)
+        yield self.route_nowhere("node1")
+        yield self.leaders_spread("node1", ["node1", "node2", "node3"])
+        filler = fill_disk(disk)
+        far = now_ms() + 3_600_000
+        ids = [f"d{n}" for n in range(60)]
+        # Writes through the others are stored, node3's shards after a new leader
+        # took over: a 503 is a retry, anything else (a 500) fails the test.
+        yield self.create_all(
+            len(ids), lambda n: {"id": ids[n], "trigger_ms": far, "route": "hook"},
+            via=["node1", "node2"],
+        )
+        yield self.led_by_the_living("node1", ("node1", "node2"))
+        code, answer = yield self.call("node3", "GET", "/ready")
+        self.assertEqual((code, answer.get("code")), (503, "E_UNAVAILABLE"), answer)
+        self.assertIn("full", answer["error"])
+        # With space again, node3 restarts from what it had and catches up.
+        os.unlink(filler)
+        self.nodes["node3"].kill()
+        yield self.restart("node3")
+
+        @defer.inlineCallbacks
+        def reads_every_job():
+            for job_id in ids:
+                code, _ = yield self.call("node3", "GET", f"/job/c/{job_id}")
+                if code != 200:
+                    return False
+            return True
+
+        yield self.until("node3 reads every job", reads_every_job)
 
 
 class ReadsElsewhereTests(_FaultsTestCase):

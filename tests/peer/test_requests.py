@@ -58,6 +58,16 @@ class RequestHandlersTests(unittest.TestCase):
         self.assertEqual(response, error_response(2, INTERNAL_ERROR_CODE, "internal error"))
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
 
+    def test_a_storage_failure_is_logged_and_a_retry(self):
+        # As the REST layer answers a local one: the asking node's client gets a 503.
+        self.handlers.handle(
+            "propose", lambda frm, p: defer.fail(errors.StorageError("disk full"))
+        )
+        response = self.answer(pb.Request(id=5, propose=pb.Propose()))
+        self.assertEqual(response.error_code, errors.Unavailable.code)
+        self.assertIsInstance(error_of(response), errors.Unavailable)
+        self.assertEqual(len(self.flushLoggedErrors(errors.StorageError)), 1)
+
     def test_a_result_of_the_wrong_type_is_internal(self):
         self.handlers.handle("ping", lambda frm, ping: pb.HttpAnswer())
         self.assertEqual(

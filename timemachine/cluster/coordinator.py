@@ -415,10 +415,12 @@ class Coordinator:
 
     def ready(self) -> bool:
         """Whether this node serves: it is in a configured cluster, and every group it
-        holds a replica of (the meta group too) has a leader."""
+        holds a replica of (the meta group too) has a leader; the meta group's member
+        has not stopped on a disk failure."""
         return (
             self.ring is not None
             and not self.meta_log.blank
+            and self.meta_log.failed is None
             and self.meta_log.leader is not None
             and not self.unavailable_shards
             and all(log.leader is not None for log, _ in self.shards.values())

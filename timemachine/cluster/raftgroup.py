@@ -448,6 +448,7 @@ class RaftGroup:
         self._was_leader = False
         self._leading_waiters: list[defer.Deferred] = []
         self._restore_listeners: list[Callable[[], None]] = []
+        self._failure_listeners: list[Callable[[StorageError], None]] = []
         self._idle: list[defer.Deferred] = []
         self.counters = GroupCounters()
         self._leader_term = 0  # the last term in which a leader was learnt
@@ -616,6 +617,15 @@ class RaftGroup:
         """Call ``listener()`` after the store was replaced by a leader's snapshot (its
         subscribers heard of none of the commands that snapshot holds)."""
         self._restore_listeners.append(listener)
+
+    def on_failure(self, listener: Callable[[StorageError], None]) -> None:
+        """Call ``listener(error)`` when a disk or store failure stops this member."""
+        self._failure_listeners.append(listener)
+
+    @property
+    def failed(self) -> StorageError | None:
+        """The disk or store failure that stopped this member, or None."""
+        return self._broken
 
     @defer.inlineCallbacks
     def start_over(self):
@@ -1109,6 +1119,11 @@ class RaftGroup:
         )
         self.log.failure("Raft group {name} stopped", failure, name=self.name)
         self._notify_leadership()
+        for listener in self._failure_listeners:
+            try:
+                listener(self._broken)
+            except Exception:
+                self.log.failure("failure listener of {name} failed", name=self.name)
         answers, self._answers = self._answers, {}
         self.counters.proposals_failed += len(answers)
         for _, answer, _ in answers.values():

@@ -2,9 +2,10 @@
 
 A replica of shard ``n`` is a `RaftGroup` (group ``n + 1`` of the node's `RaftEngine`)
 in front of its `VnodeStore` in ``<data-dir>/shards/<n>/jobs.sqlite``. A replica
-whose store or Raft state refuses to open (corruption, a failed disk) is kept aside as
-unavailable with its reason, and the node serves the others: its requests get ``503
-E_UNAVAILABLE``.
+whose store or Raft state refuses to open (corruption, a failed disk), or that a disk
+or store failure stopped since, is kept aside as unavailable with its reason, and the
+node serves the others: its requests get ``503 E_UNAVAILABLE``, and ``/ready`` says
+why.
 
 Firing follows leadership: when a replica gains its group's lease the executor loads
 the shard's due jobs and fires them; when it loses the lease the executor drops them
@@ -42,7 +43,7 @@ class Shards:
     """Opens, reconfigures and closes the shard replicas of this node.
 
     ``logs`` maps shard -> (group, store) for the replicas that are open;
-    ``unavailable`` maps shard -> the `StorageError` that kept one closed. Both dicts
+    ``unavailable`` maps shard -> the `StorageError` that kept one closed or stopped it. Both dicts
     are shared with the coordinator, which routes by them, and are changed only here.
 
     ``host`` and ``engine`` are the node's Raft host and log; ``executor`` fires the
@@ -163,6 +164,7 @@ class Shards:
             **self._group_options,
         )
         group.on_leadership(lambda leading: self._leadership(shard, group, leading))
+        group.on_failure(lambda error: self._shard_unavailable(shard, error))
         yield group.open()
         self.logs[shard] = (group, store)
         if self._metrics is not None:
@@ -267,6 +269,7 @@ class Shards:
         if shard not in self.logs or (ring is not None and self._node_id in ring.replicas(shard)):
             return  # placed here again meanwhile: the group adds it back, and it catches up
         group, _ = self.logs.pop(shard)
+        self.unavailable.pop(shard, None)
         self._executor.remove_shard(shard)
         yield group.close()
         if group_of_shard(shard) in self._engine.groups():

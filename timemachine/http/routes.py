@@ -250,6 +250,9 @@ class TimeMachineAPI:
         if unavailable:
             reasons = "; ".join(f"shard {s}: {unavailable[s]}" for s in sorted(unavailable))
             raise Unavailable(f"this node cannot serve shards {sorted(unavailable)}: {reasons}")
+        failed = self._node.meta_log.failed
+        if failed is not None:
+            raise Unavailable(f"this node's member of the meta group stopped: {failed}")
         if not self._coordinator.ready():
             raise Unavailable("this node does not serve its shards yet")
         return respond(request, _OK)

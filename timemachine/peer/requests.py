@@ -5,7 +5,8 @@ A `Request` carries one of the kinds ``propose``, ``http``, ``ping``, ``join`` o
 (`ProposeResult`, `HttpAnswer`, `Pong`, `JoinAccepted`, `JobPage`). A
 `TimeMachineError` a handler raises travels back as the response's ``error_code`` and
 ``error``, and `error_of` turns it into the same error class on the asking node, so a
-forwarded call fails the way a local one would.
+forwarded call fails the way a local one would; a `StorageError` (the handling node's
+disk failed) travels back as ``E_UNAVAILABLE``, as the REST layer answers it.
 """
 
 from __future__ import annotations
@@ -142,6 +143,16 @@ class RequestHandlers:
         error = failure.value
         if isinstance(error, errors.TimeMachineError):
             return error_response(request_id, error.code, error.message)
+        if isinstance(error, errors.StorageError):
+            # As the REST layer answers a local one: this node's disk failed, another
+            # replica takes over, so the asking node's client retries (503).
+            self.log.failure(
+                "{kind} request {id} from {node}: storage failure",
+                failure, kind=kind, id=request_id, node=from_node,
+            )
+            return error_response(
+                request_id, errors.Unavailable.code, "storage failure on the node asked; retry"
+            )
         self.log.failure(
             "{kind} request {id} from {node} failed",
             failure,
