@@ -11,6 +11,7 @@ from timemachine.cluster.placement import (
     StepKind,
     leadership_moves,
     meta_voters,
+    next_change,
     next_step,
     removal_problem,
     target_placement,
@@ -325,7 +326,7 @@ class NextStepTests(unittest.TestCase):
     def test_step_kinds_compare_as_strings(self):
         self.assertEqual(Step("add", "x"), Step(StepKind.ADD, "x"))
         self.assertEqual(Step(StepKind.REMOVE, "x").kind, "remove")
-        self.assertRaises(ValueError, Step, "promote", "x")
+        self.assertRaises(ValueError, Step, "demote", "x")
         self.assertRaises(ValueError, Step, StepKind.ADD, "")
 
     def test_empty_target_is_refused(self):
@@ -365,6 +366,51 @@ class NextStepTests(unittest.TestCase):
                 transfers = sum(1 for s in taken if s.kind is StepKind.TRANSFER_LEADERSHIP)
                 self.assertEqual(len(taken), budget - 1 + transfers)
                 self.assertEqual(transfers, 0 if first_leader in target else 1)
+
+
+class NextChangeTests(unittest.TestCase):
+    """What a shard leader changes next, given which learners have caught up."""
+
+    def test_growing_adds_every_learner_before_it_promotes_any(self):
+        # From one voter to three: a group of two voters cannot lose one, so it is one
+        # only between two promotions, never while a snapshot is sent.
+        self.assertEqual(
+            next_change(["a"], [], set(), ["a", "b", "c"], "a"), Step(StepKind.ADD, "b")
+        )
+        self.assertEqual(
+            next_change(["a"], ["b"], set(), ["a", "b", "c"], "a"), Step(StepKind.ADD, "c")
+        )
+        self.assertIsNone(next_change(["a"], ["b", "c"], {"b"}, ["a", "b", "c"], "a"))
+        self.assertEqual(
+            next_change(["a"], ["b", "c"], {"b", "c"}, ["a", "b", "c"], "a"),
+            Step(StepKind.PROMOTE, "b"),
+        )
+        self.assertEqual(
+            next_change(["a", "b"], ["c"], {"c"}, ["a", "b", "c"], "a"),
+            Step(StepKind.PROMOTE, "c"),
+        )
+        self.assertIsNone(next_change(["a", "b", "c"], [], set(), ["a", "b", "c"], "a"))
+
+    def test_a_swap_removes_only_after_the_promotion(self):
+        self.assertEqual(
+            next_change(["a", "b", "c"], [], set(), ["a", "b", "d"], "a"),
+            Step(StepKind.ADD, "d"),
+        )
+        self.assertIsNone(next_change(["a", "b", "c"], ["d"], set(), ["a", "b", "d"], "a"))
+        self.assertEqual(
+            next_change(["a", "b", "c"], ["d"], {"d"}, ["a", "b", "d"], "a"),
+            Step(StepKind.PROMOTE, "d"),
+        )
+        self.assertEqual(
+            next_change(["a", "b", "c", "d"], [], set(), ["a", "b", "d"], "a"),
+            Step(StepKind.REMOVE, "c"),
+        )
+
+    def test_a_learner_the_map_no_longer_names_is_removed(self):
+        self.assertEqual(
+            next_change(["a", "b", "c"], ["d"], set(), ["a", "b", "c"], "a"),
+            Step(StepKind.REMOVE, "d"),
+        )
 
 
 class LeadershipMovesTests(unittest.TestCase):

@@ -8,12 +8,13 @@ the gap on every node, for the groups that node leads (as CockroachDB's replicat
 queue runs on each range's leaseholder): nobody else knows a group's membership and
 the progress of its members as its leader does, and the work spreads with leadership.
 
-One change at a time, by `placement.next_step`:
+One change at a time, by `placement.next_change`:
 
 1. a new replica joins as a learner: its node opened it blank on learning the map
    (`Shards`), and the leader's snapshot - a copy of the shard's store - brings it up
-   to date while the group goes on taking writes;
-2. once it has caught up it is promoted to voter;
+   to date while the group goes on taking writes; when the group grows by more than
+   one, every new replica joins as a learner before any is promoted;
+2. once they have caught up they are promoted to voters, one after the other;
 3. only then is a replica that is no longer wanted removed (so a group never has
    fewer voters than it started with), and when the leader itself is to go it first
    hands leadership to a replica that stays.
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from timemachine.cluster.placement import StepKind, leadership_moves, next_step
+from timemachine.cluster.placement import StepKind, leadership_moves, next_change
 from timemachine.domain.errors import TimeMachineError
 from timemachine.raft.types import ConfChange, ConfChangeKind
 
@@ -87,18 +88,16 @@ class ReplicaMover:
     def _move(self, shard: int, group, target) -> None:
         conf = group.conf
         learners = sorted(conf.learners)
-        waiting = [n for n in learners if n in target]
-        ready = [n for n in waiting if group.caught_up(n)]
-        if ready:
-            self._change(shard, group, ConfChange(ConfChangeKind.PROMOTE, ready[0]))
-            return
-        if waiting:
-            return  # a new replica is still catching up: nothing else changes meanwhile
-        step = next_step([*sorted(conf.voters), *learners], target, leader=self._node_id)
+        step = next_change(
+            sorted(conf.voters), learners, {n for n in learners if group.caught_up(n)},
+            target, leader=self._node_id,
+        )
         if step is None:
             return
         if step.kind == StepKind.ADD:
             self._change(shard, group, ConfChange(ConfChangeKind.ADD_LEARNER, step.node))
+        elif step.kind == StepKind.PROMOTE:
+            self._change(shard, group, ConfChange(ConfChangeKind.PROMOTE, step.node))
         elif step.kind == StepKind.REMOVE:
             self._change(shard, group, ConfChange(ConfChangeKind.REMOVE, step.node))
         else:

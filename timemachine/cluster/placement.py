@@ -119,6 +119,8 @@ class StepKind(str, enum.Enum):
     TRANSFER_LEADERSHIP = "transfer_leadership"
     """Transfer leadership to ``node`` (a replica that stays), so that removing the
     old leader does not leave the group without one until an election."""
+    PROMOTE = "promote"
+    """Promote the learner ``node``, which has caught up, to voter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,34 @@ def next_step(
         # is never larger than its target, and then want would be empty.
         staying = [m for m in want if m in have]
         return Step(StepKind.TRANSFER_LEADERSHIP, staying[0])
+    return None
+
+
+def next_change(
+    voters: Sequence[str],
+    learners: Sequence[str],
+    caught_up: Collection[str],
+    target: Sequence[str],
+    leader: str,
+) -> Step | None:
+    """The next change a shard group's ``leader`` makes toward ``target`` (`next_step`
+    of its voters and learners, one at a time), given the learners that have
+    ``caught_up`` with its log; None when there is nothing to do now.
+
+    While learners of ``target`` catch up, the other learners it still needs are
+    added too, and none is promoted until all of them have caught up; then they are
+    promoted one after the other. So a group grows from 1 to 3 voters through 2 for
+    only as long as a promotion takes, not for a whole snapshot's catching up: two
+    voters cannot lose one. Nothing is removed while a learner catches up.
+    """
+    step = next_step([*voters, *learners], target, leader=leader)
+    waiting = [n for n in learners if n in target]
+    if not waiting:
+        return step
+    if step is not None and step.kind == StepKind.ADD:
+        return step
+    if all(n in caught_up for n in waiting):
+        return Step(StepKind.PROMOTE, waiting[0])
     return None
 
 
