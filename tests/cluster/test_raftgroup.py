@@ -289,6 +289,25 @@ class ThreeMemberTests(RaftGroupTestCase):
         self.assertEqual(failure.leader, leader.node_id)
 
     @defer.inlineCallbacks
+    def test_a_read_while_no_leader_is_known_waits_for_one(self):
+        _, members = self.members(3)
+        for m in members:
+            yield m.start()
+        # Asked before the first election: it waits for it instead of failing.
+        member = members[1]
+        self.assertIsNone(member.group.leader)
+        yield member.group.read_barrier()
+        self.assertIsNotNone(member.group.leader)
+
+    @defer.inlineCallbacks
+    def test_a_read_gives_up_when_no_leader_is_known_in_time(self):
+        _, members = self.members(3)
+        # One member of three: it never learns of a leader, and stops waiting for one.
+        yield members[0].start()
+        error = yield self.assertFailure(members[0].group.read_barrier(), Unavailable)
+        self.assertNotIsInstance(error, NotLeader)  # the refusal of a read not waited for
+
+    @defer.inlineCallbacks
     def test_an_isolated_leader_loses_its_lease_and_the_others_take_over(self):
         link, members = yield self.start_all()
         old = self.leader(members)

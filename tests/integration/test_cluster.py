@@ -192,6 +192,47 @@ class ReplicatedClusterTests(ClusterTestCase):
         self.assertEqual(len(receiver.requests), 1, [r.headers for r in receiver.requests])
 
     @defer.inlineCallbacks
+    def test_reads_and_writes_during_leadership_transfers_wait_for_the_new_leader(self):
+        yield self.three_nodes_configured(shards=3)
+        yield self.route_nowhere("node1")
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        yield self.create_batch(
+            "node1", [{"id": f"j{n}", "trigger_ms": far, "route": "hook"} for n in range(30)]
+        )
+        refused = []
+        running = [True]
+
+        @defer.inlineCallbacks
+        def client(node_id, number):
+            n = 0
+            while running[0]:
+                n += 1
+                job_id = f"j{n % 30}"
+                for method, path, body in (
+                    ("GET", f"/job/c/{job_id}", None),
+                    ("POST", "/job/c", {"id": job_id, "trigger_ms": far, "route": "hook"}),
+                ):
+                    code, answer = yield self.call(node_id, method, path, body)
+                    if code != 200:
+                        refused.append((node_id, method, code, answer))
+
+        clients = [client(node_id, k) for node_id in sorted(self.nodes) for k in range(2)]
+        # Each shard's leadership goes round the three nodes twice.
+        for _ in range(6):
+            for entry in (yield self.shard_entries("node1")):
+                if entry["leader"] is None:
+                    continue
+                to = next(n for n in entry["voters"] if n != entry["leader"])
+                yield self.call(
+                    entry["leader"], "POST", f"/cluster/shards/{entry['shard']}/leader",
+                    {"node_id": to},
+                )
+            yield task.deferLater(reactor, 0.5, lambda: None)
+        running[0] = False
+        yield defer.gatherResults(clients)
+        self.assertEqual(refused, [])
+
+    @defer.inlineCallbacks
     def test_a_follower_lists_every_job_its_leader_acknowledged(self):
         yield self.three_nodes_configured(shards=1)
         yield self.route_nowhere("node1")

@@ -5,8 +5,9 @@ leads, it proposes; otherwise the proposal travels over the peer protocol to the
 leader this member knows, which answers once the entry is committed and applied. A
 node that receives a proposal it cannot take passes it on once more if it knows a
 leader (leadership may just have moved), and never twice (``Propose.forwarded``), so
-a proposal crosses at most two hops and never loops. With no leader known the answer
-is ``503 E_UNAVAILABLE``, a retry.
+a proposal crosses at most two hops and never loops. With no leader known it waits
+for one (`RaftGroup.wait_for_leader`: a leadership transfer takes milliseconds), and
+answers ``503 E_UNAVAILABLE``, a retry, when none is known in time.
 
 A forwarded answer carries the entry's index and, for a delete, whether the job or
 route was there; the caller gets ``(index, None)`` for other results.
@@ -51,8 +52,17 @@ class Forwarding:
         leader (``result`` is None when the leader was another node and the command
         is not a delete)."""
         if group.leads:
-            return group.propose(command)
+            return group.propose(command).addErrback(self._handed_over, group, command)
         return self._forward_following(group, command)
+
+    @defer.inlineCallbacks
+    def _handed_over(self, failure, group, command):
+        """A leader refuses proposals while it hands its leadership over: the command
+        goes to the new leader once there is one."""
+        failure.trap(NotLeader)
+        yield group.wait_for_leader(besides=self._network.node_id)
+        answer = yield self._forward_following(group, command)
+        return answer
 
     @defer.inlineCallbacks
     def _forward_following(self, group, command):
@@ -61,6 +71,11 @@ class Forwarding:
         itself), try again there."""
         for _ in range(FORWARD_RETRIES):
             leader = group.leader
+            if leader is None:
+                leader = yield group.wait_for_leader()
+                if group.leads:
+                    answer = yield group.propose(command)
+                    return answer
             try:
                 answer = yield self._forward(group.group, leader, command, forwarded=False)
                 return answer
@@ -110,8 +125,19 @@ class Forwarding:
             raise Unavailable(f"this node holds no replica of group {propose.group}")
         command = command_from_pb(propose.command)
         try:
+            if not group.leads and group.leader is None:
+                yield group.wait_for_leader()
             if group.leads:
-                index, result = yield group.propose(command)
+                try:
+                    index, result = yield group.propose(command)
+                except NotLeader:
+                    if propose.forwarded:
+                        raise
+                    # It hands its leadership over: on to the new leader.
+                    leader = yield group.wait_for_leader(besides=self._network.node_id)
+                    index, result = yield self._forward(
+                        propose.group, leader, command, forwarded=True
+                    )
             elif not propose.forwarded:
                 index, result = yield self._forward(
                     propose.group, group.leader, command, forwarded=True

@@ -447,6 +447,8 @@ class RaftGroup:
         self._broken: StorageError | None = None
         self._was_leader = False
         self._leading_waiters: list[defer.Deferred] = []
+        # (waiter, a leader it does not wait for) of `wait_for_leader`
+        self._leader_waiters: list[tuple[defer.Deferred, str | None]] = []
         self._restore_listeners: list[Callable[[], None]] = []
         self._failure_listeners: list[Callable[[StorageError], None]] = []
         self._idle: list[defer.Deferred] = []
@@ -653,6 +655,30 @@ class RaftGroup:
         self._leading_waiters.append(waiter)
         return waiter
 
+    def wait_for_leader(self, besides: str | None = None):
+        """Fire with the leader this member knows (other than ``besides``): at once if
+        it knows one, else once it learns of one. A leadership transfer takes
+        milliseconds, an election at most the longest election timeout, so a read or
+        write that meets either waits instead of failing; `Unavailable` (a retry) when
+        no leader is known by then, or the member stops."""
+        if not self._open or self._broken is not None:
+            return defer.fail(Unavailable(f"{self.name} is not serving"))
+        leader = self.leader
+        if leader is not None and leader != besides:
+            return defer.succeed(leader)
+        waiter = defer.Deferred()
+        self._leader_waiters.append((waiter, besides))
+
+        def none_in_time(_, timeout):
+            raise Unavailable(f"{self.name} has no leader now; retry")
+
+        host = self.host
+        waiter.addTimeout(
+            2 * host.election_ticks * host.tick_seconds, host.reactor,
+            onTimeoutCancel=none_in_time,
+        )
+        return waiter
+
     def is_leader(self) -> bool:
         core = self.core
         return (
@@ -789,9 +815,13 @@ class RaftGroup:
 
         A request unanswered after `READ_RETRY_SECONDS` is sent again, to the leader
         known then: the first may have gone to a leader since cut off or replaced.
-        Fails with `NotLeader` when no leader is known, and with `Unavailable` when
-        none answered within ``proposal_timeout``.
+        With no leader known it waits for one (`wait_for_leader`); fails with
+        `Unavailable` when none is known in time, or none answered within
+        ``proposal_timeout``.
         """
+        return self._read_barrier(wait=True)
+
+    def _read_barrier(self, wait: bool):
         if not self._open:
             return defer.fail(Unavailable(f"{self.name} is not serving"))
         core = self.core
@@ -800,6 +830,10 @@ class RaftGroup:
         self._next_read += 1
         context = self._next_read.to_bytes(8, "big")
         if not core.read_index(context):
+            if wait:
+                return self.wait_for_leader().addCallback(
+                    lambda _: self._read_barrier(wait=False)
+                )
             return defer.fail(NotLeader(f"{self.name} has no leader now", core.leader))
         waiter = defer.Deferred()
         now = self.host.reactor.seconds()
@@ -1097,6 +1131,16 @@ class RaftGroup:
         if core.leader is not None and core.term != self._leader_term:
             self._leader_term = core.term
             self.counters.leader_changes += 1
+        if core.leader is not None and self._leader_waiters:
+            waiting = []
+            for waiter, besides in self._leader_waiters:
+                if waiter.called:
+                    continue  # it timed out
+                if core.leader == besides:
+                    waiting.append((waiter, besides))
+                else:
+                    waiter.callback(core.leader)
+            self._leader_waiters = waiting
         leading = self.is_leader()
         if leading == self._was_leader:
             return
@@ -1163,9 +1207,11 @@ class RaftGroup:
         reads, self._reads = self._reads, {}
         for answer, _, _ in reads.values():
             answer.errback(closing)
-        waiters, self._leading_waiters = self._leading_waiters, []
+        waiters = self._leading_waiters + [waiter for waiter, _ in self._leader_waiters]
+        self._leading_waiters, self._leader_waiters = [], []
         for waiter in waiters:
-            waiter.errback(closing)
+            if not waiter.called:
+                waiter.errback(closing)
         yield self.drain()
         yield self._applying  # a follower's apply has no proposal waiting on it
         if self._compacting is not None:
