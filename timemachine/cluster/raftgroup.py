@@ -667,6 +667,9 @@ class RaftGroup:
         if leader is not None and leader != besides:
             return defer.succeed(leader)
         waiter = defer.Deferred()
+        # Waiters that timed out leave here too, not only once a leader is known: a
+        # node cut off for long is asked again and again meanwhile.
+        self._leader_waiters = [(w, b) for w, b in self._leader_waiters if not w.called]
         self._leader_waiters.append((waiter, besides))
 
         def none_in_time(_, timeout):
@@ -1175,6 +1178,10 @@ class RaftGroup:
         reads, self._reads = self._reads, {}
         for answer, _, _ in reads.values():
             answer.errback(self._broken)
+        waiters, self._leader_waiters = self._leader_waiters, []
+        for waiter, _ in waiters:
+            if not waiter.called:
+                waiter.errback(self._broken)
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:
