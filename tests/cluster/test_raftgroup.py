@@ -7,6 +7,7 @@ pairs of nodes apart; `tests.peer` tests the real network on its own.
 
 import os
 import random
+import time
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -287,6 +288,20 @@ class ThreeMemberTests(RaftGroupTestCase):
             follower.group.propose(PutJobs((_spec("a"),))), NotLeader
         )
         self.assertEqual(failure.leader, leader.node_id)
+
+    @defer.inlineCallbacks
+    def test_a_leader_whose_timers_stalled_holds_no_lease(self):
+        # The reactor's timers follow the wall clock: stepped back, they stall while
+        # time goes on. The ticks not counted yet count against the lease all the same.
+        ahead = {}
+        _, members = self.members(3)
+        for m in members:
+            m.host_options["monotonic"] = lambda n=m.node_id: time.monotonic() + ahead.get(n, 0)
+            yield m.start()
+        yield _until(lambda: self.leader(members) is not None)
+        leader = self.leader(members)
+        ahead[leader.node_id] = 5.0
+        self.assertFalse(leader.group.is_leader())
 
     @defer.inlineCallbacks
     def test_a_read_while_no_leader_is_known_waits_for_one(self):

@@ -1134,6 +1134,23 @@ class ReadTests(unittest.TestCase):
         # k ticks while (k + 1) * (1 + drift) < election_tick - 1.
         self.assertEqual(lost, {0.0: 8, 0.5: 5})
 
+    def test_lease_counts_ticks_that_passed_but_were_not_handed_in(self):
+        # Its host knows that time went by before it ticks the core (a stalled timer):
+        # the lease is judged as if those ticks had been counted.
+        net = Net(5)
+        lead = net.elect()
+        net.tick(2)
+        core = net.cores[lead]
+        net.isolated = {lead}
+        net.tick()
+        self.assertTrue(core.lease_valid())
+        lost_at = next(k for k in range(1, 20) if not core.lease_valid(pending_ticks=k))
+        for _ in range(lost_at - 1):
+            net.tick()
+        self.assertTrue(core.lease_valid())
+        net.tick()
+        self.assertFalse(core.lease_valid())
+
     def test_lease_invalid_without_check_quorum_or_while_transferring(self):
         net = Net(3, check_quorum=False)
         lead = net.elect()

@@ -1,9 +1,12 @@
 """The Raft adapter: the node's Raft groups on the reactor, each behind `IShardLog`.
 
 `RaftHost` gives every group of a node the two things the sans-I/O core lacks: time
-and a network. One `LoopingCall` ticks all groups (``tick_seconds`` per tick; when the
-reactor was late it ticks once per interval that passed, so a leader never counts less
-time than went by and never overestimates its lease); messages leave through one
+and a network. One `LoopingCall` ticks all groups (``tick_seconds`` per tick), counting
+the ticks by the monotonic clock: when the reactor was late, or its timers (which follow
+the wall clock) stalled because the wall clock stepped back, it ticks once per interval
+that passed, so a leader never counts less time than went by. A lease is checked with
+the ticks that passed since the last one counted (`RaftHost.pending_ticks`), so it is
+never overestimated between two ticks either. Messages leave through one
 ``send(node_id, group, message)`` callable - the peer network, which coalesces a turn's
 messages to one node into one frame - and arrive through `RaftHost.receive`.
 
@@ -48,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from collections.abc import Callable
 
 from twisted.internet import defer, task
@@ -206,6 +210,7 @@ class RaftHost:
         election_ticks: int = ELECTION_TICKS,
         heartbeat_ticks: int = HEARTBEAT_TICKS,
         proposal_timeout: float = PROPOSAL_TIMEOUT,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         self.reactor = reactor
         self.node_id = node_id
@@ -215,6 +220,9 @@ class RaftHost:
         self.heartbeat_ticks = heartbeat_ticks
         self.proposal_timeout = proposal_timeout
         self._send = send
+        self._monotonic = monotonic
+        # The monotonic time up to which ticks were handed to the groups.
+        self._ticked_to: float | None = None
         #: Whether a repair cut this node's Raft log: members started meanwhile
         #: withhold their votes until they have caught up (`RaftCore.catching_up`).
         self.catching_up = False
@@ -230,9 +238,16 @@ class RaftHost:
 
     def start(self) -> None:
         """Start ticking."""
-        self._ticker = task.LoopingCall.withCount(self._tick)
+        self._ticked_to = self._monotonic()
+        self._ticker = task.LoopingCall(self._tick)
         self._ticker.clock = self.reactor
         self._ticker.start(self.tick_seconds, now=False)
+
+    def pending_ticks(self) -> int:
+        """Ticks that have passed by the monotonic clock and are not yet counted."""
+        if self._ticked_to is None:
+            return 0
+        return int((self._monotonic() - self._ticked_to) / self.tick_seconds)
 
     def stop(self) -> None:
         """Stop ticking (the groups are closed by their owners)."""
@@ -291,7 +306,11 @@ class RaftHost:
     def send(self, member: RaftGroup, message: Message) -> None:
         self._send(message.to, member.group, member.incarnation, message)
 
-    def _tick(self, count: int) -> None:
+    def _tick(self) -> None:
+        count = self.pending_ticks()
+        if count <= 0:
+            return  # the timer ran early by the monotonic clock
+        self._ticked_to += count * self.tick_seconds
         for member in list(self._groups.values()):
             member.tick(count)
 
@@ -689,7 +708,7 @@ class RaftGroup:
             and self._broken is None
             and core is not None
             and core.state == LEADER
-            and core.lease_valid()
+            and core.lease_valid(self.host.pending_ticks())
             # The core counts an apply in flight as done; the store must have applied
             # the term's first entry (every earlier leader's commits) itself.
             and self._store.applied_index >= core.lease_applied_index

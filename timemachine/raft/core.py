@@ -568,8 +568,9 @@ class RaftCore:
         whose state machine runs ahead of ``advance`` may compare its own index."""
         return self._term_start if self._role == LEADER else 0
 
-    def lease_valid(self) -> bool:
-        """Whether this leader may act alone (serve reads, fire) from its state machine.
+    def lease_valid(self, pending_ticks: int = 0) -> bool:
+        """Whether this leader may act alone (serve reads, fire) from its state machine,
+        counting ``pending_ticks`` that have passed but were not yet handed to `tick`.
 
         It may once it has applied the first entry of its term (`lease_applied_index`),
         and while a quorum answered a heartbeat round it sent recently enough that no
@@ -589,7 +590,8 @@ class RaftCore:
             return True
         for rnd, sent in self._round_sent:
             if rnd == r:
-                return (self._now - sent + 1) * (1 + self.max_clock_drift) < self.election_tick - 1
+                elapsed = self._now + pending_ticks - sent
+                return (elapsed + 1) * (1 + self.max_clock_drift) < self.election_tick - 1
         return False
 
     def step(self, m: Message) -> None:
