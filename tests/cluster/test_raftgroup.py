@@ -304,6 +304,19 @@ class ThreeMemberTests(RaftGroupTestCase):
         self.assertFalse(leader.group.is_leader())
 
     @defer.inlineCallbacks
+    def test_a_wait_for_another_leader_ends_when_the_transfer_gives_up(self):
+        link, members = yield self.start_all()
+        leader = self.leader(members)
+        away = next(m for m in members if m is not leader)
+        # The successor never hears of the transfer: after an election timeout the
+        # leader takes proposals again, and what waited for the new leader goes to it.
+        link.cut.add(frozenset((leader.node_id, away.node_id)))
+        self.assertTrue(leader.group.transfer_leadership(away.node_id))
+        waited = yield leader.group.wait_for_leader(besides=leader.node_id)
+        self.assertEqual(waited, leader.node_id)
+        yield leader.group.propose(PutJobs((_spec("a"),)))
+
+    @defer.inlineCallbacks
     def test_a_read_while_no_leader_is_known_waits_for_one(self):
         _, members = self.members(3)
         for m in members:

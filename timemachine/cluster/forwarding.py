@@ -58,10 +58,14 @@ class Forwarding:
     @defer.inlineCallbacks
     def _handed_over(self, failure, group, command):
         """A leader refuses proposals while it hands its leadership over: the command
-        goes to the new leader once there is one."""
+        goes to the new leader once there is one, or here again if the transfer gave
+        up."""
         failure.trap(NotLeader)
         yield group.wait_for_leader(besides=self._network.node_id)
-        answer = yield self._forward_following(group, command)
+        if group.leads:  # the transfer gave up
+            answer = yield group.propose(command)
+        else:
+            answer = yield self._forward_following(group, command)
         return answer
 
     @defer.inlineCallbacks
@@ -133,11 +137,15 @@ class Forwarding:
                 except NotLeader:
                     if propose.forwarded:
                         raise
-                    # It hands its leadership over: on to the new leader.
-                    leader = yield group.wait_for_leader(besides=self._network.node_id)
-                    index, result = yield self._forward(
-                        propose.group, leader, command, forwarded=True
-                    )
+                    # It hands its leadership over: on to the new leader (or here
+                    # again, if the transfer gave up).
+                    yield group.wait_for_leader(besides=self._network.node_id)
+                    if group.leads:
+                        index, result = yield group.propose(command)
+                    else:
+                        index, result = yield self._forward(
+                            propose.group, group.leader, command, forwarded=True
+                        )
             elif not propose.forwarded:
                 index, result = yield self._forward(
                     propose.group, group.leader, command, forwarded=True

@@ -675,15 +675,16 @@ class RaftGroup:
         return waiter
 
     def wait_for_leader(self, besides: str | None = None):
-        """Fire with the leader this member knows (other than ``besides``): at once if
+        """Fire with the leader this member knows (other than ``besides``, unless that
+        is this member and it takes proposals again: its transfer gave up): at once if
         it knows one, else once it learns of one. A leadership transfer takes
         milliseconds, an election at most the longest election timeout, so a read or
         write that meets either waits instead of failing; `Unavailable` (a retry) when
         no leader is known by then, or the member stops."""
         if not self._open or self._broken is not None:
             return defer.fail(Unavailable(f"{self.name} is not serving"))
-        leader = self.leader
-        if leader is not None and leader != besides:
+        leader = self._leader_for(besides)
+        if leader is not None:
             return defer.succeed(leader)
         waiter = defer.Deferred()
         # Waiters that timed out leave here too, not only once a leader is known: a
@@ -700,6 +701,20 @@ class RaftGroup:
             onTimeoutCancel=none_in_time,
         )
         return waiter
+
+    def _leader_for(self, besides: str | None) -> str | None:
+        """The leader a `wait_for_leader` waiter (not waiting for ``besides``) is
+        given now, or None."""
+        core = self.core
+        leader = core.leader
+        if leader is None:
+            return None
+        if leader != besides:
+            return leader
+        taking_proposals = (
+            leader == self.host.node_id and core.state == LEADER and core.lead_transferee is None
+        )
+        return leader if taking_proposals else None
 
     def is_leader(self) -> bool:
         core = self.core
@@ -1158,10 +1173,11 @@ class RaftGroup:
             for waiter, besides in self._leader_waiters:
                 if waiter.called:
                     continue  # it timed out
-                if core.leader == besides:
+                leader = self._leader_for(besides)
+                if leader is None:
                     waiting.append((waiter, besides))
                 else:
-                    waiter.callback(core.leader)
+                    waiter.callback(leader)
             self._leader_waiters = waiting
         leading = self.is_leader()
         if leading == self._was_leader:
