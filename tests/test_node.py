@@ -227,6 +227,21 @@ class NoBootstrapTests(NodeTestCase):
         self.assertEqual(sum(s["jobs"] for s in shards["shards"]), 1)
 
 
+class ShardsOpeningTests(NodeTestCase):
+    @defer.inlineCallbacks
+    def test_a_write_while_the_shard_map_opens_here_is_a_retry(self):
+        # A node that just joined, or whose map just changed, knows the map before
+        # its replicas are open: the cluster is configured, this node is not ready.
+        yield self.route()
+        ring, self.node.coordinator.ring = self.node.coordinator.ring, None
+        self.addCleanup(setattr, self.node.coordinator, "ring", ring)
+        code, answer = yield self.call(
+            "POST", "/job/c", {"id": "j", "trigger_ms": self.now_ms() + 60_000, "route": "hook"}
+        )
+        self.assertEqual((code, answer["code"]), (503, "E_UNAVAILABLE"), answer)
+        self.assertIn("opening its shards", answer["error"])
+
+
 class ConcurrentConfigureTests(NodeTestCase):
     @defer.inlineCallbacks
     def test_concurrent_configure_calls_are_serialized_and_leave_the_node_serving(self):

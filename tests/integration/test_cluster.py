@@ -111,6 +111,12 @@ class ClusterTests(ClusterTestCase):
                 lambda a: a is not None and len(a["servers"]) == 2
             ),
         )
+        # Serving once it opened its view of the shard map, as /ready tells.
+        yield self.until(
+            "node2 ready", lambda: self.call("node2", "GET", "/ready").addCallback(
+                lambda r: r[0] == 200
+            ),
+        )
         far = int(reactor.seconds() * 1000) + 3_600_000
         # node2 passes each route on to the meta leader (node1), then takes a job
         # naming it, as a client does that writes a route and then its jobs.

@@ -137,6 +137,9 @@ class Coordinator:
 
     def _require_config(self):
         if self.ring is None:
+            if self.cluster_store.config is not None:
+                # Just joined, or the map just changed: its replicas are opening.
+                raise Unavailable("this node is opening its shards; retry")
             raise NotConfigured("the cluster has no shards yet: POST /cluster/configure")
 
     def _shard(self, job_id: str):

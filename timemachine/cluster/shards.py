@@ -354,7 +354,7 @@ class Shards:
         # Built (and so validated) before anything is closed: a bad value changes nothing.
         config = Configure(shards, replicas, target_placement(shards, replicas, members))
         if current is not None:
-            # New writes get E_NOT_CONFIGURED (503, retry) while the shards change, and
+            # New writes get 503 E_UNAVAILABLE (a retry) while the shards change, and
             # those already proposed are applied before the stores are counted.
             ring, self._coordinator.ring = self._coordinator.ring, None
             try:
