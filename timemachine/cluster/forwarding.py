@@ -55,17 +55,25 @@ class Forwarding:
             return group.propose(command).addErrback(self._handed_over, group, command)
         return self._forward_following(group, command)
 
-    @defer.inlineCallbacks
     def _handed_over(self, failure, group, command):
         """A leader refuses proposals while it hands its leadership over: the command
         goes to the new leader once there is one, or here again if the transfer gave
         up."""
         failure.trap(NotLeader)
-        yield group.wait_for_leader(besides=self._network.node_id)
-        if group.leads:  # the transfer gave up
+        return self._propose_when_led(
+            group, command, lambda _: self._forward_following(group, command),
+            besides=self._network.node_id,
+        )
+
+    @defer.inlineCallbacks
+    def _propose_when_led(self, group, command, forward, besides=None):
+        """Once ``group``'s member knows a leader (other than ``besides``), propose
+        ``command`` here if this node leads, else ``forward(leader)``."""
+        leader = yield group.wait_for_leader(besides=besides)
+        if group.leads:
             answer = yield group.propose(command)
         else:
-            answer = yield self._forward_following(group, command)
+            answer = yield forward(leader)
         return answer
 
     @defer.inlineCallbacks
@@ -139,13 +147,13 @@ class Forwarding:
                         raise
                     # It hands its leadership over: on to the new leader (or here
                     # again, if the transfer gave up).
-                    yield group.wait_for_leader(besides=self._network.node_id)
-                    if group.leads:
-                        index, result = yield group.propose(command)
-                    else:
-                        index, result = yield self._forward(
-                            propose.group, group.leader, command, forwarded=True
-                        )
+                    index, result = yield self._propose_when_led(
+                        group, command,
+                        lambda leader: self._forward(
+                            propose.group, leader, command, forwarded=True
+                        ),
+                        besides=self._network.node_id,
+                    )
             elif not propose.forwarded:
                 index, result = yield self._forward(
                     propose.group, group.leader, command, forwarded=True

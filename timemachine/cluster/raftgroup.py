@@ -1206,18 +1206,22 @@ class RaftGroup:
                 listener(self._broken)
             except Exception:
                 self.log.failure("failure listener of {name} failed", name=self.name)
+        self._fail_waiting(self._broken)
+        self._maybe_idle()
+
+    def _fail_waiting(self, error: Exception) -> None:
+        """Fail the proposals, reads and waits for a leader under way with ``error``."""
         answers, self._answers = self._answers, {}
         self.counters.proposals_failed += len(answers)
         for _, answer, _ in answers.values():
-            answer.errback(self._broken)
+            answer.errback(error)
         reads, self._reads = self._reads, {}
         for answer, _, _ in reads.values():
-            answer.errback(self._broken)
+            answer.errback(error)
         waiters, self._leader_waiters = self._leader_waiters, []
         for waiter, _ in waiters:
-            if not waiter.called:
-                waiter.errback(self._broken)
-        self._maybe_idle()
+            if not waiter.called:  # else it timed out
+                waiter.errback(error)
 
     def _maybe_idle(self) -> None:
         if not self._answers and not self._busy:
@@ -1242,18 +1246,10 @@ class RaftGroup:
         self.host.discard(self)
         self._scheduled = False
         closing = Unavailable(f"{self.name} is closing")
-        answers, self._answers = self._answers, {}
-        self.counters.proposals_failed += len(answers)
-        for _, answer, _ in answers.values():
-            answer.errback(closing)
-        reads, self._reads = self._reads, {}
-        for answer, _, _ in reads.values():
-            answer.errback(closing)
-        waiters = self._leading_waiters + [waiter for waiter, _ in self._leader_waiters]
-        self._leading_waiters, self._leader_waiters = [], []
+        self._fail_waiting(closing)
+        waiters, self._leading_waiters = self._leading_waiters, []
         for waiter in waiters:
-            if not waiter.called:
-                waiter.errback(closing)
+            waiter.errback(closing)
         yield self.drain()
         yield self._applying  # a follower's apply has no proposal waiting on it
         if self._compacting is not None:
