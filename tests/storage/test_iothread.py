@@ -1,6 +1,7 @@
 """The shared blocking-call thread: order, errors and batching of calls."""
 
 import threading
+import time
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
@@ -51,3 +52,15 @@ class IOThreadTests(unittest.TestCase):
     def test_a_stopped_thread_refuses_calls(self):
         self.io.stop()
         self.failureResultOf(self.io.call(lambda: None), RuntimeError)
+
+    def test_stop_runs_the_calls_already_handed_over_first(self):
+        ran = []
+        self.io.call(lambda: time.sleep(0.05) or ran.append("slow"))
+        self.io.stop()
+        self.assertEqual(ran, ["slow"])
+        self.assertFalse(self.io.running)
+
+    def test_the_thread_carries_the_name_given(self):
+        names = []
+        d = self.io.call(lambda: names.append(threading.current_thread().name))
+        return d.addCallback(lambda _: self.assertEqual(names, ["test-io"]))
