@@ -304,6 +304,50 @@ class ThreeMemberTests(RaftGroupTestCase):
         self.assertFalse(leader.group.is_leader())
 
     @defer.inlineCallbacks
+    def _started_and_heard(self, monotonic_ahead=None):
+        """Three members, each telling ``told[node]`` of its leadership, their clocks
+        ahead by ``monotonic_ahead[node]`` seconds (read as they tick); fires with
+        the members and ``told`` once one leads."""
+        monotonic_ahead = {} if monotonic_ahead is None else monotonic_ahead
+        _, members = self.members(3)
+        told = {}
+        for m in members:
+            m.host_options["monotonic"] = (
+                lambda n=m.node_id: time.monotonic() + monotonic_ahead.get(n, 0)
+            )
+            yield m.start()
+            told[m.node_id] = []
+            m.group.on_leadership(told[m.node_id].append)
+        yield _until(lambda: self.leader(members) is not None)
+        return members, told
+
+    @defer.inlineCallbacks
+    def test_a_lease_that_lapses_while_the_member_goes_on_leading_is_not_reported(self):
+        ahead = {}
+        members, told = yield self._started_and_heard(ahead)
+        leader = self.leader(members)
+        term = leader.group.core.term
+        self.assertEqual(told[leader.node_id], [True])
+        # Its timers run late by more than the lease: the lease lapses until the
+        # ticks it missed are counted and a heartbeat round is answered again.
+        ahead[leader.node_id] = 0.4
+        self.assertFalse(leader.group.is_leader())
+        yield _until(leader.group.is_leader)
+        self.assertEqual(leader.group.core.term, term)
+        self.assertEqual(told[leader.node_id], [True])
+
+    @defer.inlineCallbacks
+    def test_a_leader_that_steps_down_is_reported_once(self):
+        members, told = yield self._started_and_heard()
+        old = self.leader(members)
+        self.link.isolate(old.node_id)
+        yield _until(lambda: not old.group.leads)
+        others = [m for m in members if m is not old]
+        yield _until(lambda: self.leader(others) is not None)
+        self.assertEqual(told[old.node_id], [True, False])
+        self.assertEqual(told[self.leader(others).node_id], [True])
+
+    @defer.inlineCallbacks
     def test_a_wait_for_another_leader_ends_when_the_transfer_gives_up(self):
         link, members = yield self.start_all()
         leader = self.leader(members)

@@ -464,7 +464,9 @@ class RaftGroup:
         self._applying: defer.Deferred = defer.succeed(None)
         self._open = False
         self._broken: StorageError | None = None
-        self._was_leader = False
+        # The term in which the leadership listeners were told this member leads, or
+        # None: they hear of a lease gained once per term, not of each short lapse.
+        self._led_term: int | None = None
         self._leading_waiters: list[defer.Deferred] = []
         # (waiter, a leader it does not wait for) of `wait_for_leader`
         self._leader_waiters: list[tuple[defer.Deferred, str | None]] = []
@@ -630,8 +632,14 @@ class RaftGroup:
         self._listeners.append(listener)
 
     def on_leadership(self, listener: Callable[[bool], None]) -> None:
-        """Call ``listener(True)`` when this member gains the lease, ``(False)`` when it
-        loses it (`is_leader` changes), on the reactor."""
+        """Call ``listener(True)`` when this member first holds the lease in a term,
+        ``(False)`` when it stops leading that term (steps down, closes, fails), on
+        the reactor.
+
+        A lease that lapses for a moment while the member goes on leading the term (a
+        heartbeat round answered late on a loaded machine) is not reported: no other
+        member can lead that term, so what the listener built from this member's
+        applies stays true. Whoever acts on the lease checks `is_leader` each time."""
         self._leadership_listeners.append(listener)
 
     def on_restore(self, listener: Callable[[], None]) -> None:
@@ -1180,13 +1188,23 @@ class RaftGroup:
                     waiter.callback(leader)
             self._leader_waiters = waiting
         leading = self.is_leader()
-        if leading == self._was_leader:
-            return
-        self._was_leader = leading
-        if leading:
+        if leading and self._leading_waiters:
             waiters, self._leading_waiters = self._leading_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+        if self._led_term is not None and not (
+            self._open
+            and self._broken is None
+            and core.state == LEADER
+            and core.term == self._led_term
+        ):
+            self._led_term = None
+            self._tell_leadership(False)
+        if leading and self._led_term is None:
+            self._led_term = core.term
+            self._tell_leadership(True)
+
+    def _tell_leadership(self, leading: bool) -> None:
         for listener in self._leadership_listeners:
             try:
                 listener(leading)
@@ -1259,9 +1277,8 @@ class RaftGroup:
         if self._sending is not None:
             self._sending.data.close()
             self._sending = None
-        if self._was_leader:
-            self._was_leader = False
-            for listener in self._leadership_listeners:
-                listener(False)
+        if self._led_term is not None:
+            self._led_term = None
+            self._tell_leadership(False)
         yield self._disk.close()
         yield self._store.close()

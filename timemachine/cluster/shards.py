@@ -8,8 +8,8 @@ node serves the others: its requests get ``503 E_UNAVAILABLE``, and ``/ready`` s
 why.
 
 Firing follows leadership: when a replica gains its group's lease the executor loads
-the shard's due jobs and fires them; when it loses the lease the executor drops them
-at once (see `RaftGroup.on_leadership`).
+the shard's due jobs and fires them, each only while the lease holds; when the replica
+stops leading that term the executor drops them at once (see `RaftGroup.on_leadership`).
 """
 
 from __future__ import annotations
