@@ -14,7 +14,15 @@ from tests.support import HOLD, HTTPReceiver, RedisServer, Reply, free_port
 from timemachine.domain.jobs import Job
 from timemachine.domain.records import from_record
 from timemachine.domain.routes import Route
-from timemachine.firing.publisher import Delivered, Failed, Publisher, RetryLater, _retry_after_ms
+from timemachine.firing.publisher import (
+    PARSED_URLS_KEPT,
+    Delivered,
+    Failed,
+    Publisher,
+    RetryLater,
+    _kept,
+    _retry_after_ms,
+)
 from timemachine.interfaces import IPublisher
 
 # Written as a client may: a number JSON would rewrite (1.0e2 -> 100.0), an escape,
@@ -140,6 +148,17 @@ class HTTPDeliveryTests(PublisherTestCase):
         self.assertEqual(self.receiver.connections, 1)
         self.assertEqual(len({r.peer_port for r in self.receiver.requests}), 1)
 
+    async def test_a_route_pointed_at_another_receiver_delivers_there(self):
+        other = HTTPReceiver(reactor)
+        other.start()
+        self.addCleanup(other.stop)
+        before = http_route(self.receiver.url("/hook"))
+        self.assertEqual(await self.publisher.deliver(before, make_job(), 1), Delivered())
+        after = http_route(other.url("/moved"))  # the same route id, a new URL
+        self.assertEqual(await self.publisher.deliver(after, make_job(), 1), Delivered())
+        self.assertEqual([r.path for r in self.receiver.requests], ["/hook"])
+        self.assertEqual([r.path for r in other.requests], ["/moved"])
+
     async def _probe(self) -> None:
         """Deliver through another route and wait for it: by then, any request the
         publisher had already let go of has reached the receiver."""
@@ -188,6 +207,23 @@ class HTTPDeliveryTests(PublisherTestCase):
         self.assertEqual(
             await self.publisher.deliver(route, make_job(), 1), RetryLater("publisher is closed")
         )
+
+
+class KeptTests(unittest.TestCase):
+    def test_made_once_and_kept(self):
+        cache, made = {}, []
+
+        def make(key):
+            made.append(key)
+            return key.upper()
+
+        self.assertEqual([_kept(cache, k, make) for k in ["a", "b", "a"]], ["A", "B", "A"])
+        self.assertEqual(made, ["a", "b"])
+
+    def test_starts_over_when_full(self):
+        cache = {n: n for n in range(PARSED_URLS_KEPT)}
+        self.assertEqual(_kept(cache, "new", str.upper), "NEW")
+        self.assertEqual(cache, {"new": "NEW"})
 
 
 class RetryAfterTests(unittest.TestCase):

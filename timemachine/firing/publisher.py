@@ -21,6 +21,7 @@ from http.cookiejar import DefaultCookiePolicy
 
 import treq
 import txredisapi
+from hyperlink import EncodedURL
 from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -38,6 +39,10 @@ from timemachine.interfaces import IPublisher
 
 # How much of a receiver's answer goes into an error message.
 ERROR_BODY_CHARS = 200
+# Parsed webhook URLs and their endpoints kept for reuse: parsing a URL and building
+# an endpoint for it (IDNA checks of the host, twice) was an eighth of a delivery's CPU.
+# Routes are few; the bound keeps a stream of changing URLs from growing the caches.
+PARSED_URLS_KEPT = 1024
 
 # Redis error replies that describe a passing state of the server rather than a
 # mistake in the command: a retry a little later is expected to succeed.
@@ -102,6 +107,7 @@ class Publisher:
         no_cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
         agent = Agent.usingEndpointFactory(reactor, _NoDelayEndpoints(reactor), pool=self._pool)
         self._http = treq.client.HTTPClient(agent, no_cookies)
+        self._urls: dict[str, EncodedURL] = {}
         self._redis: dict[str, _RedisLink] = {}
         self._limits: dict[str, defer.DeferredSemaphore] = {}
         self._in_flight = 0
@@ -193,8 +199,9 @@ class Publisher:
             "X-TimeMachine-Attempt": str(attempt),
             "Idempotency-Key": job.idempotency_key,
         }
+        url = _kept(self._urls, route.webhook_url, EncodedURL.from_text)
         request = self._http.post(
-            route.webhook_url,
+            url,
             data=_BytesProducer(job.meta.encode("utf-8")),
             headers=headers,
             allow_redirects=False,
@@ -349,12 +356,29 @@ class _NoDelayEndpoints:
     def __init__(self, reactor):
         self._reactor = reactor
         self._tls = BrowserLikePolicyForHTTPS()
+        self._endpoints: dict[tuple[bytes, bytes, int], _NoDelayEndpoint] = {}
 
     def endpointForURI(self, uri):
-        endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port)
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        return _kept(self._endpoints, (uri.scheme, uri.host, uri.port), self._endpoint)
+
+    def _endpoint(self, key: tuple[bytes, bytes, int]) -> _NoDelayEndpoint:
+        # Reusable: each connect resolves the host anew.
+        scheme, host, port = key
+        endpoint = HostnameEndpoint(self._reactor, host, port)
+        if scheme == b"https":
+            endpoint = wrapClientTLS(self._tls.creatorForNetloc(host, port), endpoint)
         return _NoDelayEndpoint(endpoint)
+
+
+def _kept(cache: dict, key, make):
+    """``cache[key]``, made by ``make(key)`` if absent; the cache starts over once it
+    holds `PARSED_URLS_KEPT` entries."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= PARSED_URLS_KEPT:
+            cache.clear()
+        value = cache[key] = make(key)
+    return value
 
 
 def _read_prefix(response, limit: int) -> defer.Deferred:
