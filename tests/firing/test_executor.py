@@ -27,6 +27,8 @@ from timemachine.metrics import Metrics
 
 ROUTE = Route("hook", "http", webhook_url="http://127.0.0.1:9/", max_attempts=3, backoff_ms=100)
 START_MS = 1_800_000_000_000
+# Outcomes proposed as each delivery ends (the batching has tests of its own).
+AT_ONCE = {"outcome_batch_seconds": 0}
 
 
 @implementer(IPublisher)
@@ -89,6 +91,21 @@ class LeaseLapsingLog(OutcomeRefusingLog):
         return self.lease
 
 
+class ProposalRecordingLog(OutcomeRefusingLog):
+    """The real shard log, noting when (by ``clock``) each outcome is proposed."""
+
+    def __init__(self, log, clock):
+        super().__init__(log)
+        self.refused = 1  # outcomes go through
+        self.clock = clock
+        self.outcomes = []
+
+    def propose(self, command):
+        if isinstance(command, JobOutcome):
+            self.outcomes.append((round(self.clock.seconds() * 1000) - START_MS, command.id))
+        return self._log.propose(command)
+
+
 class ExecutorTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
@@ -111,6 +128,7 @@ class ExecutorTests(unittest.TestCase):
             window_ms=10_000,
             refresh_ms=5_000,
             rng=random.Random(7),
+            **AT_ONCE,
         )
         self.addCleanup(self.executor.stop)
 
@@ -136,6 +154,68 @@ class ExecutorTests(unittest.TestCase):
 
     def fired_ids(self):
         return [job_id for job_id, _, _ in self.publisher.deliveries]
+
+    # ---- outcomes proposed together ----------------------------------------------
+
+    @defer.inlineCallbacks
+    def batching(self):
+        """The executor batching outcomes over 50 ms, over a log noting proposals."""
+        yield self.executor.stop()
+        self.executor = Executor(
+            self.clock, self.publisher, self.routes.get, window_ms=10_000,
+            outcome_batch_seconds=0.05,
+        )
+        self.addCleanup(self.executor.stop)
+        return ProposalRecordingLog(self.log, self.clock)
+
+    @defer.inlineCallbacks
+    def load(self, log):
+        """Add shard 0 over ``log`` and take its window in."""
+        loaded = self.executor.add_shard(0, self.store, log)
+        yield self.store.count()  # queued after the window's read: it is back
+        while not loaded.called:
+            self.clock.advance(0)
+        yield loaded
+
+    @defer.inlineCallbacks
+    def test_outcomes_of_deliveries_ending_within_the_window_are_proposed_together(self):
+        log = yield self.batching()
+        yield self.put("a", 1000)
+        yield self.put("b", 1030)
+        yield self.put("c", 1100)
+        yield self.load(log)
+        self.advance_to(1000)
+        self.advance_to(1030)
+        self.assertEqual(self.fired_ids(), ["a", "b"])
+        self.advance_to(1049)
+        self.assertEqual(log.outcomes, [])
+        self.advance_to(1051)  # 50 ms after the first of them ended
+        self.assertEqual(log.outcomes, [(1051, "a"), (1051, "b")])
+        self.advance_to(1100)
+        self.advance_to(1151)
+        self.assertEqual(log.outcomes[2:], [(1151, "c")])
+        yield self.settle()
+        for job_id in "abc":
+            job = yield self.store.get("c", job_id)
+            self.assertEqual(job.status, JobStatus.FIRED)
+
+    @defer.inlineCallbacks
+    def test_a_handover_or_a_stop_does_not_wait_for_the_window(self):
+        log = yield self.batching()
+        yield self.put("a", 1000)
+        yield self.put("b", 2000)
+        yield self.load(log)
+        self.advance_to(1000)
+        held = self.executor.hold(0)
+        self.assertEqual(log.outcomes, [(1000, "a")])
+        yield held
+        self.executor.release(0)
+        self.advance_to(2000)
+        stopped = self.executor.stop()
+        self.assertEqual(log.outcomes[1:], [(2000, "b")])
+        yield stopped
+        job = yield self.store.get("c", "b")
+        self.assertEqual(job.status, JobStatus.FIRED)
 
     def test_interface(self):
         verifyObject(IExecutor, self.executor)
@@ -380,7 +460,9 @@ class ExecutorTests(unittest.TestCase):
         job = yield self.store.get("c", "swap")
         self.assertEqual((job.version, job.status), (v2.version, JobStatus.FIRED))
         # A restart of firing over the same shard delivers nothing again.
-        restarted = Executor(self.clock, self.publisher, self.routes.get, window_ms=10_000)
+        restarted = Executor(
+            self.clock, self.publisher, self.routes.get, window_ms=10_000, **AT_ONCE
+        )
         self.addCleanup(restarted.stop)
         yield restarted.add_shard(0, self.store, self.log)
         self.clock.advance(1)
@@ -389,7 +471,8 @@ class ExecutorTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_loaded_window_is_taken_in_a_slice_per_reactor_turn(self):
         self.executor = Executor(
-            self.clock, self.publisher, self.routes.get, window_ms=10_000, load_slice=10
+            self.clock, self.publisher, self.routes.get, window_ms=10_000, load_slice=10,
+            **AT_ONCE,
         )
         self.addCleanup(self.executor.stop)
         due = START_MS + 1000
@@ -406,7 +489,8 @@ class ExecutorTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_shards_loading_together_share_the_turns(self):
         self.executor = Executor(
-            self.clock, self.publisher, self.routes.get, window_ms=10_000, load_slice=10
+            self.clock, self.publisher, self.routes.get, window_ms=10_000, load_slice=10,
+            **AT_ONCE,
         )
         self.addCleanup(self.executor.stop)
         other_log = LocalGroup(self.mktemp(), reactor, "shard 1")
@@ -445,7 +529,8 @@ class ExecutorTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_changes_heard_while_a_window_is_taken_in_win_over_the_read(self):
         self.executor = Executor(
-            self.clock, self.publisher, self.routes.get, window_ms=10_000, load_slice=2
+            self.clock, self.publisher, self.routes.get, window_ms=10_000, load_slice=2,
+            **AT_ONCE,
         )
         self.addCleanup(self.executor.stop)
         specs = tuple(JobSpec("c", f"j{i}", START_MS + 1000, "{}", "hook") for i in range(6))

@@ -7,7 +7,12 @@ once; a periodic refresh moves the window forward. Jobs beyond the window stay o
 disk, so memory does not grow with far-future jobs.
 
 A delivery's outcome goes back through the shard log (FIRED / RETRY at t / FAILED):
-a restart neither loses nor repeats a recorded outcome.
+a restart neither loses nor repeats a recorded outcome. The outcomes of deliveries that
+end within ``outcome_batch_seconds`` of each other are proposed together, in one reactor
+turn: each shard's group then carries them in one Raft round (one append, one fsync,
+one store transaction per replica) instead of one round each, which is most of what a
+fire costs the cluster. Until its outcome is recorded a delivery counts as in flight: a
+crash before then repeats it, with the same idempotency key.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ DEFAULT_LOAD_LIMIT = 200_000
 DEFAULT_LOAD_SLICE = 500
 # How soon a due job of a shard whose leader holds no lease right now is tried again.
 LEASE_RETRY_SECONDS = 0.01
+# How long an outcome waits for others to be proposed with. At 500 fires/s on a 3-node
+# cluster (2 cores), 50 ms cut the cluster's CPU from 1.78 to 1.14 cores, 20 ms only to
+# 1.48: a shard gets a few outcomes per batch only once the window spans several of its
+# fires.
+DEFAULT_OUTCOME_BATCH_SECONDS = 0.05
 
 
 def backoff_ms(route: Route, attempt: int, rng: random.Random) -> int:
@@ -111,6 +121,7 @@ class Executor:
         load_limit: int = DEFAULT_LOAD_LIMIT,
         load_slice: int = DEFAULT_LOAD_SLICE,
         rng: random.Random | None = None,
+        outcome_batch_seconds: float = DEFAULT_OUTCOME_BATCH_SECONDS,
     ):
         self._reactor = reactor
         self._publisher = publisher
@@ -138,6 +149,10 @@ class Executor:
         self._firing: dict[tuple[int, tuple[str, str], int], defer.Deferred] = {}
         self._followed: set = set()
         self._stopped = False
+        self._outcome_batch_seconds = outcome_batch_seconds
+        # Outcomes waiting to be proposed together: (shard, outcome, its answer).
+        self._outcomes: list[tuple[_Shard, JobOutcome, defer.Deferred]] = []
+        self._outcome_flush = None
         if metrics is not None:
             # Read when scraped, not recounted after every apply and fire.
             metrics.jobs_in_memory.set_function(self.pending)
@@ -177,6 +192,7 @@ class Executor:
         if state is None:
             return defer.succeed(None)
         state.held = True
+        self._propose_outcomes()
         in_flight = [d for (number, _, _), d in self._firing.items() if number == shard]
         return defer.DeferredList(in_flight, consumeErrors=True).addCallback(lambda _: None)
 
@@ -383,13 +399,35 @@ class Executor:
             delivered = self._publisher.deliver(route, job, attempt)
         firing_key = (state.number, job.key, job.version)
         d = delivered.addCallback(self._outcome, route, job, attempt)
-        d.addCallback(state.log.propose)
+        d.addCallback(self._propose_outcome, state)
         d.addCallback(self._recorded, route)
         d.addErrback(self._not_recorded, state, job)
         # Registered before the last callback, which removes it: the chain may already
         # have run to its end here, or finish much later.
         self._firing[firing_key] = d
         d.addBoth(self._done_firing, firing_key)
+
+    def _propose_outcome(self, outcome: JobOutcome, state: _Shard) -> defer.Deferred:
+        """Propose ``outcome`` with the others that come within the batch window."""
+        if self._outcome_batch_seconds <= 0 or state.held or self._stopped:
+            # Nothing to wait for once a handover or a stop waits on this outcome.
+            return state.log.propose(outcome)
+        answer = defer.Deferred()
+        self._outcomes.append((state, outcome, answer))
+        if self._outcome_flush is None:
+            self._outcome_flush = self._reactor.callLater(
+                self._outcome_batch_seconds, self._propose_outcomes
+            )
+        return answer
+
+    def _propose_outcomes(self) -> None:
+        """Propose the outcomes waiting, now."""
+        if self._outcome_flush is not None and self._outcome_flush.active():
+            self._outcome_flush.cancel()
+        self._outcome_flush = None
+        outcomes, self._outcomes = self._outcomes, []
+        for state, outcome, answer in outcomes:
+            state.log.propose(outcome).chainDeferred(answer)
 
     def _done_firing(self, _, firing_key):
         self._firing.pop(firing_key, None)
@@ -440,5 +478,6 @@ class Executor:
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._refresher = None
+        self._propose_outcomes()
         in_flight = list(self._firing.values())
         return defer.DeferredList(in_flight, consumeErrors=True).addCallback(lambda _: None)
