@@ -1277,8 +1277,6 @@ class RaftGroup:
         if self._sending is not None:
             self._sending.data.close()
             self._sending = None
-        if self._led_term is not None:
-            self._led_term = None
-            self._tell_leadership(False)
+        self._notify_leadership()  # closed: no longer leading, if it was
         yield self._disk.close()
         yield self._store.close()
