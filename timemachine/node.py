@@ -319,16 +319,17 @@ class Node(service.Service):
         self._follow_members()
         self.host.start()
         self.publisher = Publisher(self.reactor)
+        self.coordinator = Coordinator(
+            self.reactor, self.node_id, None, self.shard_logs, self.meta_log,
+            self.cluster_store, self.metrics, unavailable_shards=self.unavailable_shards,
+        )
         self.executor = Executor(
             self.reactor,
             self.publisher,
             self.cluster_store.route,
             metrics=self.metrics,
+            current_routes=self.coordinator.meta_read_barrier,
             **self.executor_options,
-        )
-        self.coordinator = Coordinator(
-            self.reactor, self.node_id, None, self.shard_logs, self.meta_log,
-            self.cluster_store, self.metrics, unavailable_shards=self.unavailable_shards,
         )
         self.coordinator.forwarding = self.forwarding
         self.coordinator.serve_listings(self.network)

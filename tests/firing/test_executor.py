@@ -20,7 +20,7 @@ from timemachine.domain.commands import DeleteJob, JobOutcome, PutJobs
 from timemachine.domain.errors import Unavailable
 from timemachine.domain.jobs import JobSpec, JobStatus
 from timemachine.domain.routes import MAX_BACKOFF_MS, Route
-from timemachine.firing.executor import Executor, backoff_ms
+from timemachine.firing.executor import ROUTE_RETRY_SECONDS, Executor, backoff_ms
 from timemachine.firing.publisher import Delivered, Failed, RetryLater
 from timemachine.interfaces import IExecutor, IPublisher
 from timemachine.metrics import Metrics
@@ -349,6 +349,74 @@ class ExecutorTests(unittest.TestCase):
         self.assertEqual(orphan.status, JobStatus.FAILED)
         self.assertIn("nowhere", orphan.last_error)
         self.assertEqual(self.fired_ids(), ["refused"])
+
+    @defer.inlineCallbacks
+    def asking_the_meta_group(self, answers):
+        """The executor over routes this node may not have caught up with: each
+        `current_routes` call takes the next of ``answers`` (a Deferred or a Failure)."""
+        yield self.executor.stop()
+        self.barriers = 0
+
+        def current_routes():
+            self.barriers += 1
+            answer = answers.pop(0)
+            return defer.fail(answer) if isinstance(answer, Exception) else answer
+
+        self.executor = Executor(
+            self.clock, self.publisher, self.routes.get, current_routes=current_routes,
+            window_ms=10_000, **AT_ONCE,
+        )
+        self.addCleanup(self.executor.stop)
+        yield self.executor.add_shard(0, self.store, self.log)
+
+    @defer.inlineCallbacks
+    def test_a_route_not_applied_here_yet_is_learnt_before_the_job_fires(self):
+        caught_up = defer.Deferred()
+        yield self.asking_the_meta_group([caught_up])
+        yield self.put("j", 0, route="late")
+        self.clock.advance(0)
+        self.assertEqual((self.barriers, self.fired_ids()), (1, []))
+        # The meta group's state reaches this node: the route was there all along.
+        late = Route("late", "http", webhook_url="http://127.0.0.1:9/")
+        self.routes[late.id] = late
+        caught_up.callback(None)
+        yield self.settle()
+        self.assertEqual(self.fired_ids(), ["j"])
+        job = yield self.store.get("c", "j")
+        self.assertEqual(job.status, JobStatus.FIRED)
+
+    @defer.inlineCallbacks
+    def test_a_route_the_meta_group_confirms_gone_fails_the_job(self):
+        yield self.asking_the_meta_group([defer.succeed(None)])
+        yield self.put("orphan", 0, route="nowhere")
+        self.clock.advance(0)
+        yield self.settle()
+        job = yield self.store.get("c", "orphan")
+        self.assertEqual((job.status, job.last_error),
+                         (JobStatus.FAILED, "route 'nowhere' does not exist"))
+        self.assertEqual((self.barriers, self.fired_ids()), (1, []))
+
+    @defer.inlineCallbacks
+    def test_a_route_that_cannot_be_confirmed_leaves_the_job_scheduled(self):
+        yield self.asking_the_meta_group(
+            [Unavailable("meta has no leader now; retry"), defer.succeed(None)]
+        )
+        yield self.put("j", 0, route="late")
+        self.clock.advance(0)
+        yield self.settle()
+        job = yield self.store.get("c", "j")
+        self.assertEqual((job.status, job.attempts), (JobStatus.SCHEDULED, 0))
+        self.clock.advance(ROUTE_RETRY_SECONDS / 2)
+        self.assertEqual(self.barriers, 1)
+        late = Route("late", "http", webhook_url="http://127.0.0.1:9/")
+        self.routes[late.id] = late
+        self.clock.advance(ROUTE_RETRY_SECONDS / 2)
+        yield self.store.count()  # the job read back
+        self.clock.advance(0)
+        yield self.settle()
+        self.assertEqual(self.fired_ids(), ["j"])
+        job = yield self.store.get("c", "j")
+        self.assertEqual((job.status, job.attempts), (JobStatus.FIRED, 1))
 
     @defer.inlineCallbacks
     def test_refresh_does_not_fire_a_job_in_flight_twice(self):

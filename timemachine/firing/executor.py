@@ -54,6 +54,9 @@ LEASE_RETRY_SECONDS = 0.01
 # 1.48: a shard gets a few outcomes per batch only once the window spans several of its
 # fires.
 DEFAULT_OUTCOME_BATCH_SECONDS = 0.05
+# How soon a due job whose route this node does not know, and could not confirm gone
+# with the meta group (see `Executor`), is looked at again.
+ROUTE_RETRY_SECONDS = 1.0
 
 
 def backoff_ms(route: Route, attempt: int, rng: random.Random) -> int:
@@ -85,6 +88,10 @@ class _Shard:
     changed_during_loads: list[set[tuple[str, str]]] = field(default_factory=list)
 
 
+# A delivery that did not take place, so there is no outcome to record.
+_NOT_FIRED = object()
+
+
 def _one_step() -> bool:
     """The loader's turn is over after one slice."""
     return True
@@ -106,6 +113,14 @@ class Executor:
 
     ``route_of(route_id)`` returns the current `Route` or None. ``metrics`` is a
     `timemachine.metrics.Metrics` or None.
+
+    ``current_routes()``, if given, fires once ``route_of`` answers from routes as
+    current as the meta group's (a read barrier), or fails. This node's copy of the
+    routes can lag: a route acknowledged elsewhere is applied here a little later, and
+    a meta leader cut off right after a commit leaves its followers without it until
+    the next leader commits. A job whose route is missing here therefore fails only
+    once the barrier confirms the route is gone; when it cannot, the job is not fired
+    and is looked at again after `ROUTE_RETRY_SECONDS`.
     """
 
     log = Logger()
@@ -122,10 +137,12 @@ class Executor:
         load_slice: int = DEFAULT_LOAD_SLICE,
         rng: random.Random | None = None,
         outcome_batch_seconds: float = DEFAULT_OUTCOME_BATCH_SECONDS,
+        current_routes=None,
     ):
         self._reactor = reactor
         self._publisher = publisher
         self._route_of = route_of
+        self._current_routes = current_routes
         self._metrics = metrics
         self._window_ms = window_ms
         self._refresh_ms = refresh_ms
@@ -393,19 +410,66 @@ class Executor:
             self._metrics.firing_lateness.observe(max(0, now_ms - job.due_ms) / 1000)
         attempt = job.attempts + 1
         route = self._route_of(job.route)
-        if route is None:
-            delivered = defer.succeed(None)
+        if route is None and self._current_routes is not None:
+            d = self._current_routes().addCallbacks(
+                lambda _: self._deliver(self._route_of(job.route), job, attempt),
+                self._routes_not_confirmed, errbackArgs=(state, job),
+            )
         else:
-            delivered = self._publisher.deliver(route, job, attempt)
+            d = self._deliver(route, job, attempt)
         firing_key = (state.number, job.key, job.version)
-        d = delivered.addCallback(self._outcome, route, job, attempt)
-        d.addCallback(self._propose_outcome, state)
-        d.addCallback(self._recorded, route)
+        d.addCallback(self._propose_outcome_of, state)
         d.addErrback(self._not_recorded, state, job)
         # Registered before the last callback, which removes it: the chain may already
         # have run to its end here, or finish much later.
         self._firing[firing_key] = d
         d.addBoth(self._done_firing, firing_key)
+
+    def _deliver(self, route: Route | None, job: Job, attempt: int) -> defer.Deferred:
+        """Deliver ``job`` (a missing route fails it); fire with ``(route, outcome)``."""
+        if route is None:
+            delivered = defer.succeed(None)
+        else:
+            delivered = self._publisher.deliver(route, job, attempt)
+        return delivered.addCallback(
+            lambda result: (route, self._outcome(result, route, job, attempt))
+        )
+
+    def _routes_not_confirmed(self, failure, state: _Shard, job: Job):
+        """The meta group could not confirm that ``job``'s route is gone: the job stays
+        scheduled, and its current version is read back after `ROUTE_RETRY_SECONDS`."""
+        self.log.warn(
+            "route {route!r} of {key} is unknown on this node and the meta group could "
+            "not be asked ({error}); looking again in {seconds} s",
+            route=job.route, key=job.idempotency_key, error=failure.getErrorMessage(),
+            seconds=ROUTE_RETRY_SECONDS,
+        )
+        self._reactor.callLater(ROUTE_RETRY_SECONDS, self._read_back, state.number, job.key)
+        return _NOT_FIRED
+
+    @defer.inlineCallbacks
+    def _read_back(self, shard: int, key: tuple[str, str]):
+        """Hold ``key`` again as the store has it now (the shard log may have changed
+        it), if this node still leads ``shard``; else its next leader loads it."""
+        state = self._shards.get(shard)
+        if state is None or self._stopped:
+            return
+        try:
+            job = yield state.store.get(*key)
+        except Exception:
+            state.reload_all = True  # the next refresh reads the whole window
+            self.log.failure("reading {key} back failed", key=key)
+            return
+        if job is not None and state.active and not self._stopped:
+            self._place(state, job)
+            self._arm()
+
+    def _propose_outcome_of(self, delivered, state: _Shard):
+        """Record the outcome of a delivery (none when it did not take place)."""
+        if delivered is _NOT_FIRED:
+            return None
+        route, outcome = delivered
+        return self._propose_outcome(outcome, state).addCallback(self._recorded, route)
 
     def _propose_outcome(self, outcome: JobOutcome, state: _Shard) -> defer.Deferred:
         """Propose ``outcome`` with the others that come within the batch window."""
