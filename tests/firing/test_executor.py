@@ -457,6 +457,31 @@ class ExecutorTests(unittest.TestCase):
         self.assertEqual(job.status, JobStatus.FIRED)
 
     @defer.inlineCallbacks
+    def test_an_outcome_lost_while_leadership_came_back_fires_again(self):
+        log = OutcomeRefusingLog(self.log)
+        self.publisher.held = defer.Deferred()
+        yield self.executor.add_shard(0, self.store, log)
+        yield self.put("unlucky", 1000)
+        self.advance_to(1000)
+        self.assertEqual(self.executor.in_flight(), 1)
+        # Leadership lost and won back while the delivery is out: the window loaded
+        # again leaves the job to the delivery in flight.
+        self.executor.remove_shard(0)
+        yield self.load(log)
+        held, self.publisher.held = self.publisher.held, None
+        held.callback(Delivered())
+        yield self.settle()
+        self.assertEqual(len(self.flushLoggedErrors(Unavailable)), 1)
+        # Its outcome was refused: the next refresh reads the whole window again.
+        self.advance_to(1000 + 5_000)
+        yield self.settle()
+        self.clock.advance(0)
+        yield self.settle()
+        self.assertEqual(self.fired_ids(), ["unlucky", "unlucky"])
+        job = yield self.store.get("c", "unlucky")
+        self.assertEqual(job.status, JobStatus.FIRED)
+
+    @defer.inlineCallbacks
     def test_nothing_fires_while_the_lease_is_lapsed(self):
         log = LeaseLapsingLog(self.log)
         yield self.executor.add_shard(0, self.store, log)

@@ -526,8 +526,12 @@ class Executor:
 
     def _not_recorded(self, failure, state: _Shard, job: Job):
         # The job stays scheduled in the store: the next refresh of a leader loads it
-        # and fires it again with the same Idempotency-Key, so nothing is lost.
-        state.reload_all = True
+        # and fires it again with the same Idempotency-Key, so nothing is lost. This
+        # node may lead the shard again by now, with a window loaded without the job
+        # (it was in flight): that is the one to read whole again.
+        current = self._shards.get(state.number)
+        if current is not None:
+            current.reload_all = True
         self.log.failure(
             "outcome of {key} v{version} was not recorded",
             failure,
