@@ -348,6 +348,13 @@ class ThreeMemberTests(RaftGroupTestCase):
         self.assertEqual(told[self.leader(others).node_id], [True])
 
     @defer.inlineCallbacks
+    def test_a_leader_that_closes_is_reported_no_longer_leading(self):
+        members, told = yield self._started_and_heard()
+        leader = self.leader(members)
+        yield leader.stop()
+        self.assertEqual(told[leader.node_id], [True, False])
+
+    @defer.inlineCallbacks
     def test_a_wait_for_another_leader_ends_when_the_transfer_gives_up(self):
         link, members = yield self.start_all()
         leader = self.leader(members)
