@@ -200,10 +200,6 @@ class Progress:
         # The heartbeat round current when the last append went out: a heartbeat
         # answer of a later round was sent after that append arrived (or was lost).
         self.append_round = 0
-        # The highest commit index this follower was told of (and can act on: capped
-        # at what the message's entries / its match reach), so the leader knows when a
-        # commit advance still has to be passed on.
-        self.sent_commit = 0
 
     def __repr__(self) -> str:
         return (
@@ -1056,12 +1052,14 @@ class RaftCore:
                 self._send_append(n)
 
     def _bcast_commit(self) -> None:
-        """The commit index advanced: tell the followers (etcd's ``bcastAppend``), frugally.
+        """The commit index advanced: tell the followers, frugally.
 
         Entries waiting to be sent carry it, and followers still probing get their
-        probe as before. A replicating follower with appends in flight gets nothing
-        now: `_maybe_send_commit` tells it when it acknowledges them (so under load the
-        commit index rides on the entries, and one empty append follows the last ack).
+        probe as before. A replicating follower with nothing new to receive learns it
+        from the next heartbeat (or append): no client waits on a follower's apply
+        (reads go through the leader, and a follower's read barrier is confirmed by a
+        heartbeat round that carries the commit index), while an empty append and its
+        answer per follower per agreement cost the cluster a third of its messages.
         """
         last = self.log.last_index()
         for n, pr in self.prs.items():
@@ -1071,18 +1069,6 @@ class RaftCore:
                 self._send_append(n)
             elif pr.next <= last:
                 self._send_append(n, send_if_empty=False)
-            else:
-                self._maybe_send_commit(n, pr)
-
-    def _maybe_send_commit(self, to: NodeId, pr: Progress) -> None:
-        """An empty append carrying the commit index, if ``to`` (replicating, with no
-        append in flight) can act on a commit index it was not told yet."""
-        if (
-            pr.state is ProgressState.REPLICATE
-            and not pr.inflights
-            and min(self.log.committed, pr.match) > pr.sent_commit
-        ):
-            self._send_append(to)
 
     def _send_append(self, to: NodeId, send_if_empty: bool = True) -> bool:
         pr = self.prs[to]
@@ -1105,8 +1091,6 @@ class RaftCore:
             commit=self.log.committed,
         )
         pr.append_round = self._hb_round
-        # The follower commits up to the last entry this append makes it match.
-        pr.sent_commit = max(pr.sent_commit, min(self.log.committed, prev + len(ents)))
         if pr.state is ProgressState.REPLICATE:
             if ents:
                 last = ents[-1].index
@@ -1193,8 +1177,6 @@ class RaftCore:
         # Pipelining: keep sending while the window has room.
         while m.frm in self.prs and self._send_append(m.frm, send_if_empty=False):
             pass
-        if m.frm in self.prs:
-            self._maybe_send_commit(m.frm, pr)
         if m.frm == self.lead_transferee and pr.match == self.log.last_index():
             self._send_timeout_now(m.frm)
 
@@ -1262,7 +1244,6 @@ class RaftCore:
         for n, pr in self.prs.items():
             if n != self.id:
                 commit = min(pr.match, self.log.committed)
-                pr.sent_commit = max(pr.sent_commit, commit)
                 self._send(MT.HEARTBEAT, n, commit=commit, context=ctx)
 
     def _quorum_round(self) -> int | None:
