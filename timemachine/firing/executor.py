@@ -444,7 +444,10 @@ class Executor:
             route=job.route, key=job.idempotency_key, error=failure.getErrorMessage(),
             seconds=ROUTE_RETRY_SECONDS,
         )
-        self._reactor.callLater(ROUTE_RETRY_SECONDS, self._read_back, state.number, job.key)
+        if not self._stopped:  # else the shard's next leader loads it
+            self._reactor.callLater(
+                ROUTE_RETRY_SECONDS, self._read_back, state.number, job.key
+            )
         return _NOT_FIRED
 
     @defer.inlineCallbacks
