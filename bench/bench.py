@@ -10,7 +10,8 @@ End to end it:
    webhook receiver (bench/receiver.py) and creates a route pointing at it;
 2. runs wrk with bench/create.lua (single creates, keep-alive) against the node (with
    several targets, one wrk per target at once, the connections shared out) and
-   against bench/noop_server.py, and prints both rates and their ratio;
+   against bench/noop_server.py, and prints both rates, their ratio, and the CPU
+   each spent per request (summed over ``--cluster-pids`` for a cluster);
 3. posts batches of 500 jobs from a few keep-alive connections (jobs/s), each batch
    to a target picked at random;
 4. schedules jobs to fire over a few seconds and measures, at the receiver, how late
@@ -177,6 +178,20 @@ def cpu_seconds(pid: int | None, main_thread_only: bool = False) -> float | None
         return None
     # utime and stime are fields 14 and 15 of stat(5); [0] here is field 3.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def total_cpu_seconds(pids: list[int]) -> float | None:
+    """CPU seconds used so far by all of ``pids`` (None if one cannot be read)."""
+    seconds = [cpu_seconds(pid) for pid in pids]
+    return None if not seconds or None in seconds else sum(seconds)
+
+
+def cpu_ms_per_request(pids: list[int], before: float | None, requests: int | None):
+    """Milliseconds of CPU ``pids`` spent per request since ``before`` (their total)."""
+    after = total_cpu_seconds(pids)
+    if before is None or after is None or not requests:
+        return None
+    return round((after - before) * 1000 / requests, 3)
 
 
 def node_metrics(base: str) -> dict[str, float]:
@@ -889,6 +904,15 @@ def print_report(report: dict) -> None:
         )
         p(f"   ratio : node = {fmt_num(ratio and ratio * 100)}% of no-op   "
           f"(target >= {TARGET_CREATE_RATIO:.0%} and >= {TARGET_CREATE_RPS:,}/s) {verdict(met)}")
+        node_cpu = creates.get("node", {}).get("cpu_ms_per_request")
+        noop_cpu = creates.get("noop", {}).get("cpu_ms_per_request")
+        if node_cpu and noop_cpu:
+            processes = creates["node"]["cpu_processes"]
+            # Rates follow the machine's speed; the multiple of the no-op's CPU far
+            # less: compare it across runs made on different days.
+            p(f"   cpu   : {node_cpu:.2f} ms of CPU per create over {processes} node "
+              f"process{'es' if processes > 1 else ''}; the no-op spends {noop_cpu:.2f} ms "
+              f"per request ({node_cpu / noop_cpu:.1f} times as much)")
 
     b = report.get("batches")
     p("")
@@ -999,6 +1023,9 @@ def parse_args(argv):
                         "each request to one of them at random")
     parser.add_argument("--target-pid", type=int, help="PID of the first --target, to read "
                         "its RSS and CPU")
+    parser.add_argument("--cluster-pids", type=lambda text: [int(p) for p in text.split(",")],
+                        help="PIDs of every node of the --target cluster, comma-separated: "
+                        "CPU per create is summed over them (default: --target-pid)")
     parser.add_argument("--python", help="interpreter for the node and helper processes "
                         "(default: this one if it has twisted+klein, else $TM_BENCH_PYTHON, "
                         "./.venv or /work/venv)")
@@ -1093,13 +1120,21 @@ def run(args, tmp: Path, children: list[Child], report: dict) -> None:
     else:
         log(f"wrk against the node for {args.wrk_duration} s")
         probe = Probe(base, node_pid)
+        cluster_pids = args.cluster_pids or ([node_pid] if node_pid else [])
+        cluster_cpu = total_cpu_seconds(cluster_pids)
         creates["node"] = run_wrk(bases, route, f"w-{run_id}", args)
         creates["node"]["node"] = probe.done(creates["node"].get("requests"))
+        creates["node"]["cpu_ms_per_request"] = cpu_ms_per_request(
+            cluster_pids, cluster_cpu, creates["node"].get("requests"))
+        creates["node"]["cpu_processes"] = len(cluster_pids)
         log(f"wrk against the no-op server for {args.wrk_duration} s")
         noop, noop_base = start_noop(python, tmp)
         children.append(noop)
         try:
+            noop_cpu = total_cpu_seconds([noop.pid])
             creates["noop"] = run_wrk([noop_base], route, f"w-{run_id}", args)
+            creates["noop"]["cpu_ms_per_request"] = cpu_ms_per_request(
+                [noop.pid], noop_cpu, creates["noop"].get("requests"))
         finally:
             noop.stop()
         node_rps = creates["node"].get("requests_per_s")

@@ -296,7 +296,9 @@ def main():
         print(f"cluster: 3 nodes, {args.shards} shards, 3 replicas; requests to all three")
         bench = [sys.executable, os.path.join(REPO, "bench", "bench.py"),
                  "--target", ",".join(node.url for node in nodes),
-                 "--target-pid", str(nodes[0].process.pid), "--far-future", "0"]
+                 "--target-pid", str(nodes[0].process.pid),
+                 "--cluster-pids", ",".join(str(node.process.pid) for node in nodes),
+                 "--far-future", "0"]
         if args.quick:
             bench.append("--quick")
         bench.extend(args.bench_args)
