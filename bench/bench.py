@@ -180,18 +180,23 @@ def cpu_seconds(pid: int | None, main_thread_only: bool = False) -> float | None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def total_cpu_seconds(pids: list[int]) -> float | None:
-    """CPU seconds used so far by all of ``pids`` (None if one cannot be read)."""
-    seconds = [cpu_seconds(pid) for pid in pids]
-    return None if not seconds or None in seconds else sum(seconds)
+class CpuMeter:
+    """The CPU a set of processes spends from now on, summed over them."""
 
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self.start = self._total()
 
-def cpu_ms_per_request(pids: list[int], before: float | None, requests: int | None):
-    """Milliseconds of CPU ``pids`` spent per request since ``before`` (their total)."""
-    after = total_cpu_seconds(pids)
-    if before is None or after is None or not requests:
-        return None
-    return round((after - before) * 1000 / requests, 3)
+    def _total(self) -> float | None:
+        seconds = [cpu_seconds(pid) for pid in self.pids]
+        return None if not seconds or None in seconds else sum(seconds)
+
+    def ms_per(self, requests: int | None) -> float | None:
+        """Milliseconds of CPU per request since the meter was made (None: unknown)."""
+        now = self._total()
+        if self.start is None or now is None or not requests:
+            return None
+        return round((now - self.start) * 1000 / requests, 3)
 
 
 def node_metrics(base: str) -> dict[str, float]:
@@ -1120,21 +1125,18 @@ def run(args, tmp: Path, children: list[Child], report: dict) -> None:
     else:
         log(f"wrk against the node for {args.wrk_duration} s")
         probe = Probe(base, node_pid)
-        cluster_pids = args.cluster_pids or ([node_pid] if node_pid else [])
-        cluster_cpu = total_cpu_seconds(cluster_pids)
+        cluster_cpu = CpuMeter(args.cluster_pids or ([node_pid] if node_pid else []))
         creates["node"] = run_wrk(bases, route, f"w-{run_id}", args)
         creates["node"]["node"] = probe.done(creates["node"].get("requests"))
-        creates["node"]["cpu_ms_per_request"] = cpu_ms_per_request(
-            cluster_pids, cluster_cpu, creates["node"].get("requests"))
-        creates["node"]["cpu_processes"] = len(cluster_pids)
+        creates["node"]["cpu_ms_per_request"] = cluster_cpu.ms_per(creates["node"].get("requests"))
+        creates["node"]["cpu_processes"] = len(cluster_cpu.pids)
         log(f"wrk against the no-op server for {args.wrk_duration} s")
         noop, noop_base = start_noop(python, tmp)
         children.append(noop)
         try:
-            noop_cpu = total_cpu_seconds([noop.pid])
+            noop_cpu = CpuMeter([noop.pid])
             creates["noop"] = run_wrk([noop_base], route, f"w-{run_id}", args)
-            creates["noop"]["cpu_ms_per_request"] = cpu_ms_per_request(
-                [noop.pid], noop_cpu, creates["noop"].get("requests"))
+            creates["noop"]["cpu_ms_per_request"] = noop_cpu.ms_per(creates["noop"].get("requests"))
         finally:
             noop.stop()
         node_rps = creates["node"].get("requests_per_s")
