@@ -348,15 +348,17 @@ class _QuietSite(Site):
 
 
 class HTTPReceiver:
-    """A webhook receiver on 127.0.0.1 that records requests and answers from a script.
+    """A webhook receiver on 127.0.0.1 (or another interface) that records requests
+    and answers from a script.
 
     By default every request gets ``200`` with an empty body; `script` queues the
     answers for one path, e.g. ``receiver.script("/hook", [500, 200])`` answers 500,
     then 200, then the default again.
     """
 
-    def __init__(self, reactor):
+    def __init__(self, reactor, interface: str = "127.0.0.1"):
         self._reactor = reactor
+        self._interface = interface
         self._scripts: dict[str, list[Reply]] = {}
         self._waiters: list[tuple[int, defer.Deferred]] = []
         self._tracker = _ConnectionTracker(_QuietSite(_Recorder(self)))
@@ -365,8 +367,8 @@ class HTTPReceiver:
         self.held: list = []  # twisted.web requests waiting for `release`
 
     def start(self) -> None:
-        """Listen on a free port of 127.0.0.1."""
-        self._port = self._reactor.listenTCP(0, self._tracker, interface="127.0.0.1")
+        """Listen on a free port of its interface (127.0.0.1 unless told)."""
+        self._port = self._reactor.listenTCP(0, self._tracker, interface=self._interface)
 
     @property
     def port(self) -> int:
@@ -380,7 +382,8 @@ class HTTPReceiver:
 
     def url(self, path: str = "/") -> str:
         """The URL of ``path`` on this receiver."""
-        return f"http://127.0.0.1:{self.port}{path}"
+        host = f"[{self._interface}]" if ":" in self._interface else self._interface
+        return f"http://{host}:{self.port}{path}"
 
     def script(self, path: str, replies: list[int | Reply]) -> None:
         """Queue the answers to the next requests for ``path`` (an int is a status)."""

@@ -7,7 +7,10 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 
 from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IHostnameResolver
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.support import HOLD, HTTPReceiver, RedisServer, Reply, free_port
@@ -158,6 +161,56 @@ class HTTPDeliveryTests(PublisherTestCase):
         self.assertEqual(await self.publisher.deliver(after, make_job(), 1), Delivered())
         self.assertEqual([r.path for r in self.receiver.requests], ["/hook"])
         self.assertEqual([r.path for r in other.requests], ["/moved"])
+
+    def _record_resolutions(self) -> list[str]:
+        """The host names the reactor's resolver is asked for from now on."""
+        asked: list[str] = []
+        resolver = reactor.nameResolver
+
+        @implementer(IHostnameResolver)
+        class Recording:
+            def resolveHostName(self, receiver, hostName, *args, **kwargs):
+                asked.append(hostName)
+                return resolver.resolveHostName(receiver, hostName, *args, **kwargs)
+
+        reactor.installNameResolver(Recording())
+        self.addCleanup(reactor.installNameResolver, resolver)
+        return asked
+
+    async def test_an_address_is_connected_to_without_resolving_it(self):
+        asked = self._record_resolutions()
+        v6 = HTTPReceiver(reactor, interface="::1")
+        v6.start()
+        self.addCleanup(v6.stop)
+        for url in (self.receiver.url("/hook"), v6.url("/six")):
+            outcome = await self.publisher.deliver(http_route(url), make_job(), 1)
+            self.assertEqual(outcome, Delivered())
+        self.assertEqual([r.path for r in self.receiver.requests], ["/hook"])
+        self.assertEqual([r.path for r in v6.requests], ["/six"])
+        self.assertEqual(asked, [])
+
+    async def test_a_host_name_is_resolved(self):
+        asked = self._record_resolutions()
+        url = self.receiver.url("/hook").replace("127.0.0.1", "localhost")
+        self.assertEqual(await self.publisher.deliver(http_route(url), make_job(), 1), Delivered())
+        self.assertEqual([r.path for r in self.receiver.requests], ["/hook"])
+        self.assertEqual(asked, ["localhost"])
+
+    async def test_connections_are_not_logged_one_by_one(self):
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        route = http_route(self.receiver.url("/hook"), max_in_flight=4)
+        self.receiver.script("/hook", [HOLD] * 4)
+        held = [self.publisher.deliver(route, make_job(f"j{n}"), 1) for n in range(4)]
+        await self.receiver.wait_for(4)
+        for _ in range(4):
+            self.receiver.release(200)
+        await defer.gatherResults(held)
+        await self.publisher.close()
+        self.assertEqual(self.receiver.connections, 4)
+        factories = [e for e in events if "factory" in e.get("log_format", "")]
+        self.assertEqual(factories, [])
 
     async def _probe(self) -> None:
         """Deliver through another route and wait for it: by then, any request the

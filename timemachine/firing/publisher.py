@@ -24,7 +24,13 @@ import txredisapi
 from hyperlink import EncodedURL
 from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -199,7 +205,7 @@ class Publisher:
             "X-TimeMachine-Attempt": str(attempt),
             "Idempotency-Key": job.idempotency_key,
         }
-        url = _kept(self._urls, route.webhook_url, EncodedURL.from_text)
+        url = _kept(self._urls, route.webhook_url, _webhook_url)
         request = self._http.post(
             url,
             data=_BytesProducer(job.meta.encode("utf-8")),
@@ -342,6 +348,10 @@ class _NoDelayEndpoint:
         self._endpoint = endpoint
 
     def connect(self, factory):
+        # Not a log line at info for each connection opened and closed: under load
+        # that is two blocking writes on the reactor per new connection.
+        factory.noisy = False
+
         def no_delay(protocol):
             protocol.transport.setTcpNoDelay(True)
             return protocol
@@ -362,12 +372,36 @@ class _NoDelayEndpoints:
         return _kept(self._endpoints, (uri.scheme, uri.host, uri.port), self._endpoint)
 
     def _endpoint(self, key: tuple[bytes, bytes, int]) -> _NoDelayEndpoint:
-        # Reusable: each connect resolves the host anew.
         scheme, host, port = key
-        endpoint = HostnameEndpoint(self._reactor, host, port)
+        text = host.decode("ascii", "replace")
+        # A HostnameEndpoint resolves even an address through the reactor's thread
+        # pool, on every connect: under load a burst of new connections then starts
+        # pool threads, which held the reactor (and every job due) for up to 0.2 s.
+        if isIPAddress(text):
+            endpoint = TCP4ClientEndpoint(self._reactor, text, port)
+        elif isIPv6Address(text):
+            endpoint = TCP6ClientEndpoint(self._reactor, text, port)
+        else:
+            # Reusable: each connect resolves the host anew.
+            endpoint = HostnameEndpoint(self._reactor, host, port)
         if scheme == b"https":
             endpoint = wrapClientTLS(self._tls.creatorForNetloc(host, port), endpoint)
         return _NoDelayEndpoint(endpoint)
+
+
+class _IPv6HostURL(EncodedURL):
+    """A URL whose host is an IPv6 address, which treq can send to: treq encodes every
+    URL with ``to_uri``, and hyperlink's IDNA-encodes the host, refusing an address
+    (hyperlink issue 68). An address needs no encoding: the rest is encoded alone."""
+
+    def to_uri(self) -> EncodedURL:
+        host = self.host
+        return EncodedURL.to_uri(self.replace(host="ipv6.invalid")).replace(host=host)
+
+
+def _webhook_url(text: str) -> EncodedURL:
+    url = EncodedURL.from_text(text)
+    return _IPv6HostURL.from_text(text) if ":" in url.host else url
 
 
 def _kept(cache: dict, key, make):
