@@ -33,11 +33,20 @@ from timemachine.storage.iothread import IOThread
 # inside SQLAlchemy's transaction: executing a Core statement costs ~100 us of Python
 # per call (cache-key build, events, result setup) against ~15 us for SQLite itself.
 _NAMED_PARAMS = sqlite_dialect.dialect(paramstyle="named")
+_POSITIONAL_PARAMS = sqlite_dialect.dialect(paramstyle="qmark")
 
 
 def compiled(statement) -> str:
     """The SQL text of a Core statement, with ``:name`` parameters."""
     return str(statement.compile(dialect=_NAMED_PARAMS))
+
+
+def compiled_positional(statement) -> tuple[str, tuple[str, ...]]:
+    """The SQL text of a Core statement with ``?`` parameters, and their names in
+    order. For statements run for many rows at once: the driver binds a tuple in
+    about two thirds of the CPU a dict of the same values takes."""
+    statement = statement.compile(dialect=_POSITIONAL_PARAMS)
+    return str(statement), tuple(statement.positiontup)
 
 
 def driver_cursor(conn: Connection) -> sqlite3.Cursor:

@@ -63,7 +63,12 @@ from timemachine.storage.schema import (
     vnode_meta_table,
     vnode_metadata,
 )
-from timemachine.storage.sqlite import SQLiteFile, compiled, driver_cursor
+from timemachine.storage.sqlite import (
+    SQLiteFile,
+    compiled,
+    compiled_positional,
+    driver_cursor,
+)
 
 # A replace starts the job over: every column is rewritten, nothing of the old row stays.
 _UPSERT_JOB = sqlite_insert(jobs_table)
@@ -80,7 +85,23 @@ _UPSERT_JOB = _UPSERT_JOB.on_conflict_do_update(
 # The statements of every apply, compiled once from the schema (see `compiled`):
 # applies are the write path of every request and every firing. Everything else goes
 # through Core.
-_UPSERT_JOB_SQL = compiled(_UPSERT_JOB)
+_UPSERT_JOB_SQL, _UPSERT_JOB_PARAMS = compiled_positional(_UPSERT_JOB)
+# The order `VnodeStore._thd_put_jobs` gives each row's values in.
+_UPSERT_JOB_ORDER = (
+    "collection",
+    "id",
+    "version",
+    "trigger_ms",
+    "due_ms",
+    "meta",
+    "route",
+    "status",
+    "attempts",
+    "last_error",
+    "fired_at_ms",
+)
+if _UPSERT_JOB_PARAMS != _UPSERT_JOB_ORDER:
+    raise RuntimeError(f"the job upsert binds {_UPSERT_JOB_PARAMS}, not {_UPSERT_JOB_ORDER}")
 _DELETE_JOB_SQL = compiled(
     delete(jobs_table)
     .where(jobs_table.c.collection == bindparam("collection"))
@@ -481,20 +502,21 @@ class VnodeStore(_SQLiteStore):
         ]
         # One row per key, the later spec winning, as if they were applied in order;
         # the result keeps one Job per spec so callers can pair them up.
+        scheduled = JobStatus.SCHEDULED.value
         rows = {
-            job.key: {
-                "collection": job.collection,
-                "id": job.id,
-                "version": index,
-                "trigger_ms": job.trigger_ms,
-                "due_ms": job.due_ms,
-                "meta": job.meta,
-                "route": job.route,
-                "status": JobStatus.SCHEDULED.value,
-                "attempts": 0,
-                "last_error": None,
-                "fired_at_ms": None,
-            }
+            job.key: (
+                job.collection,
+                job.id,
+                index,
+                job.trigger_ms,
+                job.due_ms,
+                job.meta,
+                job.route,
+                scheduled,
+                0,
+                None,
+                None,
+            )
             for job in jobs
         }
         driver_cursor(conn).executemany(_UPSERT_JOB_SQL, list(rows.values()))
