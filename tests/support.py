@@ -289,7 +289,8 @@ class ReceivedRequest:
 
     ``headers`` maps lower-cased names to the first value; ``at`` is
     ``reactor.seconds()`` on arrival; ``peer_port`` is the client's port, which tells
-    connections apart, and ``peer_host`` its address.
+    connections apart, and ``peer_host`` its address. ``uri`` is the request
+    line's target as sent (the path with its query).
     """
 
     method: str
@@ -299,6 +300,7 @@ class ReceivedRequest:
     at: float
     peer_port: int
     peer_host: str = ""
+    uri: str = ""
 
 
 class _Recorder(Resource):
@@ -440,6 +442,7 @@ class HTTPReceiver:
                 at=self._reactor.seconds(),
                 peer_port=request.getClientAddress().port,
                 peer_host=request.getClientAddress().host,
+                uri=request.uri.decode(),
             )
         )
         queue = self._scripts.get(path)

@@ -162,6 +162,13 @@ class HTTPDeliveryTests(PublisherTestCase):
         self.assertEqual([r.path for r in self.receiver.requests], ["/hook"])
         self.assertEqual([r.path for r in other.requests], ["/moved"])
 
+    async def test_url_is_sent_percent_encoded(self):
+        route = http_route(self.receiver.url("/hook/caf\u00e9?x=\u00e9t\u00e9&y=1"))
+        for _ in range(2):
+            self.assertEqual(await self.publisher.deliver(route, make_job(), 1), Delivered())
+        sent = "/hook/caf%C3%A9?x=%C3%A9t%C3%A9&y=1"
+        self.assertEqual([r.uri for r in self.receiver.requests], [sent, sent])
+
     def _record_resolutions(self) -> list[str]:
         """The host names the reactor's resolver is asked for from now on."""
         asked: list[str] = []
