@@ -162,6 +162,14 @@ class HTTPDeliveryTests(PublisherTestCase):
         self.assertEqual([r.path for r in self.receiver.requests], ["/hook"])
         self.assertEqual([r.path for r in other.requests], ["/moved"])
 
+    async def test_cookies_are_neither_sent_nor_kept(self):
+        cookie = "session=abc; Path=/"
+        self.receiver.script("/hook", [Reply(200, {"Set-Cookie": cookie})])
+        route = http_route(self.receiver.url("/hook"))
+        for _ in range(2):
+            self.assertEqual(await self.publisher.deliver(route, make_job(), 1), Delivered())
+        self.assertEqual([r.headers.get("cookie") for r in self.receiver.requests], [None, None])
+
     async def test_url_is_sent_percent_encoded(self):
         route = http_route(self.receiver.url("/hook/caf\u00e9?x=\u00e9t\u00e9&y=1"))
         for _ in range(2):

@@ -17,7 +17,6 @@ import email.utils
 import json
 from dataclasses import dataclass
 from datetime import timezone
-from http.cookiejar import DefaultCookiePolicy
 
 import treq
 import txredisapi
@@ -108,11 +107,8 @@ class Publisher:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = pool_size_per_host
         self._pool.cachedConnectionTimeout = idle_timeout
-        # Deliveries are stateless: a receiver's cookies must not ride along with the
-        # next job, nor pile up in memory.
-        no_cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
         agent = Agent.usingEndpointFactory(reactor, _NoDelayEndpoints(reactor), pool=self._pool)
-        self._http = treq.client.HTTPClient(agent, no_cookies)
+        self._http = treq.client.HTTPClient(agent, _NoCookies())
         self._urls: dict[str, EncodedURL] = {}
         self._redis: dict[str, _RedisLink] = {}
         self._limits: dict[str, defer.DeferredSemaphore] = {}
@@ -337,6 +333,18 @@ class _BytesProducer:
         pass
 
     def stopProducing(self):
+        pass
+
+
+class _NoCookies(IndexableCookieJar):
+    """Deliveries are stateless: a receiver's cookies must not ride along with the
+    next job, nor pile up in memory. treq hands every request and response to its
+    jar; this one looks at neither (a refusing policy still parsed both)."""
+
+    def add_cookie_header(self, request) -> None:
+        pass
+
+    def extract_cookies(self, response, request) -> None:
         pass
 
 
