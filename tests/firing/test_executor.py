@@ -11,6 +11,7 @@ import gc
 import random
 
 from twisted.internet import defer, reactor, task
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -20,7 +21,12 @@ from timemachine.domain.commands import DeleteJob, JobOutcome, PutJobs
 from timemachine.domain.errors import Unavailable
 from timemachine.domain.jobs import JobSpec, JobStatus
 from timemachine.domain.routes import MAX_BACKOFF_MS, Route
-from timemachine.firing.executor import ROUTE_RETRY_SECONDS, Executor, backoff_ms
+from timemachine.firing.executor import (
+    ROUTE_RETRY_SECONDS,
+    ROUTE_WARNING_SECONDS,
+    Executor,
+    backoff_ms,
+)
 from timemachine.firing.publisher import Delivered, Failed, RetryLater
 from timemachine.interfaces import IExecutor, IPublisher
 from timemachine.metrics import Metrics
@@ -417,6 +423,29 @@ class ExecutorTests(unittest.TestCase):
         self.assertEqual(self.fired_ids(), ["j"])
         job = yield self.store.get("c", "j")
         self.assertEqual((job.status, job.attempts), (JobStatus.FIRED, 1))
+
+    @defer.inlineCallbacks
+    def test_jobs_held_for_a_route_not_confirmed_are_logged_once_a_minute(self):
+        retries = int(ROUTE_WARNING_SECONDS / ROUTE_RETRY_SECONDS)
+        yield self.asking_the_meta_group(
+            [Unavailable("meta has no leader now; retry")] * 3 * (retries + 1)
+        )
+        with capturedLogs() as events:
+            for n in range(3):
+                yield self.put(f"j{n}", 0, route="late")
+            self.clock.advance(0)
+            yield self.settle()
+            for _ in range(retries):
+                self.clock.advance(ROUTE_RETRY_SECONDS)
+                yield self.store.count()  # the jobs read back
+                self.clock.advance(0)
+                yield self.settle()
+        warnings = [formatEvent(e) for e in events if "is unknown on this node" in e["log_format"]]
+        self.assertEqual(self.barriers, 3 * (retries + 1))
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("1 time(s) a job of it was held", warnings[0])
+        self.assertIn(f"{3 * retries} time(s) in the last 60 s", warnings[1])
+        self.assertEqual(self.fired_ids(), [])
 
     @defer.inlineCallbacks
     def test_refresh_does_not_fire_a_job_in_flight_twice(self):

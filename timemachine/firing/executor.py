@@ -57,6 +57,10 @@ DEFAULT_OUTCOME_BATCH_SECONDS = 0.05
 # How soon a due job whose route this node does not know, and could not confirm gone
 # with the meta group (see `Executor`), is looked at again.
 ROUTE_RETRY_SECONDS = 1.0
+# At most one warning per route this often about its jobs held that way: with the meta
+# group out of reach, every such job is looked at again each `ROUTE_RETRY_SECONDS`,
+# and a line for each would be a blocking write on the reactor per job per second.
+ROUTE_WARNING_SECONDS = 60.0
 
 
 def backoff_ms(route: Route, attempt: int, rng: random.Random) -> int:
@@ -170,6 +174,8 @@ class Executor:
         # Outcomes waiting to be proposed together: (shard, outcome, its answer).
         self._outcomes: list[tuple[_Shard, JobOutcome, defer.Deferred]] = []
         self._outcome_flush = None
+        # Route id -> (when its jobs' wait was last logged, jobs held since then).
+        self._route_warnings: dict[str, tuple[float, int]] = {}
         if metrics is not None:
             # Read when scraped, not recounted after every apply and fire.
             metrics.jobs_in_memory.set_function(self.pending)
@@ -412,8 +418,8 @@ class Executor:
         route = self._route_of(job.route)
         if route is None and self._current_routes is not None:
             d = self._current_routes().addCallbacks(
-                lambda _: self._deliver(self._route_of(job.route), job, attempt),
-                self._routes_not_confirmed, errbackArgs=(state, job),
+                self._routes_confirmed, self._routes_not_confirmed,
+                callbackArgs=(job, attempt), errbackArgs=(state, job),
             )
         else:
             d = self._deliver(route, job, attempt)
@@ -435,15 +441,27 @@ class Executor:
             lambda result: (route, self._outcome(result, route, job, attempt))
         )
 
+    def _routes_confirmed(self, _, job: Job, attempt: int) -> defer.Deferred:
+        self._route_warnings.pop(job.route, None)
+        return self._deliver(self._route_of(job.route), job, attempt)
+
     def _routes_not_confirmed(self, failure, state: _Shard, job: Job):
         """The meta group could not confirm that ``job``'s route is gone: the job stays
         scheduled, and its current version is read back after `ROUTE_RETRY_SECONDS`."""
-        self.log.warn(
-            "route {route!r} of {key} is unknown on this node and the meta group could "
-            "not be asked ({error}); looking again in {seconds} s",
-            route=job.route, key=job.idempotency_key, error=failure.getErrorMessage(),
-            seconds=ROUTE_RETRY_SECONDS,
-        )
+        now = self._reactor.seconds()
+        warned_at, held = self._route_warnings.get(job.route, (None, 0))
+        held += 1
+        if warned_at is None or now - warned_at >= ROUTE_WARNING_SECONDS:
+            since = "" if warned_at is None else f" in the last {now - warned_at:.0f} s"
+            self.log.warn(
+                "route {route!r} is unknown on this node and the meta group could not be "
+                "asked ({error}): {held} time(s){since} a job of it was held, looked at "
+                "again {seconds} s later (the last: {key})",
+                route=job.route, error=failure.getErrorMessage(), held=held, since=since,
+                seconds=ROUTE_RETRY_SECONDS, key=job.idempotency_key,
+            )
+            warned_at, held = now, 0
+        self._route_warnings[job.route] = (warned_at, held)
         if not self._stopped:  # else the shard's next leader loads it
             self._reactor.callLater(
                 ROUTE_RETRY_SECONDS, self._read_back, state.number, job.key
