@@ -31,15 +31,17 @@ class IOThreadTests(unittest.TestCase):
         self.assertEqual(seen, [1, 2])
 
     @defer.inlineCallbacks
-    def test_calls_made_while_busy_leave_together_in_one_hop(self):
+    def test_calls_made_while_busy_come_back_together_in_one_hop(self):
         release = threading.Event()
         hops = []
-        send = self.io._send
-        self.io._send = lambda: hops.append(len(self.io._queue)) or send()
-        busy = self.io.call(release.wait, 10)
+        report = self.io._report
+        self.io._report = lambda batch, results: hops.append(len(batch)) or report(
+            batch, results
+        )
+        started = threading.Event()
+        busy = self.io.call(lambda: started.set() or release.wait(10))
+        self.assertTrue(started.wait(10))
         queued = [self.io.call(lambda i=i: (i, threading.get_ident())) for i in range(5)]
-        # The queued calls have not been handed over: the thread is still busy.
-        self.assertEqual(self.io._queue and len(self.io._queue), 5)
         release.set()
         self.assertTrue((yield busy))
         results = yield defer.gatherResults(queued)
