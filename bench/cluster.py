@@ -1,7 +1,7 @@
 """A 3-node cluster on this machine: creates, batches, firing lateness, and failover.
 
     .venv/bin/python bench/cluster.py [--quick] [--shards 12] [--hosts 127.0.5.1-3]
-        [--profile PATH] [--no-failover] [-- BENCH_ARGS...]
+        [--profile PATH | --stalls PATH] [--no-failover] [-- BENCH_ARGS...]
 
 Starts three ``twistd timemachine`` nodes (node1 on 127.0.0.1, node2 on 127.0.0.2,
 node3 on 127.0.0.3 unless ``--hosts`` names three other loopback addresses; free
@@ -91,15 +91,20 @@ def until(what, check, timeout=60):
 
 
 class Node:
-    def __init__(self, number, base, host, profile=None):
+    def __init__(self, number, base, host, instrument=None):
         self.node_id = f"node{number}"
         self.host = host
-        self.profile = profile
+        # (kind, path prefix) for bench/instrumented_node.py, or None.
+        self.instrument = instrument
         self.http = f"{self.host}:{free_port(self.host)}"
         self.peer = f"{self.host}:{free_port(self.host)}"
         self.data_dir = os.path.join(base, self.node_id)
         self.log = os.path.join(base, f"{self.node_id}.log")
         self.process = None
+
+    @property
+    def instrument_path(self):
+        return f"{self.instrument[1]}.{self.node_id}"
 
     @property
     def url(self):
@@ -109,8 +114,9 @@ class Node:
         host, port = self.http.split(":")
         peer_host, peer_port = self.peer.split(":")
         with open(self.log, "ab") as log:
-            twist = ["-m", "twisted"] if self.profile is None else [
-                os.path.join(REPO, "bench", "profiled_node.py"), f"{self.profile}.{self.node_id}"]
+            twist = ["-m", "twisted"] if self.instrument is None else [
+                os.path.join(REPO, "bench", "instrumented_node.py"), self.instrument[0],
+                self.instrument_path]
             self.process = subprocess.Popen(
                 [sys.executable, *twist, "--log-format=text", "timemachine",
                  "--node-id", self.node_id, "--data-dir", self.data_dir,
@@ -144,10 +150,11 @@ class Deliveries(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def start_cluster(base, shards, nodes, hosts, profile):
-    """Start, join and configure three nodes, appended to ``nodes`` as they start."""
+def start_cluster(base, shards, nodes, hosts, instrument=None):
+    """Start, join and configure three nodes, appended to ``nodes`` as they start
+    (``instrument``: see `Node`)."""
     for number, host in enumerate(hosts, 1):
-        node = Node(number, base, host, profile)
+        node = Node(number, base, host, instrument)
         nodes.append(node)
         node.start()
     for node in nodes:
@@ -268,6 +275,27 @@ def failover(nodes, shards, receiver_url, count):
     print(f"  lost {lost}, early {early}, repeated {repeats}")
 
 
+def print_stalls(node, since):
+    """One line on the reactor stalls a node's watchdog saw from ``since`` (a
+    ``time.time()``; its start-up's imports and collector settling are left out),
+    and the longest one's innermost frames."""
+    try:
+        with open(node.instrument_path) as f:
+            stalls = [s for s in json.load(f)["stalls"] if s["at"] >= since]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"  {node.node_id}: no stall record ({e})")
+        return
+    if not stalls:
+        print(f"  {node.node_id}: no reactor stall of 25 ms or more")
+        return
+    longest = max(stalls, key=lambda s: s["ms"])
+    at = time.strftime("%H:%M:%S", time.localtime(longest["at"]))
+    where = longest["stacks"][0][0].split(" <- ")[:3] if longest["stacks"] else ["?"]
+    print(f"  {node.node_id}: {len(stalls)} reactor stalls of 25 ms or more, "
+          f"{sum(s['ms'] for s in stalls) / 1000:.2f} s in all; longest {longest['ms']:.0f} ms "
+          f"at {at}, in {' <- '.join(where)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -279,11 +307,18 @@ def main():
     parser.add_argument("--profile", metavar="PATH",
                         help="run each node under cProfile (its reactor thread), saving "
                         "the stats to PATH.nodeN when it stops")
+    parser.add_argument("--stalls", metavar="PATH",
+                        help="watch each node's reactor for stalls of 25 ms or more, "
+                        "saving them to PATH.nodeN when it stops and summing them up")
     parser.add_argument("--no-failover", action="store_true",
                         help="stop after bench.py (no kill -9)")
     parser.add_argument("bench_args", nargs="*", metavar="-- BENCH_ARG",
                         help="options passed on to bench.py (e.g. -- --fire-jobs 2000)")
     args = parser.parse_args()
+    if args.profile and args.stalls:
+        parser.error("--profile and --stalls instrument the same thread: pick one")
+    instrument = ("profile", args.profile) if args.profile else (
+        ("stalls", args.stalls) if args.stalls else None)
     base = tempfile.mkdtemp(prefix="tm-cluster-bench-")
     # A deep listen queue: the failover jobs are due at one instant, and with the
     # default of 5 the burst of connections waits for SYN retransmits (seconds).
@@ -291,8 +326,9 @@ def main():
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deliveries)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     nodes = []
+    measured_from = None
     try:
-        start_cluster(base, args.shards, nodes, args.hosts, args.profile)
+        start_cluster(base, args.shards, nodes, args.hosts, instrument)
         print(f"cluster: 3 nodes, {args.shards} shards, 3 replicas; requests to all three")
         bench = [sys.executable, os.path.join(REPO, "bench", "bench.py"),
                  "--target", ",".join(node.url for node in nodes),
@@ -305,6 +341,7 @@ def main():
         wait_for_spread_leaders(nodes, args.shards)
         print(f"shards led: {leaders_line(nodes)}")
         before = [node_figures(node) for node in nodes]
+        measured_from = time.time()
         subprocess.run(bench, cwd=REPO, check=False)
         print(f"shards led after bench.py: {leaders_line(nodes)}")
         for node, (cpu0, fired0, late0) in zip(nodes, before, strict=True):
@@ -321,6 +358,10 @@ def main():
         for node in nodes:
             node.stop()
         receiver.shutdown()
+        if args.stalls and measured_from is not None:
+            print("reactor stalls from the start of bench.py:")
+            for node in nodes:
+                print_stalls(node, measured_from)
         out = os.path.join(REPO, "bench", "out")
         os.makedirs(out, exist_ok=True)
         for node in nodes:
