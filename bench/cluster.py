@@ -281,17 +281,19 @@ def print_stalls(node, since):
     and the longest one's innermost frames."""
     try:
         with open(node.instrument_path) as f:
-            stalls = [s for s in json.load(f)["stalls"] if s["at"] >= since]
+            record = json.load(f)
+        stalls = [s for s in record["stalls"] if s["at"] >= since]
+        threshold = f"{record['stall_ms']:g} ms"
     except (OSError, ValueError, KeyError) as e:
         print(f"  {node.node_id}: no stall record ({e})")
         return
     if not stalls:
-        print(f"  {node.node_id}: no reactor stall of 25 ms or more")
+        print(f"  {node.node_id}: no reactor stall of {threshold} or more")
         return
     longest = max(stalls, key=lambda s: s["ms"])
     at = time.strftime("%H:%M:%S", time.localtime(longest["at"]))
     where = longest["stacks"][0][0].split(" <- ")[:3] if longest["stacks"] else ["?"]
-    print(f"  {node.node_id}: {len(stalls)} reactor stalls of 25 ms or more, "
+    print(f"  {node.node_id}: {len(stalls)} reactor stalls of {threshold} or more, "
           f"{sum(s['ms'] for s in stalls) / 1000:.2f} s in all; longest {longest['ms']:.0f} ms "
           f"at {at}, in {' <- '.join(where)}")
 
@@ -317,8 +319,11 @@ def main():
     args = parser.parse_args()
     if args.profile and args.stalls:
         parser.error("--profile and --stalls instrument the same thread: pick one")
-    instrument = ("profile", args.profile) if args.profile else (
-        ("stalls", args.stalls) if args.stalls else None)
+    instrument = None
+    if args.profile:
+        instrument = ("profile", args.profile)
+    elif args.stalls:
+        instrument = ("stalls", args.stalls)
     base = tempfile.mkdtemp(prefix="tm-cluster-bench-")
     # A deep listen queue: the failover jobs are due at one instant, and with the
     # default of 5 the burst of connections waits for SYN retransmits (seconds).

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import sqlite3
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -45,7 +46,14 @@ from timemachine.domain.commands import (
     RemoveMember,
 )
 from timemachine.domain.errors import InvalidField, StorageError
-from timemachine.domain.jobs import Job, JobStatus, job_from_row, status_after_delivery
+from timemachine.domain.jobs import (
+    JOB_FIELDS,
+    Job,
+    JobStatus,
+    job_from_row,
+    job_row,
+    status_after_delivery,
+)
 from timemachine.domain.records import from_record
 from timemachine.domain.routes import Route
 from timemachine.interfaces import IClusterStore, IJobStore
@@ -86,22 +94,8 @@ _UPSERT_JOB = _UPSERT_JOB.on_conflict_do_update(
 # applies are the write path of every request and every firing. Everything else goes
 # through Core.
 _UPSERT_JOB_SQL, _UPSERT_JOB_PARAMS = compiled_positional(_UPSERT_JOB)
-# The order `VnodeStore._thd_put_jobs` gives each row's values in.
-_UPSERT_JOB_ORDER = (
-    "collection",
-    "id",
-    "version",
-    "trigger_ms",
-    "due_ms",
-    "meta",
-    "route",
-    "status",
-    "attempts",
-    "last_error",
-    "fired_at_ms",
-)
-if _UPSERT_JOB_PARAMS != _UPSERT_JOB_ORDER:
-    raise RuntimeError(f"the job upsert binds {_UPSERT_JOB_PARAMS}, not {_UPSERT_JOB_ORDER}")
+# A job's row (`job_row`) as the upsert binds it, in its parameters' order.
+_UPSERT_JOB_VALUES = operator.itemgetter(*(JOB_FIELDS.index(p) for p in _UPSERT_JOB_PARAMS))
 _DELETE_JOB_SQL = compiled(
     delete(jobs_table)
     .where(jobs_table.c.collection == bindparam("collection"))
@@ -502,23 +496,7 @@ class VnodeStore(_SQLiteStore):
         ]
         # One row per key, the later spec winning, as if they were applied in order;
         # the result keeps one Job per spec so callers can pair them up.
-        scheduled = JobStatus.SCHEDULED.value
-        rows = {
-            job.key: (
-                job.collection,
-                job.id,
-                index,
-                job.trigger_ms,
-                job.due_ms,
-                job.meta,
-                job.route,
-                scheduled,
-                0,
-                None,
-                None,
-            )
-            for job in jobs
-        }
+        rows = {job.key: _UPSERT_JOB_VALUES(job_row(job)) for job in jobs}
         driver_cursor(conn).executemany(_UPSERT_JOB_SQL, list(rows.values()))
         return jobs
 
