@@ -579,7 +579,7 @@ class Node(service.Service):
             if group_of_shard(shard) in self.engine.groups():
                 yield self.engine.remove_group(group_of_shard(shard))
         yield self.store_io.call(shutil.rmtree, os.path.join(self.data_dir, "shards"), True)
-        self.shards.forget_map()
+        yield self.shards.forget_map()
         self._left_alone_to_join = True
         yield self.meta_log.start_over()
         self._awaiting_cluster_state = True

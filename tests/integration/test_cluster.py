@@ -13,6 +13,7 @@ import signal
 from twisted.internet import defer, reactor, task
 
 from tests.support import HOLD, ClusterTestCase, HTTPReceiver, Partition, start_node_process
+from timemachine.cluster.placement import target_placement
 from timemachine.cluster.ring import shard_of
 from timemachine.node import JOINING_MARKER
 
@@ -590,6 +591,53 @@ class MovingReplicaTests(ClusterTestCase):
         self.nodes.pop("node3").kill(signal.SIGKILL)
         yield self.until("node3's replicas moved", self.groups_as_placed, timeout=60.0)
         yield self.jobs_everywhere(ids, ["node1", "node2", "node4"])
+
+    @defer.inlineCallbacks
+    def test_a_replica_placed_back_on_a_node_that_dropped_it_joins_the_running_group(self):
+        # node1 bootstrapped its 4 shards alone, the first member of each group; node2
+        # and node3 join and take some, and node1 deletes its copies.
+        yield self.joined(3)
+        yield self.until("shards moved to node2, node3", self.groups_as_placed, timeout=60.0)
+        entries = yield self.shard_entries("node1")
+        current = tuple(tuple(e["replicas"]) for e in entries)
+        yield self.route_nowhere("node1")
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        ids = [f"j{n}" for n in range(40)]
+        yield self.create_batch(
+            "node2", [{"id": job_id, "trigger_ms": far, "route": "hook"} for job_id in ids]
+        )
+        # Two replicas of every shard place one of them back on node1, as the meta
+        # leader computes it. Its one holder is paused: node1's replica must wait for
+        # it, blank. Started anew from the group's first member, node1 alone, it would
+        # be a second group of the shard, leading itself at once, with none of its jobs.
+        placement = target_placement(4, 2, ["node1", "node2", "node3"], current)
+        shard, (holder,) = next(
+            (s, was) for s, was in enumerate(current)
+            if "node1" not in was and "node1" in placement[s]
+        )
+        process = self.nodes[holder].process
+        process.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: process.poll() is None and process.send_signal(signal.SIGCONT))
+        code, answer = yield self.call(
+            "node1", "POST", "/cluster/configure", {"shards": 4, "replicas": 2}
+        )
+        self.assertEqual(code, 200, answer)
+
+        @defer.inlineCallbacks
+        def opened():
+            return (yield self.shard_entries("node1"))[shard]["status"] != "elsewhere"
+
+        yield self.until(f"node1 opened a replica of shard {shard}", opened)
+        yield task.deferLater(reactor, 4.0, lambda: None)  # past any election timeout
+        entry = (yield self.shard_entries("node1"))[shard]
+        self.assertNotEqual(entry["leader"], "node1", entry)
+        process.send_signal(signal.SIGCONT)
+        yield self.until("every replica as placed", self.groups_as_placed, timeout=60.0)
+        entries = yield self.shard_entries("node1")
+        self.assertEqual(
+            entries[shard]["jobs"], sum(shard_of(i, 4) == shard for i in ids), entries[shard]
+        )
+        yield self.jobs_everywhere(ids, ["node1", "node2", "node3"])
 
     @defer.inlineCallbacks
     def test_a_read_through_a_node_without_the_shard_is_answered_by_a_live_replica(self):

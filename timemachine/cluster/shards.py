@@ -14,6 +14,7 @@ stops leading that term the executor drops them at once (see `RaftGroup.on_leade
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -33,10 +34,14 @@ from timemachine.domain.errors import (
 from timemachine.peer.raftcodec import group_of_shard
 from timemachine.raft.types import ConfState
 from timemachine.storage.durable import read_if_exists, write_atomically
+from timemachine.storage.sqlite import unlink_if_exists
 from timemachine.storage.store import VnodeStore
 
 #: Seconds a shard leader waits for the voter it hands leadership to to take over.
 HANDOVER_SECONDS = 3.0
+#: In the data dir: the shards whose replica this node dropped (its group removed
+#: it), with the shard map they belonged to, as JSON.
+DROPPED_FILE = "dropped-replicas"
 
 
 class Shards:
@@ -105,21 +110,56 @@ class Shards:
         """Open this node's replica of ``shard``, placed here by ``config``.
 
         A replica the engine has never seen starts its group with the other members
-        the group was created with, if this node is one of them; a replica added to
-        a running group later starts blank and waits for the leader's snapshot.
+        the group was created with, if this node is one of them and never dropped a
+        replica of the shard in this map; a replica added to a running group later
+        starts blank and waits for the leader's snapshot. (Started again from the
+        group's first members, a replica placed back on a node it left would be a
+        second group of the shard, electing its own leader: when those members were
+        this node alone, at once.)
         """
         first = config.first_replicas(shard)
         known = group_of_shard(shard) in self._engine.groups()
         if known:
             known = yield self._same_map(config, shard)
-        bootstrap = ConfState(frozenset(first)) if self._node_id in first and not known else None
         try:
+            bootstrap = None
+            if self._node_id in first and not known:
+                dropped = yield self._dropped(config.map_index)
+                if shard not in dropped:
+                    bootstrap = ConfState(frozenset(first))
             yield self._open_replica(shard, bootstrap, config.map_index)
             yield self._store_io.call(
                 write_atomically, self._map_marker(shard), str(config.map_index).encode()
             )
         except StorageError as error:
             self._shard_unavailable(shard, error)
+
+    def _dropped_path(self) -> str:
+        return os.path.join(self._data_dir, DROPPED_FILE)
+
+    @defer.inlineCallbacks
+    def _dropped(self, map_index: int):
+        """The shards whose replica this node dropped in the map ``map_index``."""
+        path = self._dropped_path()
+        data = yield self._store_io.call(read_if_exists, path)
+        if data is None:
+            return frozenset()
+        try:
+            record = json.loads(data)
+            dropped = frozenset(int(s) for s in record["shards"])
+            recorded_map = int(record["map_index"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise StorageError(f"{path}: not a record of dropped replicas: {e!r}") from e
+        return dropped if recorded_map == map_index else frozenset()
+
+    @defer.inlineCallbacks
+    def _record_dropped(self, shard: int):
+        map_index = self._opened.map_index
+        dropped = yield self._dropped(map_index)
+        record = {"map_index": map_index, "shards": sorted(dropped | {shard})}
+        yield self._store_io.call(
+            write_atomically, self._dropped_path(), json.dumps(record).encode()
+        )
 
     def _map_marker(self, shard: int) -> str:
         """The file naming the shard map (its ``map_index``) a replica belongs to."""
@@ -268,6 +308,9 @@ class Shards:
         ring = self._coordinator.ring
         if shard not in self.logs or (ring is not None and self._node_id in ring.replicas(shard)):
             return  # placed here again meanwhile: the group adds it back, and it catches up
+        # Recorded first: a crash from here on must not leave a node that, placed here
+        # again, starts the group anew (`_open_placed`).
+        yield self._record_dropped(shard)
         group, _ = self.logs.pop(shard)
         self.unavailable.pop(shard, None)
         self._executor.remove_shard(shard)
@@ -289,10 +332,11 @@ class Shards:
         # Off the reactor: a tree of SQLite files.
         yield self._store_io.call(shutil.rmtree, os.path.join(self._data_dir, "shards"), True)
 
-    def forget_map(self) -> None:
+    def forget_map(self):
         """This node's replicas are gone (it left its own cluster): the next map it
-        learns is opened whole."""
+        learns is opened whole, and nothing it dropped before counts."""
         self._opened = None
+        return self._store_io.call(unlink_if_exists, self._dropped_path())
 
     def configure(self, shards: int, replicas: int):
         """Set the shard count and replication factor (``POST /cluster/configure``),
