@@ -83,6 +83,10 @@ REMOVE_WAIT_SECONDS = 60.0
 REPLICA_PROXY_TIMEOUT = 5.0
 #: Seconds a count of a shard's jobs waits for the shard to have a leader to ask.
 COUNT_WAIT_SECONDS = 5.0
+#: Seconds a question to another node's REST API (its shards' state, a leadership
+#: transfer) may take: a paused node accepts connections and never answers, and one
+#: cut off leaves a pooled connection hanging until TCP gives up, many minutes on.
+PEER_API_SECONDS = 10.0
 #: Marks a REST request a node passed on to another, which must answer it itself.
 FORWARDED_HEADER = "X-TimeMachine-Forwarded"
 #: In the data dir while a node that gave up the one-node cluster it bootstrapped
@@ -470,13 +474,25 @@ class Node(service.Service):
             raise Unavailable(f"node {node_id} has no known HTTP address")
         query = "" if count_jobs else "?jobs=0"
         try:
-            response = yield self.http_client.get(
-                f"http://{member.http_address}/cluster/shards{query}"
+            _, answer = yield self._ask_node(
+                "GET", f"http://{member.http_address}/cluster/shards{query}"
             )
-            answer = yield response.json()
             return {entry["shard"]: entry for entry in answer["shards"]}
         except Exception as e:
             raise Unavailable(f"node {node_id} cannot tell its shards now: {e}") from e
+
+    def _ask_node(self, method: str, url: str, body=None):
+        """``(status, JSON answer)`` of another node's REST API, within
+        `PEER_API_SECONDS` (else `defer.TimeoutError`)."""
+        return self._ask_node_untimed(method, url, body).addTimeout(
+            PEER_API_SECONDS, self.reactor
+        )
+
+    @defer.inlineCallbacks
+    def _ask_node_untimed(self, method: str, url: str, body):
+        response = yield self.http_client.request(method, url, json=body)
+        answer = yield response.json()
+        return response.code, answer
 
     @defer.inlineCallbacks
     def _ask_transfer(self, node_id: str, shard: int, to: str):
@@ -485,15 +501,14 @@ class Node(service.Service):
         if member is None or not member.http_address:
             raise Unavailable(f"node {node_id} has no known HTTP address")
         try:
-            response = yield self.http_client.post(
-                f"http://{member.http_address}/cluster/shards/{shard}/leader",
-                json={"node_id": to},
+            code, answer = yield self._ask_node(
+                "POST", f"http://{member.http_address}/cluster/shards/{shard}/leader",
+                {"node_id": to},
             )
-            answer = yield response.json()
         except Exception as e:
             raise Unavailable(f"node {node_id} cannot be asked now: {e}") from e
-        if response.code != 200:
-            raise Unavailable(f"node {node_id} answered {response.code}: {answer}")
+        if code != 200:
+            raise Unavailable(f"node {node_id} answered {code}: {answer}")
         return answer
 
     @defer.inlineCallbacks
