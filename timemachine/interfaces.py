@@ -136,7 +136,8 @@ class IClusterStore(Interface):
     def apply(entries):
         """Apply ``[(index, command), ...]`` in one transaction.
 
-        PutRoute -> the `Route`; DeleteRoute -> bool (was there); Configure -> the config.
+        PutRoute -> the `Route`; DeleteRoute -> bool (was there); Configure -> the config;
+        PutMember, MemberLeaving -> the command; RemoveMember -> bool (was there).
         """
 
     def checkpoint():
@@ -150,6 +151,18 @@ class IClusterStore(Interface):
 
     def routes():
         """All routes, ordered by id (from memory, no I/O)."""
+
+    def member(node_id):
+        """The `PutMember` of a node of the cluster, or None (from memory, no I/O)."""
+
+    def members():
+        """Every member, ordered by node id (from memory, no I/O)."""
+
+    def leaving():
+        """The members being removed (`MemberLeaving`), as a frozenset of node ids."""
+
+    def staying():
+        """The node ids of the members not being removed, in order."""
 
 
 class IRing(Interface):

@@ -44,8 +44,9 @@ from timemachine.cluster.retention import (
 )
 from timemachine.cluster.ring import DEFAULT_SHARDS, Ring
 from timemachine.cluster.shards import HANDOVER_SECONDS, Shards
-from timemachine.domain.commands import Configure, PutMember, RemoveMember
+from timemachine.domain.commands import Configure, MemberLeaving, PutMember, RemoveMember
 from timemachine.domain.errors import (
+    AlreadyConfigured,
     CorruptLog,
     InvalidField,
     NotConfigured,
@@ -697,13 +698,18 @@ class Node(service.Service):
             )
         config = self.cluster_store.config
         if config is not None:
-            members = [m.node_id for m in self.cluster_store.members()]
+            # Those another removal takes away already do not count.
+            members = sorted({*self.cluster_store.staying(), node_id})
             connected = {n for n, peer in self.network.stats().items() if peer.connected}
             down = [n for n in members if n != self.node_id and n not in connected]
             problem = removal_problem(node_id, config.placement, members, config.replicas, down)
             if problem is not None:
                 raise InvalidField("node_id", problem)
-            yield self.shards.rebalance(leaving=(node_id,))
+            if node_id not in self.cluster_store.leaving():
+                # In the meta state, not in this call: any later rebalance (a join, a
+                # new replication factor, another meta leader) leaves the node out.
+                yield self.meta_log.propose(MemberLeaving(node_id))
+            yield self.shards.rebalance()
             yield self._until_groups_let_go(node_id, self.cluster_store.config.shards)
         yield self.membership.remove(node_id)
 
@@ -714,6 +720,10 @@ class Node(service.Service):
         deadline = self.reactor.seconds() + REMOVE_WAIT_SECONDS
         holding = set(range(shards))
         while True:
+            if node_id not in self.cluster_store.leaving():
+                raise AlreadyConfigured(
+                    f"the removal of {node_id} was called off: it joined again"
+                )
             views = []
             for member in self.cluster_store.members():
                 try:

@@ -9,6 +9,7 @@ from timemachine.domain.commands import (
     DeleteRoute,
     JobOutcome,
     JobVersion,
+    MemberLeaving,
     OutcomeKind,
     PurgeJobs,
     PutJobs,
@@ -144,6 +145,8 @@ class EncodingTests(unittest.TestCase):
             PutMember("node2", "127.0.0.2:8102", "127.0.0.2:8002"),
             PutMember("node3", "localhost:8103"),
             RemoveMember("node2"),
+            MemberLeaving("node2"),
+            MemberLeaving("node2", leaving=False),
         ]
         for command in commands:
             self.assertEqual(decode_command(encode_command(command)), command)

@@ -875,6 +875,7 @@ class ClusterTests(APITestCase):
                         "Address": peer,
                         "Suffrage": "Voter",
                         "http_address": self.base[len("http://") :],
+                        "leaving": False,
                     },
                 ],
                 "leader": peer,

@@ -17,7 +17,7 @@ from timemachine.cluster.placement import target_placement
 from timemachine.cluster.ring import shard_of
 from timemachine.node import JOINING_MARKER
 
-HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"]
 
 
 class ClusterTests(ClusterTestCase):
@@ -638,6 +638,64 @@ class MovingReplicaTests(ClusterTestCase):
             entries[shard]["jobs"], sum(shard_of(i, 4) == shard for i in ids), entries[shard]
         )
         yield self.jobs_everywhere(ids, ["node1", "node2", "node3"])
+
+    @defer.inlineCallbacks
+    def placed(self, via):
+        """The nodes ``via``'s shard map places replicas on."""
+        entries = yield self.shard_entries(via)
+        return {node for entry in entries for node in entry["replicas"]}
+
+    @defer.inlineCallbacks
+    def leaving(self, via):
+        answer = yield self.servers(via)
+        return sorted(s["ID"] for s in answer["servers"] if s["leaving"])
+
+    @defer.inlineCallbacks
+    def test_a_node_being_removed_gets_no_replica_back_until_it_joins_again(self):
+        yield self.joined(4)
+        yield self.configure("node1", 4, 3)
+        # Each shard of node4 lacks one other node, which its replica moves to. One of
+        # them, paused, never catches up: the removal waits for it, and meanwhile
+        # another member joins.
+        entries = yield self.shard_entries("node1")
+        paused = next(
+            node for entry in entries if "node4" in entry["replicas"]
+            for node in ("node2", "node3") if node not in entry["replicas"]
+        )
+        process = self.nodes[paused].process
+        process.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: process.poll() is None and process.send_signal(signal.SIGCONT))
+        removal = self.call("node1", "POST", "/cluster/remove", {"node_id": "node4"})
+
+        @defer.inlineCallbacks
+        def moved_off():
+            return "node4" not in (yield self.placed("node1"))
+
+        yield self.until("node4 placed with no replica", moved_off)
+        self.assertEqual((yield self.leaving("node1")), ["node4"])
+        # Counted without node4, three replicas need every other member.
+        code, answer = yield self.call("node1", "POST", "/cluster/remove", {"node_id": "node3"})
+        self.assertEqual((code, answer["code"]), (400, "E_INVALID"), answer)
+        self.assertIn("lower replicas to 2", answer["error"])
+        yield self.join(5)
+        placed = yield self.placed("node1")
+        self.assertEqual(placed, {"node1", "node2", "node3", "node5"})
+
+        # node4 asked to join again: its removal is called off, its share comes back.
+        node4 = self.nodes["node4"]
+        code, answer = yield self.call(
+            "node1", "POST", "/cluster/join",
+            {"node_id": "node4", "raft_address": node4.peer_address,
+             "http_address": node4.http_address},
+        )
+        self.assertEqual(code, 200, answer)
+        code, answer = yield removal
+        self.assertEqual((code, answer["code"]), (400, "E_CONFIGURED"), answer)
+        self.assertIn("called off", answer["error"])
+        process.send_signal(signal.SIGCONT)
+        self.assertEqual((yield self.leaving("node1")), [])
+        self.assertIn("node4", (yield self.placed("node1")))
+        yield self.until("every replica as placed", self.groups_as_placed, timeout=60.0)
 
     @defer.inlineCallbacks
     def test_a_read_through_a_node_without_the_shard_is_answered_by_a_live_replica(self):

@@ -18,6 +18,7 @@ from timemachine.domain.commands import (
     DeleteRoute,
     JobOutcome,
     JobVersion,
+    MemberLeaving,
     OutcomeKind,
     PurgeJobs,
     PutJobs,
@@ -655,6 +656,28 @@ class ClusterStoreTests(_StoreTestCase):
         self.assertEqual(reopened.members(), [node2])
 
     @inlineCallbacks
+    def test_members_being_removed_are_kept_and_reloaded(self):
+        path = self.mktemp()
+        store = yield self.cluster(path)
+        members = [PutMember(f"node{n}", f"127.0.0.{n}:8101") for n in (1, 2, 3)]
+        results = yield store.apply(
+            [*enumerate(members, 1), (4, MemberLeaving("node2")), (5, MemberLeaving("node3")),
+             (6, MemberLeaving("node3"))]
+        )
+        self.assertEqual(
+            results[3:], [MemberLeaving("node2"), MemberLeaving("node3"), MemberLeaving("node3")]
+        )
+        self.assertEqual(store.leaving(), {"node2", "node3"})
+        self.assertEqual(store.staying(), ["node1"])
+        # Joined again: no longer leaving. Removed: gone from both.
+        yield store.apply([(7, MemberLeaving("node2", leaving=False)), (8, RemoveMember("node3"))])
+        self.assertEqual((store.leaving(), store.staying()), (frozenset(), ["node1", "node2"]))
+        yield store.apply([(9, MemberLeaving("node1"))])
+        yield store.close()
+        reopened = yield self.cluster(path)
+        self.assertEqual((reopened.leaving(), reopened.staying()), ({"node1"}, ["node2"]))
+
+    @inlineCallbacks
     def test_a_file_made_before_members_existed_opens(self):
         path = self.mktemp()
         store = yield self.cluster(path)
@@ -727,27 +750,35 @@ class ClusterStoreTests(_StoreTestCase):
         source = yield self.cluster()
         config = Configure(1, 1, (("node1",),))
         member = PutMember("node1", "127.0.0.1:8101", "127.0.0.1:8001")
-        yield source.apply([(1, PutRoute(http_route())), (2, config), (3, member)])
+        leaving = PutMember("node2", "127.0.0.2:8101", "127.0.0.2:8001")
+        yield source.apply(
+            [(1, PutRoute(http_route())), (2, config), (3, member), (4, leaving),
+             (5, MemberLeaving("node2"))]
+        )
         config = replace(config, map_index=2)
         snapshot = self.mktemp()
-        self.assertEqual((yield source.snapshot(snapshot)), 3)
+        self.assertEqual((yield source.snapshot(snapshot)), 5)
         # The meta state as protobuf: the commands that rebuild it.
         with open(snapshot, "rb") as f:
             message = pb.ClusterSnapshot.FromString(f.read())
-        self.assertEqual(message.applied_index, 3)
-        self.assertEqual(len(message.commands), 3)
+        self.assertEqual(message.applied_index, 5)
+        self.assertEqual(len(message.commands), 5)
         target = yield self.cluster()
-        yield target.apply([(1, PutRoute(http_route("other"))), (2, PutMember("x", "h:1"))])
-        yield target.restore(snapshot)
-        expected = (3, [http_route()], config, [member])
-        self.assertEqual(
-            (target.applied_index, target.routes(), target.config, target.members()), expected
+        yield target.apply(
+            [(1, PutRoute(http_route("other"))), (2, PutMember("x", "h:1")),
+             (3, MemberLeaving("x"))]
         )
+        yield target.restore(snapshot)
+        expected = (5, [http_route()], config, [member, leaving], {"node2"})
+
+        def state(store):
+            return (store.applied_index, store.routes(), store.config, store.members(),
+                    store.leaving())
+
+        self.assertEqual(state(target), expected)
         yield target.close()
         target = yield self.cluster(target.path)
-        self.assertEqual(
-            (target.applied_index, target.routes(), target.config, target.members()), expected
-        )
+        self.assertEqual(state(target), expected)
 
     @inlineCallbacks
     def test_restore_refuses_a_damaged_snapshot_and_takes_a_database_copy(self):

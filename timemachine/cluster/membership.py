@@ -13,9 +13,11 @@ The meta group's leader admits a node (``POST /cluster/join``, upstream's body
    5, an odd number past 2), a learner that caught up is promoted. Further members
    stay learners: they follow the meta state without slowing its consensus.
 
-``POST /cluster/remove`` takes a member out: out of the meta group, then out of the
-member list. A member still holding shard replicas is refused with the shards named
-(its replicas move first once replicas move between nodes).
+``POST /cluster/remove`` takes a member out: it is marked leaving in the meta state
+(`MemberLeaving`), so placement moves its replicas off and gives it none back, whoever
+leads the meta group; then it leaves the meta group and the member list. A member
+still placed with shard replicas is not taken out (the shards are named). Joining a
+member that is leaving calls its removal off.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from twisted.logger import Logger
 from timemachine._pb import timemachine_pb2 as pb
 from timemachine.cluster.placement import meta_voters
 from timemachine.cluster.ring import Ring
-from timemachine.domain.commands import PutMember, RemoveMember
+from timemachine.domain.commands import MemberLeaving, PutMember, RemoveMember
 from timemachine.domain.errors import (
     AlreadyConfigured,
     InvalidField,
@@ -108,6 +110,7 @@ class Membership:
         if known is not None and member.node_id in conf.voters | conf.learners:
             if known != member:
                 yield self._meta.propose(member)  # it moved to new addresses
+            yield self._call_off_removal(member.node_id)
             return
         self._offered[member.node_id] = member.peer_address
         self._network.set_peers(self.peers())
@@ -118,6 +121,7 @@ class Membership:
                 yield self._meta.change_membership(
                     ConfChange(ConfChangeKind.ADD_LEARNER, member.node_id)
                 )
+            yield self._call_off_removal(member.node_id)
         finally:
             self._offered.pop(member.node_id, None)
             self._network.set_peers(self.peers())
@@ -126,6 +130,12 @@ class Membership:
             node=member.node_id,
             address=member.peer_address,
         )
+
+    @defer.inlineCallbacks
+    def _call_off_removal(self, node_id: str):
+        if node_id in self._store.leaving():
+            yield self._meta.propose(MemberLeaving(node_id, leaving=False))
+            self.log.info("node {node} joined again: its removal is called off", node=node_id)
 
     @defer.inlineCallbacks
     def _offer(self, node_id: str):
@@ -181,9 +191,8 @@ class Membership:
         if self._promoting or not meta.is_leader():
             return
         conf = meta.conf
-        wanted = meta_voters(
-            [m.node_id for m in self._store.members()], conf.voters, leader=self.node_id
-        )
+        # Not those being removed: a voter leaving gets its successor before it goes.
+        wanted = meta_voters(self._store.staying(), conf.voters, leader=self.node_id)
         ready = sorted(n for n in conf.learners if n in wanted and meta.caught_up(n))
         if not ready:
             return

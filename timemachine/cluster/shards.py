@@ -352,19 +352,18 @@ class Shards:
         """
         return self._configuring.run(self._configure, shards, replicas)
 
-    def rebalance(self, leaving=()):
+    def rebalance(self):
         """On the meta group's leader, after the members changed: move replicas to a
-        balanced placement over the members, less ``leaving`` (nodes whose replicas
-        must go before they are removed). Fires with the shard map then in force."""
-        return self._configuring.run(self._rebalance, tuple(leaving))
+        balanced placement over the members, less those being removed (their replicas
+        must go before they are). Fires with the shard map then in force."""
+        return self._configuring.run(self._rebalance)
 
     @defer.inlineCallbacks
-    def _rebalance(self, leaving):
+    def _rebalance(self):
         config = self._cluster_store.config
         if config is None:
             return None
-        members = [m.node_id for m in self._cluster_store.members() if m.node_id not in leaving]
-        moved = yield self._move_to(config, config.replicas, members)
+        moved = yield self._move_to(config, config.replicas, self._cluster_store.staying())
         return moved
 
     @defer.inlineCallbacks
@@ -379,10 +378,13 @@ class Shards:
 
     @defer.inlineCallbacks
     def _configure(self, shards: int, replicas: int):
-        members = [m.node_id for m in self._cluster_store.members()] or [self._node_id]
+        members = self._cluster_store.staying() or [self._node_id]
         if replicas > len(members):
+            being_removed = ", not counting those being removed" if (
+                self._cluster_store.leaving()) else ""
             raise InvalidField(
-                "replicas", f"must be at most the number of members ({len(members)})"
+                "replicas",
+                f"must be at most the number of members ({len(members)}{being_removed})",
             )
         current = self._cluster_store.config
         if current is not None and current.shards == shards:

@@ -15,6 +15,7 @@ from timemachine.domain.commands import (
     DeleteRoute,
     JobOutcome,
     JobVersion,
+    MemberLeaving,
     OutcomeKind,
     PurgeJobs,
     PutJobs,
@@ -122,6 +123,10 @@ def command_to_pb(command: Command) -> pb.Command:
         )
     if isinstance(command, RemoveMember):
         return pb.Command(remove_member=pb.RemoveMember(node_id=command.node_id))
+    if isinstance(command, MemberLeaving):
+        return pb.Command(
+            member_leaving=pb.MemberLeaving(node_id=command.node_id, leaving=command.leaving)
+        )
     raise TypeError(f"not a command: {command!r}")
 
 
@@ -166,6 +171,8 @@ def command_from_pb(msg: pb.Command) -> Command:
         return from_record(PutMember, m.node_id, m.peer_address, m.http_address)
     if kind == "remove_member":
         return RemoveMember(msg.remove_member.node_id)
+    if kind == "member_leaving":
+        return MemberLeaving(msg.member_leaving.node_id, msg.member_leaving.leaving)
     raise ValueError("empty command record")
 
 

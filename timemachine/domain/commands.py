@@ -165,6 +165,16 @@ class RemoveMember:
     node_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class MemberLeaving:
+    """A member is being removed (``leaving``): placement leaves it out, so its
+    replicas move off it and none come back, whichever node leads the meta group; or
+    it no longer is (it joined again)."""
+
+    node_id: str
+    leaving: bool = True
+
+
 Command = (
     PutJobs
     | DeleteJob
@@ -175,4 +185,5 @@ Command = (
     | Configure
     | PutMember
     | RemoveMember
+    | MemberLeaving
 )

@@ -313,17 +313,20 @@ class TimeMachineAPI:
 
     @app.route("/cluster/servers", methods=["GET"])
     async def cluster_servers(self, request):
-        """The members of the cluster: their peer (``Address``) and HTTP addresses, and
-        whether each votes in the meta group; every change acknowledged before the call
-        is in the answer (503 while no meta leader confirms it)."""
+        """The members of the cluster: their peer (``Address``) and HTTP addresses,
+        whether each votes in the meta group and whether it is being removed; every
+        change acknowledged before the call is in the answer (503 while no meta leader
+        confirms it)."""
         await self._coordinator.meta_read_barrier()
         conf = self._node.meta_log.conf
+        leaving = self._node.cluster_store.leaving()
         servers = [
             {
                 "ID": member.node_id,
                 "Address": member.peer_address,
                 "Suffrage": "Voter" if member.node_id in conf.voters else "Nonvoter",
                 "http_address": member.http_address,
+                "leaving": member.node_id in leaving,
             }
             for member in self._node.cluster_store.members()
         ]

@@ -84,6 +84,13 @@ members_table = Table(
     Column("http_address", String, nullable=False),
 )
 
+# Members whose removal has begun (`MemberLeaving`): placement leaves them out.
+leaving_table = Table(
+    "leaving_members",
+    cluster_metadata,
+    Column("node_id", String, primary_key=True),
+)
+
 cluster_meta_table = meta_table(cluster_metadata)
 
 # The order in which the store unpacks a row of `jobs`: the field order of `Job`.

@@ -38,6 +38,7 @@ from timemachine.domain.commands import (
     DeleteRoute,
     JobOutcome,
     JobVersion,
+    MemberLeaving,
     OutcomeKind,
     PurgeJobs,
     PutJobs,
@@ -66,6 +67,7 @@ from timemachine.storage.schema import (
     cluster_metadata,
     config_table,
     jobs_table,
+    leaving_table,
     members_table,
     routes_table,
     vnode_meta_table,
@@ -593,6 +595,7 @@ class _ClusterState(NamedTuple):
     routes: dict[str, Route]
     config: Configure | None
     members: dict[str, PutMember]
+    leaving: set[str]
 
 
 def _config_from_row(row) -> Configure:
@@ -637,6 +640,7 @@ class ClusterStore(_SQLiteStore):
         super().__init__(path, reactor, io)
         self._routes: dict[str, Route] = {}
         self._members: dict[str, PutMember] = {}
+        self._leaving: set[str] = set()
         self.config: Configure | None = None
 
     def route(self, route_id):
@@ -655,12 +659,22 @@ class ClusterStore(_SQLiteStore):
         """Every member, ordered by node id (from memory, no I/O)."""
         return [self._members[node_id] for node_id in sorted(self._members)]
 
+    def leaving(self):
+        """The members being removed, as a frozenset of node ids (from memory, no I/O)."""
+        return frozenset(self._leaving)
+
+    def staying(self):
+        """The node ids of the members not being removed, in order: those placement
+        may give replicas and meta votes to."""
+        return [node_id for node_id in sorted(self._members) if node_id not in self._leaving]
+
     # -- reactor side
 
     def _install_state(self, state: _ClusterState) -> None:
         self._routes = state.routes
         self.config = state.config
         self._members = state.members
+        self._leaving = state.leaving
 
     def _commands_applied(self, commands) -> None:
         for command, result in commands:
@@ -674,6 +688,12 @@ class ClusterStore(_SQLiteStore):
                 self._members[command.node_id] = command
             elif isinstance(command, RemoveMember):
                 self._members.pop(command.node_id, None)
+                self._leaving.discard(command.node_id)
+            elif isinstance(command, MemberLeaving):
+                if command.leaving:
+                    self._leaving.add(command.node_id)
+                else:
+                    self._leaving.discard(command.node_id)
 
     # -- store thread side
 
@@ -695,8 +715,9 @@ class ClusterStore(_SQLiteStore):
                 )
             )
         }
+        leaving = set(conn.execute(select(leaving_table.c.node_id)).scalars())
         config = None if row is None else _config_from_row(row)
-        return _ClusterState(routes, config, members)
+        return _ClusterState(routes, config, members, leaving)
 
     def _thd_snapshot(self, path: str) -> int:
         """The meta state as protobuf (a `ClusterSnapshot`): the commands that rebuild
@@ -706,6 +727,7 @@ class ClusterStore(_SQLiteStore):
         commands = [PutRoute(route) for route in state.routes.values()]
         commands += [] if state.config is None else [state.config]
         commands += list(state.members.values())
+        commands += [MemberLeaving(node_id) for node_id in sorted(state.leaving)]
         snapshot = pb.ClusterSnapshot(
             applied_index=self._thd_applied_index,
             commands=[command_to_pb(command) for command in commands],
@@ -726,7 +748,7 @@ class ClusterStore(_SQLiteStore):
             raise StorageError(f"{path}: not a usable meta snapshot: {e}") from e
         applied = snapshot.applied_index
         with self._db.thd_transaction() as conn:
-            for table in (routes_table, config_table, members_table):
+            for table in (routes_table, config_table, members_table, leaving_table):
                 conn.execute(delete(table))
             for command in commands:
                 self._thd_apply_command(conn, applied, command)
@@ -770,8 +792,21 @@ class ClusterStore(_SQLiteStore):
             conn.execute(upsert.on_conflict_do_update(index_elements=["node_id"], set_=values))
             return command
         if isinstance(command, RemoveMember):
+            conn.execute(delete(leaving_table).where(leaving_table.c.node_id == command.node_id))
             result = conn.execute(
                 delete(members_table).where(members_table.c.node_id == command.node_id)
             )
             return result.rowcount > 0
+        if isinstance(command, MemberLeaving):
+            if command.leaving:
+                conn.execute(
+                    sqlite_insert(leaving_table)
+                    .values(node_id=command.node_id)
+                    .on_conflict_do_nothing(index_elements=["node_id"])
+                )
+            else:
+                conn.execute(
+                    delete(leaving_table).where(leaving_table.c.node_id == command.node_id)
+                )
+            return command
         raise ValueError(f"the cluster store cannot apply {command!r}")
