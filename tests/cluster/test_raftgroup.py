@@ -307,7 +307,8 @@ class ThreeMemberTests(RaftGroupTestCase):
     def _started_and_heard(self, monotonic_ahead=None):
         """Three members, each telling ``told[node]`` of its leadership, their clocks
         ahead by ``monotonic_ahead[node]`` seconds (read as they tick); fires with
-        the members and ``told`` once one leads."""
+        the members and ``told`` once one leads and was told so (`is_leader` can hold
+        a moment before the group's next turn tells its listeners)."""
         monotonic_ahead = {} if monotonic_ahead is None else monotonic_ahead
         _, members = self.members(3)
         told = {}
@@ -318,7 +319,12 @@ class ThreeMemberTests(RaftGroupTestCase):
             yield m.start()
             told[m.node_id] = []
             m.group.on_leadership(told[m.node_id].append)
-        yield _until(lambda: self.leader(members) is not None)
+
+        def told_leader():
+            leader = self.leader(members)
+            return leader is not None and told[leader.node_id] == [True]
+
+        yield _until(told_leader)
         return members, told
 
     @defer.inlineCallbacks
