@@ -29,7 +29,6 @@ from timemachine.cluster.forwarding import Forwarding
 from timemachine.cluster.membership import Membership
 from timemachine.cluster.migrate import migrate_single_node_layout
 from timemachine.cluster.mover import LeaderSpreader, ReplicaMover
-from timemachine.cluster.placement import removal_problem
 from timemachine.cluster.raftgroup import (
     SET_ASIDE_DIR,
     TICK_SECONDS,
@@ -37,6 +36,7 @@ from timemachine.cluster.raftgroup import (
     RaftGroup,
     RaftHost,
 )
+from timemachine.cluster.removal import Removals
 from timemachine.cluster.retention import (
     DEFAULT_RETAIN_FAILED_MS,
     DEFAULT_RETAIN_FIRED_MS,
@@ -44,9 +44,8 @@ from timemachine.cluster.retention import (
 )
 from timemachine.cluster.ring import DEFAULT_SHARDS, Ring
 from timemachine.cluster.shards import HANDOVER_SECONDS, Shards
-from timemachine.domain.commands import Configure, MemberLeaving, PutMember, RemoveMember
+from timemachine.domain.commands import Configure, PutMember, RemoveMember
 from timemachine.domain.errors import (
-    AlreadyConfigured,
     CorruptLog,
     InvalidField,
     NotConfigured,
@@ -77,8 +76,6 @@ from timemachine.storage.sqlite import unlink_if_exists
 from timemachine.storage.store import ClusterStore, VnodeStore
 from timemachine.storage.wal import DEFAULT_SEGMENT_BYTES
 
-#: Seconds ``/cluster/remove`` waits for a node's replicas to move off it.
-REMOVE_WAIT_SECONDS = 60.0
 #: Seconds a replica asked to answer a read for this node may take before the next
 #: replica is asked.
 REPLICA_PROXY_TIMEOUT = 5.0
@@ -189,6 +186,7 @@ class Node(service.Service):
         self.membership = None
         self.mover = None
         self.spreader = None
+        self.removals = None
         self.forwarding = None
         self.http_client = None
         self._joining = None
@@ -346,6 +344,10 @@ class Node(service.Service):
             count_elsewhere=self._count_elsewhere,
         )
         self.mover = ReplicaMover(self.reactor, self.node_id, self.shards, self._group_view)
+        self.removals = Removals(
+            self.reactor, self.node_id, self.meta_log, self.cluster_store, self.membership,
+            self.shards, self._connected, self._group_view,
+        )
         self.spreader = LeaderSpreader(
             self.reactor, self.meta_log, self.cluster_store, self._group_view,
             self._ask_transfer,
@@ -366,6 +368,7 @@ class Node(service.Service):
             self._http_address = f"{address.host}:{address.port}"
         yield self._announce(self._http_address)
         self.membership.start()
+        self.removals.start()
         self.mover.start()
         self.spreader.start()
         if self.meta_log.blank and self.join_address is not None:
@@ -464,6 +467,10 @@ class Node(service.Service):
             return self.meta_log
         held = self.shard_logs.get(shard_of_group(number))
         return None if held is None else held[0]
+
+    def _connected(self) -> set[str]:
+        """The nodes this node has a peer connection to now."""
+        return {n for n, peer in self.network.stats().items() if peer.connected}
 
     @defer.inlineCallbacks
     def _group_view(self, node_id: str, count_jobs: bool = False):
@@ -673,77 +680,9 @@ class Node(service.Service):
         yield self.membership.join(node_id, peer_address, http_address)
         yield self.shards.rebalance()
 
-    @defer.inlineCallbacks
     def remove(self, node_id: str):
-        """Take ``node_id`` out of the cluster, on the meta group's leader: refuse with
-        the reason when its shards cannot do without it (`placement.removal_problem`),
-        move its replicas to the other members, wait until every shard's group has
-        let it go, then remove it from the meta group and the member list.
-
-        `Unavailable` when the moves take longer than `REMOVE_WAIT_SECONDS`: they go
-        on, and the same call made again finishes the removal. The meta leader does
-        not remove itself: it hands the meta group over first, and answers
-        `Unavailable` so that the call is made again, to the new leader.
-        """
-        self.membership.check_removable(node_id)
-        if node_id == self.node_id:
-            successor = self.meta_log.successor()
-            if successor is None or not self.meta_log.transfer_leadership(successor):
-                raise InvalidField(
-                    "node_id", f"{node_id} leads the meta group, and no voter can take over"
-                )
-            raise Unavailable(
-                f"{node_id} led the meta group and hands it to {successor}: send the "
-                "removal again"
-            )
-        config = self.cluster_store.config
-        if config is not None:
-            # Those another removal takes away already do not count.
-            members = sorted({*self.cluster_store.staying(), node_id})
-            connected = {n for n, peer in self.network.stats().items() if peer.connected}
-            down = [n for n in members if n != self.node_id and n not in connected]
-            problem = removal_problem(node_id, config.placement, members, config.replicas, down)
-            if problem is not None:
-                raise InvalidField("node_id", problem)
-            if node_id not in self.cluster_store.leaving():
-                # In the meta state, not in this call: any later rebalance (a join, a
-                # new replication factor, another meta leader) leaves the node out.
-                yield self.meta_log.propose(MemberLeaving(node_id))
-            yield self.shards.rebalance()
-            yield self._until_groups_let_go(node_id, self.cluster_store.config.shards)
-        yield self.membership.remove(node_id)
-
-    @defer.inlineCallbacks
-    def _until_groups_let_go(self, node_id: str, shards: int):
-        """Fire once no shard's group counts ``node_id`` as a member, as its leader
-        says."""
-        deadline = self.reactor.seconds() + REMOVE_WAIT_SECONDS
-        holding = set(range(shards))
-        while True:
-            if node_id not in self.cluster_store.leaving():
-                raise AlreadyConfigured(
-                    f"the removal of {node_id} was called off: it joined again"
-                )
-            views = []
-            for member in self.cluster_store.members():
-                try:
-                    views.append((yield self._group_view(member.node_id)))
-                except Unavailable:
-                    continue  # down, or the node leaving: the leaders' views tell
-            for view in views:
-                for shard, entry in view.items():
-                    if entry.get("role") == "leader" and node_id not in (
-                        entry["voters"] + entry["learners"]
-                    ):
-                        holding.discard(shard)
-            if not holding:
-                return
-            if self.reactor.seconds() > deadline:
-                raise Unavailable(
-                    f"the replicas of shards {sorted(holding)} are still moving off "
-                    f"{node_id}; ask again to finish removing it"
-                )
-            yield task.deferLater(self.reactor, 0.5, lambda: None)
+        """Take ``node_id`` out of the cluster, on the meta group's leader (`Removals`)."""
+        return self.removals.remove(node_id)
 
     def meta_leader(self) -> str | None:
         """The node leading the meta group, as this node knows it."""
@@ -802,6 +741,7 @@ class Node(service.Service):
                 yield self.port.stopListening()
             if self.membership is not None:
                 self.membership.stop()
+                self.removals.stop()
             if self.mover is not None:
                 self.mover.stop()
                 self.spreader.stop()

@@ -698,6 +698,66 @@ class MovingReplicaTests(ClusterTestCase):
         yield self.until("every replica as placed", self.groups_as_placed, timeout=60.0)
 
     @defer.inlineCallbacks
+    def test_a_removal_whose_meta_leader_died_is_finished_by_the_next(self):
+        yield self.joined(5)
+        yield self.configure("node1", 4, 3)
+        yield self.route_nowhere("node1")
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        ids = [f"j{n}" for n in range(20)]
+        yield self.create_batch(
+            "node2", [{"id": job_id, "trigger_ms": far, "route": "hook"} for job_id in ids]
+        )
+        # A node a replica of node5 moves to is paused: the removal waits for it, and
+        # its meta leader dies meanwhile.
+        entries = yield self.shard_entries("node1")
+        paused = next(
+            node for entry in entries if "node5" in entry["replicas"]
+            for node in ("node2", "node3", "node4") if node not in entry["replicas"]
+        )
+        process = self.nodes[paused].process
+        process.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: process.poll() is None and process.send_signal(signal.SIGCONT))
+        removal = self.call("node1", "POST", "/cluster/remove", {"node_id": "node5"})
+        removal.addErrback(lambda _: None)  # its node is killed before it answers
+
+        @defer.inlineCallbacks
+        def moved_off():
+            return "node5" not in (yield self.placed("node1"))
+
+        yield self.until("node5 placed with no replica", moved_off)
+        self.nodes["node1"].kill(signal.SIGKILL)
+        process.send_signal(signal.SIGCONT)
+        survivor = next(n for n in ("node2", "node3", "node4") if n != paused)
+
+        @defer.inlineCallbacks
+        def removed():
+            answer = yield self.servers(survivor)
+            return answer is not None and "node5" not in [s["ID"] for s in answer["servers"]]
+
+        yield self.until("node5 removed by the next meta leader", removed, timeout=90.0)
+        yield self.jobs_everywhere(ids, [survivor])
+
+    @defer.inlineCallbacks
+    def test_the_meta_leader_asked_to_remove_itself_hands_over_and_is_removed(self):
+        yield self.joined(3)
+        yield self.configure("node1", 4, 2)
+        code, answer = yield self.call("node1", "GET", "/cluster")
+        leader = answer["leader_id"]
+        code, answer = yield self.call(leader, "POST", "/cluster/remove", {"node_id": leader})
+        self.assertEqual((code, answer["code"]), (503, "E_UNAVAILABLE"), answer)
+        self.assertIn("the new leader finishes removing it", answer["error"])
+        others = sorted(n for n in self.nodes if n != leader)
+
+        @defer.inlineCallbacks
+        def removed():
+            answer = yield self.servers(others[0])
+            return answer is not None and [s["ID"] for s in answer["servers"]] == others
+
+        yield self.until(f"{leader} removed by the next meta leader", removed, timeout=90.0)
+        placed = yield self.placed(others[0])
+        self.assertEqual(placed, set(others))
+
+    @defer.inlineCallbacks
     def test_a_read_through_a_node_without_the_shard_is_answered_by_a_live_replica(self):
         yield self.joined(4)
         yield self.configure("node1", 6, 3)
