@@ -30,6 +30,8 @@ from treq.client import HTTPClient
 from twisted.internet import defer, error, protocol, task
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from timemachine.cluster.placement import meta_voters
+
 #: Seconds between two looks at a node that is not there yet.
 POLL_SECONDS = 0.1
 #: Seconds one HTTP call to a node may take.
@@ -267,7 +269,7 @@ class DevCluster:
             }
             yield self._until(node, "admitted by node1", self._posted, first, "/cluster/join",
                               body, node)
-        yield self._until(first, f"{len(self.nodes)} members", self._members, first)
+        yield self._until(first, f"{len(self.nodes)} members, voting", self._members, first)
         body = {"shards": args.shards, "replicas": args.replicas}
         yield self._until(first, "configured", self._posted, first, "/cluster/configure", body,
                           first)
@@ -327,9 +329,14 @@ class DevCluster:
 
     @defer.inlineCallbacks
     def _members(self, node: DevNode):
+        """Every node is a member, and as many vote in the meta group as it promotes
+        (a learner votes once it has caught up)."""
         code, answer = yield self._call("GET", node, "/cluster/servers")
-        ids = sorted(s["ID"] for s in answer["servers"]) if code == 200 else []
-        return ids == sorted(n.node_id for n in self.nodes), f"{code} {answer}"
+        servers = answer["servers"] if code == 200 else []
+        ids = sorted(n.node_id for n in self.nodes)
+        voters = sum(s["Suffrage"] == "Voter" for s in servers)
+        formed = sorted(s["ID"] for s in servers) == ids and voters == len(meta_voters(ids, ()))
+        return formed, f"{code} {answer}"
 
     @defer.inlineCallbacks
     def _placed(self, node: DevNode):
