@@ -15,6 +15,7 @@ from twisted.internet import defer, reactor, task
 from tests.support import HOLD, ClusterTestCase, HTTPReceiver, Partition, start_node_process
 from timemachine.cluster.placement import target_placement
 from timemachine.cluster.ring import shard_of
+from timemachine.cluster.shards import DROPPED_FILE
 from timemachine.node import JOINING_MARKER
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"]
@@ -638,6 +639,38 @@ class MovingReplicaTests(ClusterTestCase):
             entries[shard]["jobs"], sum(shard_of(i, 4) == shard for i in ids), entries[shard]
         )
         yield self.jobs_everywhere(ids, ["node1", "node2", "node3"])
+
+    @defer.inlineCallbacks
+    def test_a_damaged_record_of_dropped_replicas_keeps_the_replica_closed_and_says_so(self):
+        yield self.joined(2)
+        yield self.until("half the shards moved to node2", self.groups_as_placed, timeout=60.0)
+        entries = yield self.shard_entries("node1")
+        given = [e["shard"] for e in entries if "node1" not in e["replicas"]]
+        self.assertEqual(len(given), 2, entries)
+        record = os.path.join(self.nodes["node1"].data_dir, DROPPED_FILE)
+        with open(record, "wb") as f:
+            f.write(b'{"map_index": ')
+        # Placed back on node1, those shards may not start their groups from node1
+        # alone, and whether they may cannot be read: they stay closed, named.
+        code, answer = yield self.call(
+            "node1", "POST", "/cluster/configure", {"shards": 4, "replicas": 2}
+        )
+        self.assertEqual(code, 200, answer)
+
+        @defer.inlineCallbacks
+        def closed():
+            entries = yield self.shard_entries("node1")
+            return all(entries[s]["status"] == "unavailable" for s in given)
+
+        yield self.until("node1's replicas of the shards it dropped closed", closed)
+        entries = yield self.shard_entries("node1")
+        for shard in range(4):
+            if shard in given:
+                self.assertIn(record, entries[shard]["error"], entries[shard])
+            else:
+                self.assertEqual(entries[shard]["status"], "serving", entries[shard])
+        with open(record, "rb") as f:
+            self.assertEqual(f.read(), b'{"map_index": ')  # left as it was found
 
     @defer.inlineCallbacks
     def placed(self, via):
