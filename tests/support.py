@@ -845,6 +845,24 @@ class ClusterTestCase(PollingTestCase):
         failed = [r for r in answer["results"] if r["status"] != "ok"]
         self.assertEqual(failed, [], node_id)
 
+    def create_far(self, node_id, ids):
+        """Jobs ``ids`` of collection ``c``, due in an hour on route ``hook``, posted
+        as one batch through ``node_id``; every one must be stored."""
+        from twisted.internet import reactor
+
+        far = int(reactor.seconds() * 1000) + 3_600_000
+        return self.create_batch(
+            node_id, [{"id": job_id, "trigger_ms": far, "route": "hook"} for job_id in ids]
+        )
+
+    def pause(self, node_id):
+        """SIGSTOP ``node_id``'s process (SIGCONT at the test's cleanup, if it still
+        runs); returns the process, for its SIGCONT."""
+        process = self.nodes[node_id].process
+        process.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: process.poll() is None and process.send_signal(signal.SIGCONT))
+        return process
+
     @defer.inlineCallbacks
     def servers(self, node_id):
         code, answer = yield self.call(node_id, "GET", "/cluster/servers")

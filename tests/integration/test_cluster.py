@@ -459,9 +459,7 @@ class ReplicatedClusterTests(ClusterTestCase):
         yield self.create_batch(
             victim, [{"id": job_id, "trigger_ms": due, "route": "hook"} for job_id in held]
         )
-        process = self.nodes[victim].process
-        process.send_signal(signal.SIGSTOP)
-        self.addCleanup(lambda: process.poll() is None and process.send_signal(signal.SIGCONT))
+        process = self.pause(victim)
         paused_at = reactor.seconds()
         # The others take over its shards and fire what it held.
         yield receiver.wait_for(len(held))
@@ -561,11 +559,8 @@ class MovingReplicaTests(ClusterTestCase):
         yield self.joined(3)
         yield self.configure("node1", 6, 2)
         yield self.route_nowhere("node1")
-        far = int(reactor.seconds() * 1000) + 3_600_000
         ids = [f"job-{i}" for i in range(40)]
-        yield self.create_batch(
-            "node2", [{"id": job_id, "trigger_ms": far, "route": "hook"} for job_id in ids]
-        )
+        yield self.create_far("node2", ids)
 
         # node4 joins: 12 replicas over 4 nodes, 3 each; some move to it.
         yield self.join(4)
@@ -602,11 +597,8 @@ class MovingReplicaTests(ClusterTestCase):
         entries = yield self.shard_entries("node1")
         current = tuple(tuple(e["replicas"]) for e in entries)
         yield self.route_nowhere("node1")
-        far = int(reactor.seconds() * 1000) + 3_600_000
         ids = [f"j{n}" for n in range(40)]
-        yield self.create_batch(
-            "node2", [{"id": job_id, "trigger_ms": far, "route": "hook"} for job_id in ids]
-        )
+        yield self.create_far("node2", ids)
         # Two replicas of every shard place one of them back on node1, as the meta
         # leader computes it. Its one holder is paused: node1's replica must wait for
         # it, blank. Started anew from the group's first member, node1 alone, it would
@@ -616,9 +608,7 @@ class MovingReplicaTests(ClusterTestCase):
             (s, was) for s, was in enumerate(current)
             if "node1" not in was and "node1" in placement[s]
         )
-        process = self.nodes[holder].process
-        process.send_signal(signal.SIGSTOP)
-        self.addCleanup(lambda: process.poll() is None and process.send_signal(signal.SIGCONT))
+        process = self.pause(holder)
         code, answer = yield self.call(
             "node1", "POST", "/cluster/configure", {"shards": 4, "replicas": 2}
         )
@@ -678,6 +668,14 @@ class MovingReplicaTests(ClusterTestCase):
         entries = yield self.shard_entries(via)
         return {node for entry in entries for node in entry["replicas"]}
 
+    def until_placed_nowhere(self, node_id):
+        """Wait until node1's shard map places no replica on ``node_id``."""
+        @defer.inlineCallbacks
+        def nowhere():
+            return node_id not in (yield self.placed("node1"))
+
+        return self.until(f"{node_id} placed with no replica", nowhere)
+
     @defer.inlineCallbacks
     def leaving(self, via):
         answer = yield self.servers(via)
@@ -695,16 +693,10 @@ class MovingReplicaTests(ClusterTestCase):
             node for entry in entries if "node4" in entry["replicas"]
             for node in ("node2", "node3") if node not in entry["replicas"]
         )
-        process = self.nodes[paused].process
-        process.send_signal(signal.SIGSTOP)
-        self.addCleanup(lambda: process.poll() is None and process.send_signal(signal.SIGCONT))
+        process = self.pause(paused)
         removal = self.call("node1", "POST", "/cluster/remove", {"node_id": "node4"})
 
-        @defer.inlineCallbacks
-        def moved_off():
-            return "node4" not in (yield self.placed("node1"))
-
-        yield self.until("node4 placed with no replica", moved_off)
+        yield self.until_placed_nowhere("node4")
         self.assertEqual((yield self.leaving("node1")), ["node4"])
         # Counted without node4, three replicas need every other member.
         code, answer = yield self.call("node1", "POST", "/cluster/remove", {"node_id": "node3"})
@@ -735,11 +727,8 @@ class MovingReplicaTests(ClusterTestCase):
         yield self.joined(5)
         yield self.configure("node1", 4, 3)
         yield self.route_nowhere("node1")
-        far = int(reactor.seconds() * 1000) + 3_600_000
         ids = [f"j{n}" for n in range(20)]
-        yield self.create_batch(
-            "node2", [{"id": job_id, "trigger_ms": far, "route": "hook"} for job_id in ids]
-        )
+        yield self.create_far("node2", ids)
         # A node a replica of node5 moves to is paused: the removal waits for it, and
         # its meta leader dies meanwhile.
         entries = yield self.shard_entries("node1")
@@ -747,17 +736,11 @@ class MovingReplicaTests(ClusterTestCase):
             node for entry in entries if "node5" in entry["replicas"]
             for node in ("node2", "node3", "node4") if node not in entry["replicas"]
         )
-        process = self.nodes[paused].process
-        process.send_signal(signal.SIGSTOP)
-        self.addCleanup(lambda: process.poll() is None and process.send_signal(signal.SIGCONT))
+        process = self.pause(paused)
         removal = self.call("node1", "POST", "/cluster/remove", {"node_id": "node5"})
         removal.addErrback(lambda _: None)  # its node is killed before it answers
 
-        @defer.inlineCallbacks
-        def moved_off():
-            return "node5" not in (yield self.placed("node1"))
-
-        yield self.until("node5 placed with no replica", moved_off)
+        yield self.until_placed_nowhere("node5")
         self.nodes["node1"].kill(signal.SIGKILL)
         process.send_signal(signal.SIGCONT)
         survivor = next(n for n in ("node2", "node3", "node4") if n != paused)
@@ -833,11 +816,8 @@ class MovingReplicaTests(ClusterTestCase):
         yield self.configure("node1", 6, 3)
         yield self.route_nowhere("node1")
         placement = [entry["replicas"] for entry in (yield self.shard_entries("node1"))]
-        far = int(reactor.seconds() * 1000) + 3_600_000
         ids = sorted(f"j{n:02}" for n in range(40))
-        yield self.create_batch(
-            "node1", [{"id": i, "trigger_ms": far, "route": "hook"} for i in ids]
-        )
+        yield self.create_far("node1", ids)
         for node_id in sorted(self.nodes):
             lacking = [s for s, nodes in enumerate(placement) if node_id not in nodes]
             self.assertTrue(lacking, (node_id, placement))
