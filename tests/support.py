@@ -802,6 +802,11 @@ class ClusterTestCase(PollingTestCase):
     def call(self, node_id, method, path, body=None):
         return call_json(self.http, method, self.nodes[node_id].url + path, body)
 
+    def log_of(self, node_id) -> str:
+        """What ``node_id`` has logged so far, over all its runs."""
+        with open(self.nodes[node_id].log_file) as f:
+            return f.read()
+
     def assert_delivered(self, receiver, due_of, max_repeats=None):
         """Every job of ``due_of`` (id -> trigger ms) delivered, none early; repeats only
         as a failover allows: a delivery whose outcome a leader change cut off, with

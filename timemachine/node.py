@@ -26,6 +26,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from timemachine.cluster.coordinator import Coordinator
 from timemachine.cluster.forwarding import Forwarding
+from timemachine.cluster.identity import identity_problem, load_identity
 from timemachine.cluster.membership import Membership
 from timemachine.cluster.migrate import migrate_single_node_layout
 from timemachine.cluster.mover import LeaderSpreader, ReplicaMover
@@ -180,6 +181,7 @@ class Node(service.Service):
             **(retention_options or {}),
         )
         self.rng = random.Random()
+        self.incarnation = ""
         self.engine = None
         self.network = None
         self.host = None
@@ -227,6 +229,10 @@ class Node(service.Service):
                 intact_records=error.intact_records,
                 records_beyond=error.records_beyond,
             )
+        elif failure.check(StorageError):
+            self.log.critical(
+                "node {node} refuses to start: {error}", node=self.node_id, error=failure.value
+            )
         else:
             self.log.failure("node {node} failed to start", failure, node=self.node_id)
         if self.on_start_failure is not None:
@@ -244,6 +250,8 @@ class Node(service.Service):
         os.makedirs(os.path.join(self.data_dir, "meta"), exist_ok=True)
         for io in (self.wal_io, self.store_io):
             io.start()
+        # Before anything else of the data dir is touched: it may be another node's.
+        self.incarnation = yield self.store_io.call(load_identity, self.data_dir, self.node_id)
         self.engine = RaftEngine(
             os.path.join(self.data_dir, "raft"),
             self.reactor,
@@ -265,6 +273,7 @@ class Node(service.Service):
             self.advertise,
             random.Random(self.rng.random()),
             ready=lambda: self.ready.called,
+            incarnation=self.incarnation,
         )
         yield self.network.start()
         self.host = RaftHost(
@@ -299,6 +308,7 @@ class Node(service.Service):
             **self.group_options,
         )
         yield self.meta_log.open()
+        self.network.check_identities(self._peer_identity_problem)
         self._joined_if_so()
         if self.meta_log.alone:
             yield self.meta_log.wait_leading()
@@ -395,7 +405,7 @@ class Node(service.Service):
         """Record this node's addresses in the meta group, if they changed (a restart
         on other ports). Only the meta leader can: a follower's are recorded by the
         leader when it joins."""
-        me = PutMember(self.node_id, self.network.advertise, http_address)
+        me = PutMember(self.node_id, self.network.advertise, http_address, self.incarnation)
         if self.cluster_store.member(self.node_id) == me or not self.meta_log.is_leader():
             return
         yield self.meta_log.propose(me)
@@ -453,8 +463,16 @@ class Node(service.Service):
             d.addErrback(lambda f: self.log.failure("removing the joining marker", f))
 
     def _follow_members(self) -> None:
-        """Keep a connection to every other member of the cluster."""
+        """Keep a connection to every other member of the cluster, on the data dir
+        it joined with."""
+        self.network.check_identities(self._peer_identity_problem)
         self.network.set_peers(self.membership.peers())
+
+    def _peer_identity_problem(self, node_id: str, incarnation: str) -> str | None:
+        member = self.cluster_store.member(node_id)
+        return None if member is None else identity_problem(
+            node_id, member.incarnation, incarnation
+        )
 
     def _follow_config(self) -> None:
         """Route by the cluster's shard map once this node learns it."""

@@ -8,6 +8,7 @@ every node, any call reaches its leader, and it survives the loss of its leader.
 
 import itertools
 import os
+import shutil
 import signal
 
 from twisted.internet import defer, reactor, task
@@ -680,6 +681,49 @@ class MovingReplicaTests(ClusterTestCase):
     def leaving(self, via):
         answer = yield self.servers(via)
         return sorted(s["ID"] for s in answer["servers"] if s["leaving"])
+
+    @defer.inlineCallbacks
+    def test_a_member_back_on_an_empty_data_dir_is_refused_until_removed_and_joined_again(self):
+        yield self.joined(4)
+        yield self.configure("node1", 3, 3)
+        yield self.route_nowhere("node1")
+        ids = [f"j{n}" for n in range(30)]
+        yield self.create_far("node2", ids)
+        node3 = self.nodes["node3"]
+        node3.kill(signal.SIGKILL)
+        shutil.rmtree(node3.data_dir)  # its votes and its Raft log are gone
+        others = ("node1", "node2", "node4")
+        logged = {node_id: len(self.log_of(node_id)) for node_id in others}
+        # Started alone, as spawn.sh does: it bootstraps a cluster of its own.
+        yield start_node_process(self, reactor, self.http, node3.data_dir, node=node3)
+
+        def refused_everywhere():
+            return defer.succeed(all(
+                "refusing peer node3" in self.log_of(node_id)[logged[node_id]:]
+                for node_id in others
+            ))
+
+        yield self.until("every member refuses node3", refused_everywhere)
+        answer = yield self.servers("node3")
+        self.assertEqual([s["ID"] for s in answer["servers"]], ["node3"])  # it learnt nothing
+        join = {"node_id": "node3", "raft_address": node3.peer_address,
+                "http_address": node3.http_address}
+        code, answer = yield self.call("node1", "POST", "/cluster/join", join)
+        self.assertEqual((code, answer["code"]), (400, "E_CONFIGURED"), answer)
+        self.assertIn("POST /cluster/remove", answer["error"])
+
+        # Removed (its replicas move to node4), then joined again: a new member.
+        code, answer = yield self.call("node1", "POST", "/cluster/remove", {"node_id": "node3"})
+        self.assertEqual(code, 200, answer)
+        code, answer = yield self.call("node1", "POST", "/cluster/join", join)
+        self.assertEqual(code, 200, answer)
+        yield self.until("every replica as placed", self.groups_as_placed, timeout=90.0)
+        entries = yield self.shard_entries("node3")
+        held = [e for e in entries if e["status"] != "elsewhere"]
+        self.assertTrue(held, entries)
+        for entry in held:
+            expected = sum(1 for job_id in ids if shard_of(job_id, 3) == entry["shard"])
+            self.assertEqual(entry["jobs"], expected, entry)
 
     @defer.inlineCallbacks
     def test_a_node_being_removed_gets_no_replica_back_until_it_joins_again(self):

@@ -151,10 +151,6 @@ class _FaultsTestCase(ClusterTestCase):
         node = self.nodes[node_id]
         return start_node_process(self, reactor, self.http, node.data_dir, until, node=node)
 
-    def log_of(self, node_id) -> str:
-        with open(self.nodes[node_id].log_file) as f:
-            return f.read()
-
 
 class RestartCatchUpTests(_FaultsTestCase):
     """A node killed while the others take writes comes back, catches up, and serves,

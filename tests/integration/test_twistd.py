@@ -8,7 +8,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support import HTTPReceiver, NodeProcess, call_json, start_node_process
+from tests.support import HTTPReceiver, NodeProcess, call_json, start_node_process, tree_bytes
 
 
 class KillNineTests(unittest.TestCase):
@@ -108,3 +108,25 @@ class StartFailureTests(unittest.TestCase):
             yield task.deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(node.process.returncode, 1, node.log_tail())
         self.assertIn("node node1 failed to start", node.log_tail())
+
+    @defer.inlineCallbacks
+    def test_a_node_started_on_another_nodes_data_dir_refuses_and_touches_nothing(self):
+        base = os.path.abspath(self.mktemp())
+        data_dir = os.path.join(base, "node1")
+        http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        node1 = yield start_node_process(self, reactor, http, data_dir)
+        node1.kill(signal.SIGTERM)
+        before = tree_bytes(data_dir)
+        node2 = NodeProcess(data_dir, os.path.join(base, "node2.log"), node_id="node2")
+        node2.start()
+        self.addCleanup(node2.kill)
+        for _ in range(300):
+            if node2.process.poll() is not None:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(node2.process.returncode, 1, node2.log_tail())
+        log = node2.log_tail()
+        self.assertIn("node node2 refuses to start", log)
+        identity = os.path.join(data_dir, "identity")
+        self.assertIn(f"{identity}: this data dir belongs to node node1, not node2", log)
+        self.assertEqual(tree_bytes(data_dir), before)

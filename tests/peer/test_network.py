@@ -213,6 +213,45 @@ class HandshakeTests(PeerNetworkTestCase):
         self.assertGreaterEqual(a.stats()["b"].reconnects, 1)
 
     @defer.inlineCallbacks
+    def test_each_side_learns_the_others_incarnation_from_its_hello(self):
+        a, b = yield self.connected_pair(incarnation="")
+        self.assertEqual(a.incarnation_of("b"), "")
+        c = yield self.started("c", incarnation="c0ffee")
+        a.set_peers({"b": b.advertise, "c": c.advertise})
+        yield wait_until(lambda: "a" in c.connected_peers(), "a and c are connected")
+        self.assertEqual(a.incarnation_of("c"), "c0ffee")
+        self.assertIsNone(a.incarnation_of("x"))
+
+    @defer.inlineCallbacks
+    def test_a_peer_with_another_incarnation_is_refused_both_ways(self):
+        a = yield self.started("a", incarnation="aa")
+        b = yield self.started("b", incarnation="b2")
+
+        def problem(node_id, incarnation):
+            return None if incarnation == "b1" else f"{node_id} is not on data dir b1"
+
+        a.check_identities(problem)
+        a.set_peers({"b": b.advertise})  # a dials b
+        b.set_peers({"a": a.advertise})  # and b dials a
+        yield wait_until(lambda: a.rejected_connections >= 4, "a refused b's Hellos")
+        self.assertEqual(a.connected_peers(), [])
+        self.assertNotIn("a", b.connected_peers())
+        self.assertEqual(a.refused_incarnation("b"), "b2")
+        self.assertIsNone(a.incarnation_of("b"))
+
+    @defer.inlineCallbacks
+    def test_a_connected_peer_found_on_another_incarnation_is_cut_off(self):
+        a, b = yield self.connected_pair(incarnation="b2")
+        a.check_identities(lambda node_id, incarnation: "not the data dir it joined with")
+        yield wait_until(lambda: not b.connected_peers(), "b saw the abort")
+        yield turns()
+        self.assertEqual(a.connected_peers(), [])
+        self.assertEqual(a.refused_incarnation("b"), "b2")
+        a.check_identities(lambda node_id, incarnation: None)  # it was removed, say
+        yield wait_until(lambda: a.connected_peers() == ["b"], "b is accepted again")
+        self.assertIsNone(a.refused_incarnation("b"))
+
+    @defer.inlineCallbacks
     def test_removing_a_peer_closes_its_connection_and_stops_dialling(self):
         a, b = yield self.connected_pair()
         a.set_peers({})

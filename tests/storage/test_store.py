@@ -656,6 +656,28 @@ class ClusterStoreTests(_StoreTestCase):
         self.assertEqual(reopened.members(), [node2])
 
     @inlineCallbacks
+    def test_a_members_incarnation_stays_until_another_is_recorded_or_it_is_removed(self):
+        path = self.mktemp()
+        store = yield self.cluster(path)
+        first = PutMember("node2", "127.0.0.2:8102", "127.0.0.2:8002", "aa" * 16)
+        moved = PutMember("node2", "127.0.0.9:8102", "127.0.0.9:8002")
+        yield store.apply([(1, first), (2, moved)])
+        # A move (or a build that sends none) leaves the recorded incarnation as it is.
+        kept = replace(moved, incarnation="aa" * 16)
+        self.assertEqual(store.member("node2"), kept)
+        yield store.close()
+        store = yield self.cluster(path)
+        self.assertEqual(store.members(), [kept])
+        yield store.apply([(3, replace(moved, incarnation="bb" * 16))])
+        self.assertEqual(store.member("node2").incarnation, "bb" * 16)
+        # Removed and joined again: recorded anew.
+        yield store.apply([(4, RemoveMember("node2")), (5, moved)])
+        self.assertEqual(store.member("node2"), moved)
+        yield store.close()
+        store = yield self.cluster(path)
+        self.assertEqual(store.members(), [moved])
+
+    @inlineCallbacks
     def test_members_being_removed_are_kept_and_reloaded(self):
         path = self.mktemp()
         store = yield self.cluster(path)
@@ -749,7 +771,7 @@ class ClusterStoreTests(_StoreTestCase):
     def test_snapshot_and_restore(self):
         source = yield self.cluster()
         config = Configure(1, 1, (("node1",),))
-        member = PutMember("node1", "127.0.0.1:8101", "127.0.0.1:8001")
+        member = PutMember("node1", "127.0.0.1:8101", "127.0.0.1:8001", "ab" * 16)
         leaving = PutMember("node2", "127.0.0.2:8101", "127.0.0.2:8001")
         yield source.apply(
             [(1, PutRoute(http_route())), (2, config), (3, member), (4, leaving),

@@ -13,6 +13,11 @@ The meta group's leader admits a node (``POST /cluster/join``, upstream's body
    5, an odd number past 2), a learner that caught up is promoted. Further members
    stay learners: they follow the meta state without slowing its consensus.
 
+The leader records the incarnation of each member's data dir
+(`timemachine.cluster.identity`) as the member's `Hello` says it, once the member is
+connected. Joining a member again is refused (``E_CONFIGURED``) while it presents
+another data dir than the one recorded: it must be removed first.
+
 ``POST /cluster/remove`` takes a member out: it is marked leaving in the meta state
 (`MemberLeaving`), so placement moves its replicas off and gives it none back, whoever
 leads the meta group; then it leaves the meta group and the member list. A member
@@ -22,10 +27,13 @@ member that is leaving calls its removal off.
 
 from __future__ import annotations
 
+import dataclasses
+
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from timemachine._pb import timemachine_pb2 as pb
+from timemachine.cluster.identity import identity_problem
 from timemachine.cluster.placement import meta_voters
 from timemachine.cluster.ring import Ring
 from timemachine.domain.commands import MemberLeaving, PutMember, RemoveMember
@@ -73,7 +81,8 @@ class Membership:
         self._holdings = holdings
         self._offered: dict[str, str] = {}  # node -> peer address, while being admitted
         self._promoting = False
-        self._loop = task.LoopingCall(self._promote_caught_up)
+        self._recording = False
+        self._loop = task.LoopingCall(self._look_after_members)
         self._loop.clock = reactor
         self._lock = defer.DeferredLock()
         network.handle("join", self._offer_received)
@@ -108,6 +117,13 @@ class Membership:
         conf = self._meta.conf
         known = self._store.member(member.node_id)
         if known is not None and member.node_id in conf.voters | conf.learners:
+            refused = self._network.refused_incarnation(member.node_id)
+            problem = None if refused is None else identity_problem(
+                member.node_id, known.incarnation, refused
+            )
+            if problem is not None:
+                raise AlreadyConfigured(f"node {member.node_id} is a member, but {problem}")
+            member = dataclasses.replace(member, incarnation=known.incarnation)
             if known != member:
                 yield self._meta.propose(member)  # it moved to new addresses
             yield self._call_off_removal(member.node_id)
@@ -184,6 +200,42 @@ class Membership:
     def _require_leader(self) -> None:
         if not self._meta.leads:
             raise Unavailable("this node does not lead the meta group; retry on the leader")
+
+    def _look_after_members(self):
+        self._record_incarnations()
+        return self._promote_caught_up()
+
+    def _record_incarnations(self) -> None:
+        """Record the incarnation of members recorded without one (joined since, or
+        by an earlier build), as their Hellos (this node's own: its network's) say."""
+        if self._recording or not self._meta.is_leader():
+            return
+        unrecorded = []
+        for member in self._store.members():
+            if member.node_id == self.node_id:
+                incarnation = self._network.incarnation
+            else:
+                incarnation = self._network.incarnation_of(member.node_id)
+            if incarnation and not member.incarnation:
+                unrecorded.append(dataclasses.replace(member, incarnation=incarnation))
+        if not unrecorded:
+            return
+        self._recording = True
+        d = self._lock.run(self._record, unrecorded)
+        d.addErrback(lambda f: self.log.info(
+            "recording the members' incarnations waits: {error}", error=f.value
+        ))
+        d.addBoth(lambda _: setattr(self, "_recording", False))
+
+    @defer.inlineCallbacks
+    def _record(self, members):
+        for member in members:
+            # As recorded now, under the lock: a join meanwhile may have moved it.
+            current = self._store.member(member.node_id)
+            if current is not None and not current.incarnation:
+                yield self._meta.propose(
+                    dataclasses.replace(current, incarnation=member.incarnation)
+                )
 
     @defer.inlineCallbacks
     def _promote_caught_up(self):

@@ -119,6 +119,7 @@ def command_to_pb(command: Command) -> pb.Command:
                 node_id=command.node_id,
                 peer_address=command.peer_address,
                 http_address=command.http_address,
+                incarnation=command.incarnation,
             )
         )
     if isinstance(command, RemoveMember):
@@ -168,7 +169,7 @@ def command_from_pb(msg: pb.Command) -> Command:
         )
     if kind == "put_member":
         m = msg.put_member
-        return from_record(PutMember, m.node_id, m.peer_address, m.http_address)
+        return from_record(PutMember, m.node_id, m.peer_address, m.http_address, m.incarnation)
     if kind == "remove_member":
         return RemoveMember(msg.remove_member.node_id)
     if kind == "member_leaving":

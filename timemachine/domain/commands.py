@@ -144,14 +144,18 @@ class Configure:
 
 @dataclass(frozen=True, slots=True)
 class PutMember:
-    """A node joins the cluster (or moves): where its peer protocol and REST API are.
+    """A node joins the cluster (or moves): where its peer protocol and REST API are,
+    and which data dir it runs on (`timemachine.cluster.identity`).
 
-    Addresses are ``host:port``; ``http_address`` may be empty when unknown.
+    Addresses are ``host:port``; ``http_address`` may be empty when unknown. An empty
+    ``incarnation`` leaves the one recorded as it is (a move, or a build that did not
+    send one).
     """
 
     node_id: str
     peer_address: str
     http_address: str = ""
+    incarnation: str = ""
 
     def __post_init__(self):
         check_name("node_id", self.node_id, MAX_NODE_ID)

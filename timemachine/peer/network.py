@@ -132,6 +132,7 @@ class _Peer:
     dial: _Dial | None = None
     retry: object | None = None  # IDelayedCall of the next dial
     failures: int = 0
+    incarnation: str = ""  # what its accepted Hello said
 
 
 @dataclass
@@ -165,7 +166,8 @@ class PeerNetwork:
     to it). A port of 0 in ``advertise`` stands for the port actually listened on.
     ``rng`` draws the reconnect jitter. ``ready()`` answers the built-in ping handler's
     ``Pong.ready`` (True when not given). ``request_timeout`` also bounds a dial and
-    the wait for a new connection's `Hello`.
+    the wait for a new connection's `Hello`. ``incarnation`` is this node's data dir's
+    (`timemachine.cluster.identity`), said in its `Hello`.
 
     The constructor does no I/O: `start` listens and dials, `stop` ends it all.
     """
@@ -185,6 +187,7 @@ class PeerNetwork:
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
         ready: Callable[[], bool] | None = None,
+        incarnation: str = "",
     ):
         if not node_id:
             raise ValueError("node_id must not be empty")
@@ -198,6 +201,7 @@ class PeerNetwork:
         if not 0 < backoff_initial <= backoff_max:
             raise ValueError("need 0 < backoff_initial <= backoff_max")
         self.node_id = node_id
+        self.incarnation = incarnation
         self._reactor = reactor
         self._listen_endpoint = listen_endpoint
         self._advertise_host = host
@@ -222,6 +226,9 @@ class PeerNetwork:
         self._running = False
         self._stopped = False
         self._stop_waiters: list[defer.Deferred] | None = None
+        self._identity_problem: Callable[[str, str], str | None] | None = None
+        # The incarnation a refused peer last presented, by node, until it is accepted.
+        self._refused_incarnations: dict[str, str] = {}
         self.rejected_connections = 0
         """Connections closed for breaking the protocol or naming a refused node."""
 
@@ -250,7 +257,9 @@ class PeerNetwork:
             self._port = port
             self._running = True
             self._hello = pb.Envelope(
-                hello=pb.Hello(node_id=self.node_id, advertise=self.advertise)
+                hello=pb.Hello(
+                    node_id=self.node_id, advertise=self.advertise, incarnation=self.incarnation
+                )
             )
             self._hello_frame_bytes = HEADER_BYTES + self._hello.ByteSize()
             for peer in list(self._peers.values()):
@@ -332,6 +341,40 @@ class PeerNetwork:
                     peer.retry.cancel()
                     peer.retry = None
             self._dial(peer)
+
+    def check_identities(self, problem: Callable[[str, str], str | None]) -> None:
+        """Refuse every peer for which ``problem(node_id, incarnation)`` (its Hello's)
+        gives a reason, from now on and on the connections already accepted."""
+        self._identity_problem = problem
+        for peer in list(self._peers.values()):
+            connection = peer.connection
+            reason = None if connection is None else problem(peer.node_id, peer.incarnation)
+            if reason is not None:
+                self._refuse_identity(connection, peer.node_id, peer.incarnation, reason)
+
+    def incarnation_of(self, node_id: str) -> str | None:
+        """The incarnation ``node_id``'s accepted Hello said, while it is connected."""
+        peer = self._peers.get(node_id)
+        return None if peer is None or peer.connection is None else peer.incarnation
+
+    def refused_incarnation(self, node_id: str) -> str | None:
+        """The incarnation of ``node_id``'s Hello last refused for it, until one is
+        accepted (`check_identities`)."""
+        return self._refused_incarnations.get(node_id)
+
+    def _refuse_identity(self, protocol: PeerProtocol, node_id: str, incarnation: str,
+                         reason: str) -> None:
+        if self._refused_incarnations.get(node_id) != incarnation:
+            # Once per data dir presented: the node dials again every few seconds.
+            self.log.error(
+                "refusing peer {node} ({address}): {reason}",
+                node=node_id,
+                address=protocol.peer_address,
+                reason=reason,
+            )
+        self._refused_incarnations[node_id] = incarnation
+        self.rejected_connections += 1
+        protocol.abort(reason)
 
     def connected_peers(self) -> list[str]:
         """The nodes with a connection whose Hello was accepted, sorted (a node that
@@ -566,9 +609,16 @@ class PeerNetwork:
             self.rejected_connections += 1
             protocol.abort(problem)
             return
+        if self._identity_problem is not None:
+            problem = self._identity_problem(node_id, hello.incarnation)
+            if problem is not None:
+                self._refuse_identity(protocol, node_id, hello.incarnation, problem)
+                return
+        self._refused_incarnations.pop(node_id, None)
         protocol.node_id = node_id
         peer = self._peer(node_id)
         peer.advertise = peer.stats.advertise = hello.advertise
+        peer.incarnation = hello.incarnation
         # Our own Hello left before the peer was known: it is counted now.
         peer.stats.frames_sent += 1
         peer.stats.bytes_sent += self._hello_frame_bytes

@@ -84,6 +84,15 @@ members_table = Table(
     Column("http_address", String, nullable=False),
 )
 
+# The incarnation of each member's data dir (`timemachine.cluster.identity`), once
+# recorded: a table of its own, so files made before it need no new column.
+member_incarnations_table = Table(
+    "member_incarnations",
+    cluster_metadata,
+    Column("node_id", String, primary_key=True),
+    Column("incarnation", String, nullable=False),
+)
+
 # Members whose removal has begun (`MemberLeaving`): placement leaves them out.
 leaving_table = Table(
     "leaving_members",

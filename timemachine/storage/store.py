@@ -68,6 +68,7 @@ from timemachine.storage.schema import (
     config_table,
     jobs_table,
     leaving_table,
+    member_incarnations_table,
     members_table,
     routes_table,
     vnode_meta_table,
@@ -685,6 +686,9 @@ class ClusterStore(_SQLiteStore):
             elif isinstance(command, Configure):
                 self.config = result  # as stored, with its map_index
             elif isinstance(command, PutMember):
+                known = self._members.get(command.node_id)
+                if known is not None and known.incarnation and not command.incarnation:
+                    command = dataclasses.replace(command, incarnation=known.incarnation)
                 self._members[command.node_id] = command
             elif isinstance(command, RemoveMember):
                 self._members.pop(command.node_id, None)
@@ -706,12 +710,16 @@ class ClusterStore(_SQLiteStore):
             select(config_table.c.shards, config_table.c.replicas, config_table.c.placement)
         ).first()
         members = {
-            node_id: from_record(PutMember, node_id, peer, http)
-            for node_id, peer, http in conn.execute(
+            node_id: from_record(PutMember, node_id, peer, http, incarnation or "")
+            for node_id, peer, http, incarnation in conn.execute(
                 select(
                     members_table.c.node_id,
                     members_table.c.peer_address,
                     members_table.c.http_address,
+                    member_incarnations_table.c.incarnation,
+                ).outerjoin(
+                    member_incarnations_table,
+                    members_table.c.node_id == member_incarnations_table.c.node_id,
                 )
             )
         }
@@ -748,7 +756,10 @@ class ClusterStore(_SQLiteStore):
             raise StorageError(f"{path}: not a usable meta snapshot: {e}") from e
         applied = snapshot.applied_index
         with self._db.thd_transaction() as conn:
-            for table in (routes_table, config_table, members_table, leaving_table):
+            for table in (
+                routes_table, config_table, members_table, member_incarnations_table,
+                leaving_table,
+            ):
                 conn.execute(delete(table))
             for command in commands:
                 self._thd_apply_command(conn, applied, command)
@@ -790,9 +801,16 @@ class ClusterStore(_SQLiteStore):
             }
             upsert = sqlite_insert(members_table).values(node_id=command.node_id, **values)
             conn.execute(upsert.on_conflict_do_update(index_elements=["node_id"], set_=values))
+            if command.incarnation:
+                values = {"incarnation": command.incarnation}
+                upsert = sqlite_insert(member_incarnations_table).values(
+                    node_id=command.node_id, **values
+                )
+                conn.execute(upsert.on_conflict_do_update(index_elements=["node_id"], set_=values))
             return command
         if isinstance(command, RemoveMember):
-            conn.execute(delete(leaving_table).where(leaving_table.c.node_id == command.node_id))
+            for table in (leaving_table, member_incarnations_table):
+                conn.execute(delete(table).where(table.c.node_id == command.node_id))
             result = conn.execute(
                 delete(members_table).where(members_table.c.node_id == command.node_id)
             )
