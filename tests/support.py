@@ -568,8 +568,10 @@ NFT = shutil.which("nft") or "/usr/sbin/nft"
 class Partition:
     """Real network partitions between loopback addresses, made with nft rules.
 
-    Each node of a cluster test listens and dials from its own address (127.0.0.2,
-    127.0.0.3, ...; Linux routes all of 127/8 to lo). `cut` drops every packet between
+    Each node of a cluster test listens and dials from its own address (Linux routes
+    all of 127/8 to lo), in a block no other test module uses (127.0.7.x for
+    tests/integration/test_cluster.py, ...), so a cut never falls on a test another
+    trial worker runs meanwhile. `cut` drops every packet between
     two groups of addresses, both ways; `heal` drops the rules; `remove` (register it
     as a cleanup) deletes this partition's own nft table, so no rule outlives the test
     and rules of other tests or of the machine are never touched. Needs root.

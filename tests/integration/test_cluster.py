@@ -19,7 +19,7 @@ from timemachine.cluster.ring import shard_of
 from timemachine.cluster.shards import DROPPED_FILE
 from timemachine.node import JOINING_MARKER
 
-HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"]
+HOSTS = [f"127.0.7.{n}" for n in range(2, 7)]
 
 
 class ClusterTests(ClusterTestCase):

@@ -58,7 +58,7 @@ class PartitionTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.ports = {}
-        for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        for host in ("127.0.6.2", "127.0.6.3", "127.0.6.4"):
             endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface=host)
             factory = _EchoFactory()
             port = yield endpoint.listen(factory)
@@ -70,30 +70,30 @@ class PartitionTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_cut_drops_traffic_between_its_sides_only(self):
-        self.assertTrue((yield _connect("127.0.0.2", "127.0.0.3", self.ports["127.0.0.3"])))
-        self.partition.cut("127.0.0.2", ["127.0.0.3", "127.0.0.4"])
-        self.assertFalse((yield _connect("127.0.0.2", "127.0.0.3", self.ports["127.0.0.3"])))
-        self.assertFalse((yield _connect("127.0.0.4", "127.0.0.2", self.ports["127.0.0.2"])))
+        self.assertTrue((yield _connect("127.0.6.2", "127.0.6.3", self.ports["127.0.6.3"])))
+        self.partition.cut("127.0.6.2", ["127.0.6.3", "127.0.6.4"])
+        self.assertFalse((yield _connect("127.0.6.2", "127.0.6.3", self.ports["127.0.6.3"])))
+        self.assertFalse((yield _connect("127.0.6.4", "127.0.6.2", self.ports["127.0.6.2"])))
         # The majority side still talks.
-        self.assertTrue((yield _connect("127.0.0.3", "127.0.0.4", self.ports["127.0.0.4"])))
+        self.assertTrue((yield _connect("127.0.6.3", "127.0.6.4", self.ports["127.0.6.4"])))
         self.partition.heal()
-        self.assertTrue((yield _connect("127.0.0.2", "127.0.0.3", self.ports["127.0.0.3"])))
+        self.assertTrue((yield _connect("127.0.6.2", "127.0.6.3", self.ports["127.0.6.3"])))
 
     @defer.inlineCallbacks
     def test_an_open_connection_goes_silent_across_a_cut(self):
         client = socket.create_connection(
-            ("127.0.0.3", self.ports["127.0.0.3"]), timeout=5, source_address=("127.0.0.2", 0)
+            ("127.0.6.3", self.ports["127.0.6.3"]), timeout=5, source_address=("127.0.6.2", 0)
         )
         self.addCleanup(client.close)
         yield defer.succeed(None)
-        self.partition.cut("127.0.0.2", "127.0.0.3")
+        self.partition.cut("127.0.6.2", "127.0.6.3")
         client.settimeout(0.5)
         client.sendall(b"ping")
         with self.assertRaises(socket.timeout):
             client.recv(4)
 
     def test_remove_leaves_no_table_behind(self):
-        self.partition.cut("127.0.0.2", "127.0.0.3")
+        self.partition.cut("127.0.6.2", "127.0.6.3")
         self.assertIn(self.partition.table, nft_tables())
         self.assertIn("drop", self.partition.rules())
         self.partition.remove()

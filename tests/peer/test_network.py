@@ -1,5 +1,7 @@
-"""The peer network over real TCP on loopback addresses: node a on 127.0.0.2, b on
-127.0.0.3, c on 127.0.0.4 (Linux routes all of 127/8 to lo).
+"""The peer network over real TCP on loopback addresses: node a on 127.0.1.2, b on
+127.0.1.3, c on 127.0.1.4 (Linux routes all of 127/8 to lo); the partition tests on
+127.0.2.x. No other test module uses these blocks, so a cut made here in one trial
+worker never falls on another worker's test.
 
 Waits poll the real reactor until a condition holds (bounded, never asserted on time);
 backoffs are small so that reconnects happen within a test.
@@ -30,7 +32,7 @@ from timemachine.peer.network import PeerNetwork
 from timemachine.peer.protocol import IPeerProtocolOwner
 from timemachine.peer.requests import INTERNAL_ERROR_CODE, error_of
 
-HOSTS = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4", "x": "127.0.0.5"}
+HOSTS = {"a": "127.0.1.2", "b": "127.0.1.3", "c": "127.0.1.4", "x": "127.0.1.5"}
 
 
 @defer.inlineCallbacks
@@ -132,14 +134,14 @@ class HandshakeTests(PeerNetworkTestCase):
         self.assertIsNone(b.stats()["a"].address)
         self.assertEqual(a.stats()["b"].address, b.advertise)
         self.assertTrue(a.stats()["b"].connected)
-        self.assertEqual(a.advertise, f"127.0.0.2:{a.listening_address.port}")
+        self.assertEqual(a.advertise, f"{HOSTS['a']}:{a.listening_address.port}")
 
     @defer.inlineCallbacks
     def test_outgoing_connections_bind_to_the_advertise_host(self):
         a, b = yield self.connected_pair()
         self.assertTrue(self.connection(a, "b").outgoing)
-        self.assertEqual(self.connection(b, "a").transport.getPeer().host, "127.0.0.2")
-        self.assertEqual(self.connection(a, "b").transport.getHost().host, "127.0.0.2")
+        self.assertEqual(self.connection(b, "a").transport.getPeer().host, HOSTS["a"])
+        self.assertEqual(self.connection(a, "b").transport.getHost().host, HOSTS["a"])
 
     @defer.inlineCallbacks
     def test_connections_send_without_nagle_delay(self):
@@ -382,7 +384,7 @@ class ReconnectTests(PeerNetworkTestCase):
     @defer.inlineCallbacks
     def test_a_new_address_is_dialled_at_once(self):
         a = yield self.started("a", backoff_initial=3600, backoff_max=3600)
-        a.set_peers({"b": "127.0.0.3:1"})  # refused: the next try is minutes away
+        a.set_peers({"b": f"{HOSTS['b']}:1"})  # refused: the next try is minutes away
         yield wait_until(lambda: a._peers["b"].retry is not None, "a waits")
         self.assertGreater(a._peers["b"].retry.getTime() - reactor.seconds(), 60)
         b = yield self.started("b")
@@ -419,8 +421,8 @@ class ReconnectTests(PeerNetworkTestCase):
 
         a = yield self.started("a", backoff_initial=0.01, backoff_max=0.04)
         self.patch(a, "_reactor", SpyReactor())
-        # Nothing listens on 127.0.0.3:1: every dial is refused at once.
-        a.set_peers({"b": "127.0.0.3:1"})
+        # Nothing listens on port 1 of b's address: every dial is refused at once.
+        a.set_peers({"b": f"{HOSTS['b']}:1"})
         yield wait_until(lambda: a.stats()["b"].reconnects >= 8, "eight retries")
         ceilings = [0.01, 0.02, 0.04, 0.04, 0.04, 0.04, 0.04, 0.04]
         for delay, ceiling in zip(delays, ceilings, strict=False):
@@ -430,7 +432,7 @@ class ReconnectTests(PeerNetworkTestCase):
     def test_the_jitter_comes_from_the_rng_passed_in(self):
         def delays(seed):
             clock = task.Clock()
-            network = PeerNetwork(clock, "a", None, "127.0.0.2:0", random.Random(seed))
+            network = PeerNetwork(clock, "a", None, f"{HOSTS['a']}:0", random.Random(seed))
             network._running = True  # as if started; nothing is dialled on a Clock
             peer = network._peer("b")
             peer.wanted = True
@@ -704,7 +706,7 @@ class ProtocolErrorTests(PeerNetworkTestCase):
     @defer.inlineCallbacks
     def test_a_second_hello_closes(self):
         a, b = yield self.connected_pair()
-        hello = pb.Envelope(hello=pb.Hello(node_id="x", advertise="127.0.0.5:1"))
+        hello = pb.Envelope(hello=pb.Hello(node_id="x", advertise=f"{HOSTS['x']}:1"))
         frame = encode_frame(hello.SerializeToString())
         yield self.assert_closed_and_still_serving(b, a, frame + frame)
 
@@ -712,7 +714,7 @@ class ProtocolErrorTests(PeerNetworkTestCase):
     def test_an_envelope_of_unknown_kind_is_ignored(self):
         b = yield self.started("b")
         client = yield self.raw_client(b)
-        hello = pb.Envelope(hello=pb.Hello(node_id="x", advertise="127.0.0.5:1"))
+        hello = pb.Envelope(hello=pb.Hello(node_id="x", advertise=f"{HOSTS['x']}:1"))
         ping = pb.Envelope(request=pb.Request(id=5, ping=pb.Ping()))
         # Field 15 is no Envelope field here (a newer build's kind); b"" is empty.
         for payload in (hello.SerializeToString(), b"\x78\x01", b"", ping.SerializeToString()):
@@ -743,7 +745,7 @@ class StopTests(PeerNetworkTestCase):
         b.handle("http", lambda frm, call: defer.Deferred())
         pending = a.request("b", pb.Request(http=pb.HttpCall()))
         yield wait_until(lambda: b.stats()["a"].requests_received == 1, "b has it")
-        a.set_peers({"b": b.advertise, "c": "127.0.0.4:1"})  # c: dialling and failing
+        a.set_peers({"b": b.advertise, "c": f"{HOSTS['c']}:1"})  # c: dialling and failing
         yield wait_until(lambda: a._peers["c"].retry is not None, "a waits to redial c")
         client = yield self.raw_client(a)  # a connection without a Hello yet
         a.send_raft("b", heartbeat(0, 1))  # queued for the end of the turn
@@ -764,7 +766,7 @@ class StopTests(PeerNetworkTestCase):
     def test_stop_while_dialling(self):
         a = yield self.started("a", request_timeout=30)
         # Connecting takes a turn at least: the dial is still in flight.
-        a.set_peers({"b": "127.0.0.4:1"})
+        a.set_peers({"b": f"{HOSTS['c']}:1"})
         self.assertIsNotNone(a._peers["b"].dial)
         yield a.stop()
         self.assertIsNone(a._peers["b"].dial)
