@@ -116,7 +116,7 @@ class Membership:
             raise InvalidField("node_id", f"{member.node_id} is this node, already a member")
         conf = self._meta.conf
         known = self._store.member(member.node_id)
-        if known is not None and member.node_id in conf.voters | conf.learners:
+        if known is not None:
             refused = self._network.refused_incarnation(member.node_id)
             problem = None if refused is None else identity_problem(
                 member.node_id, known.incarnation, refused
@@ -124,6 +124,7 @@ class Membership:
             if problem is not None:
                 raise AlreadyConfigured(f"node {member.node_id} is a member, but {problem}")
             member = dataclasses.replace(member, incarnation=known.incarnation)
+        if known is not None and member.node_id in conf.voters | conf.learners:
             if known != member:
                 yield self._meta.propose(member)  # it moved to new addresses
             yield self._call_off_removal(member.node_id)
