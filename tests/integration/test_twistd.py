@@ -91,6 +91,17 @@ class StartFailureTests(unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
+    def started_until_it_exits(self, node):
+        """Start ``node``; fire with its exit status once it ends (within 30 s)."""
+        node.start()
+        self.addCleanup(node.kill)
+        for _ in range(300):
+            if node.process.poll() is not None:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        return node.process.returncode
+
+    @defer.inlineCallbacks
     def test_a_node_that_fails_before_its_reactor_runs_exits_with_status_1(self):
         # Its data dir is a file: the node fails in startService, which twistd calls
         # before it runs the reactor.
@@ -100,13 +111,7 @@ class StartFailureTests(unittest.TestCase):
         with open(data_dir, "w"):
             pass
         node = NodeProcess(data_dir, os.path.join(base, "node.log"))
-        node.start()
-        self.addCleanup(node.kill)
-        for _ in range(300):
-            if node.process.poll() is not None:
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual(node.process.returncode, 1, node.log_tail())
+        self.assertEqual((yield self.started_until_it_exits(node)), 1, node.log_tail())
         self.assertIn("node node1 failed to start", node.log_tail())
 
     @defer.inlineCallbacks
@@ -118,13 +123,7 @@ class StartFailureTests(unittest.TestCase):
         node1.kill(signal.SIGTERM)
         before = tree_bytes(data_dir)
         node2 = NodeProcess(data_dir, os.path.join(base, "node2.log"), node_id="node2")
-        node2.start()
-        self.addCleanup(node2.kill)
-        for _ in range(300):
-            if node2.process.poll() is not None:
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual(node2.process.returncode, 1, node2.log_tail())
+        self.assertEqual((yield self.started_until_it_exits(node2)), 1, node2.log_tail())
         log = node2.log_tail()
         self.assertIn("node node2 refuses to start", log)
         identity = os.path.join(data_dir, "identity")
