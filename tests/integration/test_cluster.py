@@ -701,9 +701,13 @@ class MovingReplicaTests(ClusterTestCase):
             return defer.succeed(all(
                 "refusing peer node3" in self.log_of(node_id)[logged[node_id]:]
                 for node_id in others
+            ) and all(  # and node3 was told why
+                f"peer {node_id} refuses this node: its data dir is not the one"
+                in self.log_of("node3")
+                for node_id in others
             ))
 
-        yield self.until("every member refuses node3", refused_everywhere)
+        yield self.until("every member refuses node3, saying why", refused_everywhere)
         answer = yield self.servers("node3")
         self.assertEqual([s["ID"] for s in answer["servers"]], ["node3"])  # it learnt nothing
         join = {"node_id": "node3", "raft_address": node3.peer_address,

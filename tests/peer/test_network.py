@@ -242,6 +242,9 @@ class HandshakeTests(PeerNetworkTestCase):
         self.assertEqual(a.connected_peers(), [])
         self.assertEqual(a.refused_incarnation("b"), "b2")
         self.assertIsNone(a.incarnation_of("b"))
+        # b was told why, so that its own log says it.
+        self.assertEqual(b.refusal_from("a"), "b is not on data dir b1")
+        self.assertIsNone(a.refusal_from("b"))
 
     @defer.inlineCallbacks
     def test_a_connected_peer_found_on_another_incarnation_is_cut_off(self):
@@ -251,6 +254,9 @@ class HandshakeTests(PeerNetworkTestCase):
         yield turns()
         self.assertEqual(a.connected_peers(), [])
         self.assertEqual(a.refused_incarnation("b"), "b2")
+        # Cut off at once; told why as a redials it.
+        yield wait_until(lambda: b.refusal_from("a") is not None, "b was told why")
+        self.assertEqual(b.refusal_from("a"), "not the data dir it joined with")
         a.check_identities(lambda node_id, incarnation: None)  # it was removed, say
         yield wait_until(lambda: a.connected_peers() == ["b"], "b is accepted again")
         self.assertIsNone(a.refused_incarnation("b"))

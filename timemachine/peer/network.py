@@ -229,6 +229,8 @@ class PeerNetwork:
         self._identity_problem: Callable[[str, str], str | None] | None = None
         # The incarnation a refused peer last presented, by node, until it is accepted.
         self._refused_incarnations: dict[str, str] = {}
+        # Why each peer that refused this node last said it did.
+        self._refusals: dict[str, str] = {}
         self.rejected_connections = 0
         """Connections closed for breaking the protocol or naming a refused node."""
 
@@ -350,7 +352,9 @@ class PeerNetwork:
             connection = peer.connection
             reason = None if connection is None else problem(peer.node_id, peer.incarnation)
             if reason is not None:
-                self._refuse_identity(connection, peer.node_id, peer.incarnation, reason)
+                self._refuse_identity(
+                    connection, peer.node_id, peer.incarnation, reason, accepted=True
+                )
 
     def incarnation_of(self, node_id: str) -> str | None:
         """The incarnation ``node_id``'s accepted Hello said, while it is connected."""
@@ -362,8 +366,13 @@ class PeerNetwork:
         accepted (`check_identities`)."""
         return self._refused_incarnations.get(node_id)
 
+    def refusal_from(self, node_id: str) -> str | None:
+        """Why ``node_id`` last refused this node's connection (its `Refusal`), if it
+        ever did."""
+        return self._refusals.get(node_id)
+
     def _refuse_identity(self, protocol: PeerProtocol, node_id: str, incarnation: str,
-                         reason: str) -> None:
+                         reason: str, accepted: bool = False) -> None:
         if self._refused_incarnations.get(node_id) != incarnation:
             # Once per data dir presented: the node dials again every few seconds.
             self.log.error(
@@ -374,7 +383,15 @@ class PeerNetwork:
             )
         self._refused_incarnations[node_id] = incarnation
         self.rejected_connections += 1
-        protocol.abort(reason)
+        if accepted:
+            # Raft messages may be queued on it: dropped, never delivered to that node.
+            # It is told why when it dials again.
+            protocol.abort(reason)
+        else:
+            # Nothing but this node's Hello went out on it. Told, so that the refused
+            # node's own log says why it is cut off.
+            protocol.send(pb.Envelope(refusal=pb.Refusal(reason=reason)))
+            protocol.close(f"refused: {reason}", quietly=True)
 
     def connected_peers(self) -> list[str]:
         """The nodes with a connection whose Hello was accepted, sorted (a node that
@@ -690,6 +707,13 @@ class PeerNetwork:
                 return  # timed out or cancelled: a late answer is ignored
             pending.timer.cancel()
             pending.deferred.callback(envelope.response)
+        elif body == "refusal":
+            reason = envelope.refusal.reason
+            if self._refusals.get(node_id) != reason:
+                self.log.error(
+                    "peer {node} refuses this node: {reason}", node=node_id, reason=reason
+                )
+            self._refusals[node_id] = reason
         else:
             # An envelope kind of a newer build: ignoring it keeps mixed versions talking.
             self.log.debug("ignoring an envelope of unknown kind from {node}", node=node_id)

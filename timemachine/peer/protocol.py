@@ -148,11 +148,12 @@ class PeerProtocol(Protocol):
         self.transport.write(frame)
         return len(frame)
 
-    def close(self, why: str) -> None:
-        """Close after what was written is sent; nothing more is read."""
+    def close(self, why: str, quietly: bool = False) -> None:
+        """Close after what was written is sent; nothing more is read. ``quietly``:
+        log it at debug level (a close the caller has logged already)."""
         if not self.closing:
             self.closing = True
-            self.log.info(
+            (self.log.debug if quietly else self.log.info)(
                 "closing peer connection {address}: {why}", address=self.peer_address, why=why
             )
             self.transport.loseConnection()
