@@ -308,7 +308,6 @@ class Node(service.Service):
             **self.group_options,
         )
         yield self.meta_log.open()
-        self.network.check_identities(self._peer_identity_problem)
         self._joined_if_so()
         if self.meta_log.alone:
             yield self.meta_log.wait_leading()

@@ -6,7 +6,7 @@ entries this member helped commit can win, and those entries are lost. Raft cann
 see the loss; the data dir can. On its first start a data dir gets an *incarnation*,
 a random id kept in `IDENTITY_FILE` with the node id it was made for. A node says its
 incarnation in its `Hello`; the meta group records each member's (`PutMember`), the
-meta leader as the member joins. A node refuses a peer connection from a member whose
+meta leader once the member is connected. A node refuses a peer connection from a member whose
 Hello names another incarnation than the recorded one: that node is cut off before a
 single Raft message, until it is removed (``POST /cluster/remove``) and joined again,
 as a new member.
@@ -43,6 +43,8 @@ def load_identity(data_dir: str, node_id: str) -> str:
     try:
         record = json.loads(data)
         owner, incarnation = record["node_id"], record["incarnation"]
+        if not isinstance(owner, str) or len(incarnation) != _INCARNATION_HEX_DIGITS:
+            raise ValueError(f"not a node id and {_INCARNATION_HEX_DIGITS} hex digits")
         int(incarnation, 16)
     except (ValueError, TypeError, KeyError) as e:
         raise StorageError(
@@ -50,8 +52,6 @@ def load_identity(data_dir: str, node_id: str) -> str:
             f"which data dir the node runs on: restore it, or give the node a new data "
             f"dir and join it to the cluster again"
         ) from e
-    if not isinstance(owner, str) or len(incarnation) != _INCARNATION_HEX_DIGITS:
-        raise StorageError(f"{path}: not a record of this data dir's identity: {record!r}")
     if owner != node_id:
         raise StorageError(
             f"{path}: this data dir belongs to node {owner}, not {node_id}: start it as "

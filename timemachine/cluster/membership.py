@@ -211,14 +211,14 @@ class Membership:
         by an earlier build), as their Hellos (this node's own: its network's) say."""
         if self._recording or not self._meta.is_leader():
             return
-        unrecorded = []
+        unrecorded = {}
         for member in self._store.members():
             if member.node_id == self.node_id:
                 incarnation = self._network.incarnation
             else:
                 incarnation = self._network.incarnation_of(member.node_id)
             if incarnation and not member.incarnation:
-                unrecorded.append(dataclasses.replace(member, incarnation=incarnation))
+                unrecorded[member.node_id] = incarnation
         if not unrecorded:
             return
         self._recording = True
@@ -229,14 +229,12 @@ class Membership:
         d.addBoth(lambda _: setattr(self, "_recording", False))
 
     @defer.inlineCallbacks
-    def _record(self, members):
-        for member in members:
+    def _record(self, incarnations):
+        for node_id, incarnation in incarnations.items():
             # As recorded now, under the lock: a join meanwhile may have moved it.
-            current = self._store.member(member.node_id)
+            current = self._store.member(node_id)
             if current is not None and not current.incarnation:
-                yield self._meta.propose(
-                    dataclasses.replace(current, incarnation=member.incarnation)
-                )
+                yield self._meta.propose(dataclasses.replace(current, incarnation=incarnation))
 
     @defer.inlineCallbacks
     def _promote_caught_up(self):
